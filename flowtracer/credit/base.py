@@ -1,0 +1,123 @@
+"""The rollout-callback contract: a Lightning Callback with one more hook.
+
+The GRPO module calls `on_rollout_batch` after advantages are computed and before the update. A
+credit arm writes `rollouts.token_weights` (B, T) and may add stats to `rollouts.metrics`.
+`ScoreCredit` is the shared protocol of the scored arms (flow, random, entropy, attention): score
+each token, favour the top `top_frac` of each response with weight `gamma`, log what was chosen.
+"""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor
+
+from flowtracer.credit.select import check_options, select_mask, select_weights, weights_from_mask
+from flowtracer.credit.stats import class_shares
+from flowtracer.rollout import RolloutBatch
+
+LAYER_PRESETS = ("early", "middle", "late", "all")
+
+
+class RolloutCallback(Callback):
+    """Base class for anything that enriches a RolloutBatch before the policy update.
+
+    Class attributes tell the module what the shared teacher-forced pass must return:
+    `needs_attention` (the head-averaged map of `capture_layers`) and `needs_entropy`.
+    """
+
+    needs_attention: bool = False
+    needs_entropy: bool = False
+    capture_layers: str | list[int] | None = None
+
+    def on_rollout_batch(self, trainer, pl_module, rollouts: RolloutBatch) -> None:
+        """Enrich `rollouts` in place."""
+
+
+class UniformCredit(RolloutCallback):
+    """Plain GRPO: every response token gets weight 1 (the baseline every arm is compared with)."""
+
+    def on_rollout_batch(self, trainer, pl_module, rollouts: RolloutBatch) -> None:
+        rollouts.token_weights = rollouts.response_mask.to(rollouts.advantages.dtype)
+        rollouts.metrics["credit/fallback_frac"] = 0.0
+
+
+def check_layers(layers: str | list[int]) -> str | list[int]:
+    """Validate a `layers` knob: a preset name or a list of layer indices."""
+    if isinstance(layers, str):
+        if layers not in LAYER_PRESETS:
+            raise ValueError(f"layers must be one of {LAYER_PRESETS} or a list of layer indices, got {layers!r}")
+        return layers
+    layers = list(layers)
+    if not layers or not all(isinstance(i, int) for i in layers):
+        raise ValueError(f"layers must be a preset name or a non-empty list of ints, got {layers!r}")
+    return layers
+
+
+class ScoreCredit(RolloutCallback):
+    """Shared protocol of the scored arms: score -> per-response selection -> token weights.
+
+    Subclasses implement `scores(trainer, pl_module, rollouts) -> (scores (B, T), fallback (B,) bool
+    or None)`; rows flagged in `fallback` get uniform weights (all ones on the response).
+    Selection rules (k = round-half-up(top_frac * n), >= 1, ties by position) are in
+    `flowtracer.credit.select`.
+
+    Args:
+        top_frac (float, default 0.4): share of each response's tokens that get `gamma`.
+        gamma (float, default 1.5): weight of the selected tokens; the others keep 1.0.
+        select (str, default "top"): "top" favours the highest scores, "bottom" the lowest.
+        mapping (str, default "hard"): "hard" (0/1 selection), or a continuous map of the score,
+            "linear" or "rank" (see `select_weights`).
+        normalize (bool, default False): rescale each response's weights to mean 1.
+
+    Logged (rollouts.metrics): credit/fallback_frac (responses given uniform weights),
+    credit/selected_frac (selected share of the non-fallback response tokens), credit/weight_mean
+    (mean weight over all response tokens), credit/score_share (mean share of a response's score
+    mass on its selected tokens), credit/class/<class> (token classes of the selected tokens).
+    """
+
+    def __init__(self, top_frac: float = 0.4, gamma: float = 1.5, select: str = "top",
+                 mapping: str = "hard", normalize: bool = False):
+        check_options(top_frac, gamma, select, mapping)
+        self.top_frac, self.gamma, self.select = float(top_frac), float(gamma), select
+        self.mapping, self.normalize = mapping, bool(normalize)
+
+    def weights(self, scores: Tensor, resp: Tensor) -> tuple[Tensor, Tensor]:
+        """(weights (B, T) float32, selected (B, T) bool) from the scores of every row."""
+        sel = select_mask(scores, resp, top_frac=self.top_frac, select=self.select)
+        if self.mapping == "hard":
+            return weights_from_mask(sel, resp, gamma=self.gamma, normalize=self.normalize), sel
+        w = select_weights(scores, resp, top_frac=self.top_frac, gamma=self.gamma, select=self.select,
+                           mapping=self.mapping, normalize=self.normalize)
+        return w, sel  # continuous maps: `sel` (what "hard" would pick) is only used for stats
+
+    def on_rollout_batch(self, trainer, pl_module, rollouts: RolloutBatch) -> None:
+        scores, fallback = self.scores(trainer, pl_module, rollouts)
+        resp = rollouts.response_mask.bool()
+        w, sel = self.weights(scores, resp)
+        if fallback is not None and bool(fallback.any()):
+            fb = fallback.unsqueeze(-1)
+            w = torch.where(fb, resp.to(w.dtype), w)
+            sel = sel & ~fb
+        rollouts.token_weights = w
+        rollouts.metrics.update(self.stats(pl_module, rollouts, scores, sel, w, fallback))
+
+    def stats(self, pl_module, rollouts: RolloutBatch, scores: Tensor, sel: Tensor, w: Tensor,
+              fallback: Tensor | None) -> dict[str, float]:
+        resp = rollouts.response_mask.bool()
+        kept = resp if fallback is None else resp & ~fallback.unsqueeze(-1)
+        n_resp = max(int(resp.sum()), 1)
+        s = scores.double().clamp(min=0) * kept
+        mass = s.sum(-1)
+        has_mass = mass > 0
+        share = ((s * sel).sum(-1)[has_mass] / mass[has_mass]).mean() if bool(has_mass.any()) else None
+        out = {
+            "credit/fallback_frac": float(fallback.float().mean()) if fallback is not None else 0.0,
+            "credit/selected_frac": float(sel.sum()) / max(int(kept.sum()), 1),
+            "credit/weight_mean": float((w * resp).sum()) / n_resp,
+            "credit/score_share": float(share) if share is not None else 0.0,
+        }
+        tokenizer = getattr(pl_module, "tokenizer", None)
+        if tokenizer is not None:
+            out.update(class_shares(tokenizer, rollouts.input_ids, sel))
+        return out

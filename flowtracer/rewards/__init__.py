@@ -1,0 +1,24 @@
+"""Verifiers that score a response against a reference and locate its final answer span."""
+
+from flowtracer.rewards.base import Score, Verifier, safe_score
+from flowtracer.rewards.countdown import CountdownVerifier
+from flowtracer.rewards.extract import EXTRACTORS, extract_answer
+from flowtracer.rewards.math_verifier import MathVerifier
+from flowtracer.rewards.registry import VERIFIERS, get_verifier
+from flowtracer.rewards.rgym import ReasoningGymVerifier
+from flowtracer.rewards.spans import char_span_to_token_mask, locate_question_span
+
+__all__ = [
+    "EXTRACTORS",
+    "VERIFIERS",
+    "CountdownVerifier",
+    "MathVerifier",
+    "ReasoningGymVerifier",
+    "Score",
+    "Verifier",
+    "char_span_to_token_mask",
+    "extract_answer",
+    "get_verifier",
+    "locate_question_span",
+    "safe_score",
+]

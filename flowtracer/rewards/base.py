@@ -1,0 +1,52 @@
+"""The Score result type, the verifier protocol and `safe_score`, the crash-proof way to call one."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class Score:
+    """A verifier's verdict on one response.
+
+    reward: the scalar reward (1.0/0.0 for exact verifiers, partial credit where a task gives it).
+    answer_span: [start, end) character offsets into the response of the parsed final answer (the
+        flow sink), or None when no answer was found (truncated or unparsable response).
+    parsed: the answer text that was checked; ``response[start:end] == parsed`` whenever both are set.
+    """
+
+    reward: float
+    answer_span: tuple[int, int] | None = None
+    parsed: str | None = None
+
+
+class Verifier(Protocol):
+    """Anything called as ``verifier(response, reference) -> Score``."""
+
+    def __call__(self, response: str, reference: Any) -> Score: ...
+
+
+def safe_score(verifier: Any, response: str, reference: Any) -> tuple[Score, str | None]:
+    """Call `verifier` and never raise: returns ``(score, error)``.
+
+    A raised exception, a non-number reward or a NaN/inf reward becomes ``Score(0.0, None, None)``
+    and an error string (the trainer counts these). A plain number returned by a user reward function
+    is accepted and wrapped as ``Score(reward, None, None)``.
+    """
+    try:
+        out = verifier(response, reference)
+    except Exception as exc:  # a verifier bug must cost one reward, not the run
+        return Score(0.0), f"{type(exc).__name__}: {exc}"
+    reward = out.reward if isinstance(out, Score) else out
+    if hasattr(reward, "item") and getattr(reward, "ndim", 1) == 0:
+        reward = reward.item()  # 0-dim tensor / numpy scalar
+    if not isinstance(reward, numbers.Real):  # bool counts (True -> 1.0)
+        return Score(0.0), f"reward is not a number: {reward!r} ({type(reward).__name__})"
+    if not math.isfinite(float(reward)):
+        return Score(0.0), f"reward is not finite: {reward!r}"
+    if isinstance(out, Score):
+        return Score(float(reward), out.answer_span, out.parsed), None
+    return Score(float(reward)), None

@@ -1,0 +1,114 @@
+"""Final-answer extractors: each returns ``(parsed_text, (start, end))`` or None.
+
+The span indexes the response string, so ``response[start:end] == parsed_text`` always holds;
+that span is what becomes the flow sink (the answer tokens).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+Extracted = tuple[str, tuple[int, int]]
+
+_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_HASH = re.compile(r"####([^\n]*)")
+# Integers, thousands separators, decimals and simple fractions ("1/2"); a leading minus sign.
+_NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?|-?\.\d+")
+
+
+def _trimmed(text: str, start: int, end: int, trailing: str = "") -> Extracted | None:
+    """Shrink [start, end) past surrounding whitespace (and `trailing` chars at the end)."""
+    while start < end and text[start].isspace():
+        start += 1
+    while end > start and (text[end - 1].isspace() or text[end - 1] in trailing):
+        end -= 1
+    return (text[start:end], (start, end)) if end > start else None
+
+
+def answer_tag(text: str) -> Extracted | None:
+    """Content of the last complete ``<answer>...</answer>`` (an unclosed tag does not count)."""
+    matches = list(_ANSWER_TAG.finditer(text))
+    if not matches:
+        return None
+    m = matches[-1]
+    return _trimmed(text, m.start(1), m.end(1), trailing=".")
+
+
+def boxed(text: str) -> Extracted | None:
+    """Content of the last ``\\boxed{...}`` / ``\\fbox{...}``, nested braces matched.
+
+    An unbalanced last box (a truncated response) gives None rather than an earlier box: the
+    final answer was never finished.
+    """
+    matches = list(_BOXED.finditer(text))
+    if not matches:
+        return None
+    start = matches[-1].end()
+    depth = 1
+    for i in range(start, len(text)):
+        if text[i] == "{":
+            depth += 1
+        elif text[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return _trimmed(text, start, i)
+    return None
+
+
+def hash_answer(text: str) -> Extracted | None:
+    """The rest of the line after the last ``####`` (GSM8K style), trailing period dropped."""
+    matches = list(_HASH.finditer(text))
+    if not matches:
+        return None
+    m = matches[-1]
+    return _trimmed(text, m.start(1), m.end(1), trailing=".")
+
+
+def last_number(text: str) -> Extracted | None:
+    """The last number in the text (e.g. ``-3``, ``1,000``, ``2.5``, ``1/2``)."""
+    matches = list(_NUMBER.finditer(text))
+    if not matches:
+        return None
+    m = matches[-1]
+    return m.group(0), (m.start(), m.end())
+
+
+def last_line(text: str) -> Extracted | None:
+    """The last non-empty line, stripped."""
+    end = len(text)
+    while end > 0:
+        start = text.rfind("\n", 0, end) + 1
+        found = _trimmed(text, start, end)
+        if found is not None:
+            return found
+        end = start - 1
+    return None
+
+
+EXTRACTORS: dict[str, Callable[[str], Extracted | None]] = {
+    "answer_tag": answer_tag,
+    "boxed": boxed,
+    "hash": hash_answer,
+    "last_number": last_number,
+    "last_line": last_line,
+}
+
+
+def check_extraction(names: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """Validate extractor names early (config errors should fail at construction, not mid-run)."""
+    names = tuple(names)
+    unknown = [n for n in names if n not in EXTRACTORS]
+    if unknown or not names:
+        raise ValueError(f"unknown extractor(s) {unknown or names}; valid: {', '.join(EXTRACTORS)}")
+    return names
+
+
+def extract_answer(text: str, names: tuple[str, ...]) -> tuple[str, Extracted | None]:
+    """Run the extractors in order; the first that matches wins. Returns (name, result)."""
+    for name in names:
+        found = EXTRACTORS[name](text)
+        if found is not None:
+            return name, found
+    return "", None

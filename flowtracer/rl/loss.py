@@ -1,0 +1,111 @@
+"""The token-weighted PPO-clip policy loss of GRPO (METHOD.md step 5), with optional k3 KL."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+AGGREGATIONS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm")
+
+
+def policy_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    response_mask: Tensor,
+    *,
+    token_weights: Tensor | None = None,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    aggregation: str = "seq-mean-token-mean",
+    ref_logprobs: Tensor | None = None,
+    beta: float = 0.0,
+    max_len: int | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped surrogate loss with per-token credit weights.
+
+    Per response token t of response i, with ``rho_t = exp(logprobs - old_logprobs)`` and the
+    weighted advantage ``A_t = gamma_t * A_i`` (``gamma_t`` = `token_weights`, detached)::
+
+        loss_t = -min(rho_t * A_t, clip(rho_t, 1 - eps_low, 1 + eps_high) * A_t) + beta * kl_t
+
+    where ``kl_t = exp(ref - logp) - (ref - logp) - 1`` (the k3 estimator, as TRL) is added only
+    when ``beta > 0``; then `ref_logprobs` is required. Gradients flow only through `logprobs`.
+
+    Shapes: `logprobs`, `old_logprobs`, `response_mask`, `token_weights`, `ref_logprobs` are (B, T);
+    `advantages` is (B,) (broadcast over tokens) or (B, T). Positions outside `response_mask` are
+    ignored, whatever they hold. `token_weights=None` gives exactly the plain GRPO loss, and so do
+    all-ones weights (multiplying by 1.0 is exact in floating point).
+
+    `aggregation`:
+    - ``"seq-mean-token-mean"`` (default, the paper): mean over each response's tokens, then mean
+      over the B responses.
+    - ``"token-mean"`` (DAPO): sum over all response tokens of the batch / their count.
+    - ``"seq-mean-token-sum-norm"`` (Dr. GRPO): each response's token sum divided by the constant
+      `max_len`, then mean over responses. Pass the generation budget (``max_new_tokens``) as
+      `max_len`; None uses T, which over (B, T) prompt+response tensors includes the prompt width.
+
+    A response with no tokens contributes 0 (denominators are clamped to >= 1), never NaN.
+
+    Returns ``(loss, metrics)``; metrics are detached 0-dim tensors: ``clip_frac`` (response tokens
+    where the clipped branch is active = no gradient), ``clip_frac_low``, ``clip_frac_high``,
+    ``ratio_mean``, ``policy_kl`` (mean of old - new log-prob, the k1 estimate of KL(old || new)),
+    ``ref_kl`` (mean k3 KL to the reference; 0 when no `ref_logprobs`).
+    """
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {aggregation!r}; valid: {', '.join(AGGREGATIONS)}")
+    if beta > 0 and ref_logprobs is None:
+        raise ValueError(
+            "beta > 0 needs ref_logprobs (the reference model's log-probs); set beta: 0.0 to disable KL"
+        )
+    mask = response_mask.bool()
+    maskf = mask.to(logprobs.dtype)
+
+    adv = advantages.detach().to(logprobs.dtype)
+    if adv.dim() == 1:
+        adv = adv.unsqueeze(-1)
+    if token_weights is not None:
+        adv = adv * token_weights.detach().to(logprobs.dtype)
+    adv = adv.expand_as(logprobs)
+
+    # Zero the log-ratio off the response so garbage there (-inf, large values) cannot overflow
+    # exp() and turn into NaN through 0 * inf.
+    log_ratio = torch.where(mask, logprobs - old_logprobs.detach(), torch.zeros_like(logprobs))
+    ratio = torch.exp(log_ratio)
+    clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
+    per_token = -torch.minimum(ratio * adv, clipped * adv)
+
+    ref_kl = None
+    if ref_logprobs is not None:
+        d = torch.where(mask, ref_logprobs.detach() - logprobs, torch.zeros_like(logprobs))
+        ref_kl = torch.exp(d) - d - 1.0
+        if beta > 0:
+            per_token = per_token + beta * ref_kl
+
+    per_token = per_token * maskf
+    n_tokens = maskf.sum(-1)
+    if aggregation == "seq-mean-token-mean":
+        loss = (per_token.sum(-1) / n_tokens.clamp(min=1.0)).mean()
+    elif aggregation == "token-mean":
+        loss = per_token.sum() / n_tokens.sum().clamp(min=1.0)
+    else:
+        denom = float(max_len if max_len is not None else logprobs.shape[-1])
+        loss = (per_token.sum(-1) / max(denom, 1.0)).mean()
+
+    with torch.no_grad():
+        total = n_tokens.sum().clamp(min=1.0)
+
+        def masked_mean(x: Tensor) -> Tensor:
+            return (x * maskf).sum() / total
+
+        low = ((ratio < 1.0 - eps_low) & (adv < 0)).to(maskf.dtype)
+        high = ((ratio > 1.0 + eps_high) & (adv > 0)).to(maskf.dtype)
+        metrics = {
+            "clip_frac_low": masked_mean(low),
+            "clip_frac_high": masked_mean(high),
+            "clip_frac": masked_mean(low + high),
+            "ratio_mean": masked_mean(ratio),
+            "policy_kl": masked_mean(-log_ratio),
+            "ref_kl": masked_mean(ref_kl) if ref_kl is not None else logprobs.new_zeros(()),
+        }
+    return loss, {k: v.detach() for k, v in metrics.items()}

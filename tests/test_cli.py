@@ -1,0 +1,129 @@
+"""`flowtracer fit --config` end to end on a tiny random model: outputs, resume, clear errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from flowtracer.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_config(tmp_path: Path, model_dir: str, *, steps: int = 2, callbacks=None, **data) -> Path:
+    cfg = {
+        "seed_everything": 0,
+        "trainer": {
+            "max_steps": steps, "accelerator": "cpu", "val_check_interval": 2,
+            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                       "init_args": {"save_dir": str(tmp_path / "logs"), "name": "tiny"}},
+            "enable_model_summary": False,
+        },
+        "model": {
+            "model": model_dir, "lora": {"r": 4, "alpha": 8},
+            "sampling": {"num_generations": 4, "max_new_tokens": 10, "temperature": 1.0},
+            "val_sampling": {"num_generations": 2, "max_new_tokens": 6, "temperature": 1.0},
+            "optim": {"lr": 1e-3},
+        },
+        "data": {"train_source": str(ROOT / "data/arith_train.jsonl"), "val_size": 4,
+                 "prompts_per_step": 2, "val_batch_size": 4, "cache_dir": str(tmp_path / "cache"), **data},
+    }
+    if callbacks:
+        cfg["trainer"]["callbacks"] = callbacks
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def read_metrics(version_dir: Path) -> dict[int, dict[str, float]]:
+    """rl_step -> training metrics of that step (rows that carry `rl_step`)."""
+    rows = list(csv.DictReader(open(version_dir / "metrics.csv")))
+    out = {}
+    for r in rows:
+        if r.get("rl_step"):
+            out[int(float(r["rl_step"]))] = {k: float(v) for k, v in r.items() if v != "" and not k.startswith("time/")
+                                             and not k.startswith("throughput/")}
+    return out
+
+
+def test_fit_two_steps_writes_run_folder(tmp_path, tiny_model_dir):
+    cfg = write_config(tmp_path, tiny_model_dir)
+    main(["fit", "--config", str(cfg)])
+    run = tmp_path / "logs" / "tiny" / "version_0"
+    assert (run / "config.yaml").exists()
+    metrics = read_metrics(run)
+    assert sorted(metrics) == [1, 2]
+    for key in ("reward/mean", "accuracy", "train/loss", "train/clip_frac", "entropy", "response/length",
+                "adv/zero_variance_groups"):
+        assert key in metrics[1]
+    header = open(run / "metrics.csv").readline()
+    for key in ("time/generate", "time/score", "time/credit", "time/update", "throughput/gen_tokens_per_s",
+                "val/pass@1", "val/pass@2"):
+        assert key in header
+    records = [json.loads(line) for line in open(run / "rollouts.jsonl")]
+    assert len(records) == 2 * 2 * 4  # steps x prompts x G
+    assert {"prompt", "response", "reward", "advantage", "weights", "tokens"} <= set(records[0])
+    assert len(records[0]["weights"]) == len(records[0]["tokens"])
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["state_dict"] and all("lora_" in k for k in ckpt["state_dict"])  # adapter-only
+    assert ckpt["flowtracer"]["rl_step"] == 2
+
+
+def test_resume_logs_the_same_metrics_as_uninterrupted(tmp_path, tiny_model_dir):
+    full = tmp_path / "full"
+    main(["fit", "--config", str(write_config(full, tiny_model_dir, steps=3))])
+    part = tmp_path / "part"
+    cfg = write_config(part, tiny_model_dir, steps=2)
+    main(["fit", "--config", str(cfg)])
+    ckpt = part / "logs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
+    main(["fit", "--config", str(cfg), "--trainer.max_steps", "3", "--ckpt_path", str(ckpt)])
+    uninterrupted = read_metrics(full / "logs" / "tiny" / "version_0")
+    resumed = read_metrics(part / "logs" / "tiny" / "version_1")
+    assert sorted(resumed) == [3]
+    for key, value in uninterrupted[3].items():
+        if key in ("epoch",):
+            continue
+        assert resumed[3][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+def run_cli(*args, cwd=ROOT):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "flowtracer.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_bad_config_key_is_one_clear_error(tmp_path, tiny_model_dir):
+    cfg = write_config(tmp_path, tiny_model_dir)
+    res = run_cli("fit", "--config", str(cfg), "--model.sampling.temprature", "0.5")
+    assert res.returncode != 0
+    assert "temprature" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_missing_data_field_names_file_and_row(tmp_path, tiny_model_dir):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"question": "1+1?", "answer": "2"}\n{"question": "2+2?"}\n')
+    cfg = write_config(tmp_path, tiny_model_dir, train_source=str(data), val_size=0)
+    res = run_cli("fit", "--config", str(cfg))
+    assert res.returncode != 0
+    err = res.stderr.strip().splitlines()[-1]
+    assert "bad.jsonl" in err and "answer" in err and "2" in err
+    assert "Traceback" not in res.stderr
+
+
+def test_missing_model_is_one_clear_error(tmp_path, tiny_model_dir):
+    cfg = write_config(tmp_path, str(tmp_path / "no_such_model"))
+    res = run_cli("fit", "--config", str(cfg))
+    assert res.returncode != 0
+    assert "no_such_model" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert not (tmp_path / "logs" / "tiny" / "version_0" / "checkpoints").exists()

