@@ -145,7 +145,7 @@ def main() -> None:
     p.add_argument("--one", nargs=2, type=int, metavar=("B", "T"), help=argparse.SUPPRESS)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--wait-quiet", type=float, default=30.0,
+    p.add_argument("--wait-quiet", type=float, default=10.0,
                    help="CPU only: wait up to this many s before each row for idle CPUs (shared machines)")
     args = p.parse_args()
     if args.one:

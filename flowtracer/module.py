@@ -180,6 +180,7 @@ class GRPOModule(LightningModule):
         with timer("credit"):
             for cb in callbacks:
                 cb.on_rollout_batch(self.trainer, self, rollouts)
+        rollouts.attn = None  # the (B, T, T) map is spent once the weights exist; free it before the update
         with timer("update"):
             update_metrics = self._update(rollouts)
 

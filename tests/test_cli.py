@@ -127,3 +127,19 @@ def test_missing_model_is_one_clear_error(tmp_path, tiny_model_dir):
     assert "no_such_model" in res.stderr
     assert "Traceback" not in res.stderr
     assert not (tmp_path / "logs" / "tiny" / "version_0" / "checkpoints").exists()
+
+
+def test_switching_the_credit_arm_is_a_yaml_change(tmp_path, tiny_model_dir):
+    arm = [{"class_path": "flowtracer.credit.FlowCredit", "init_args": {"top_frac": 0.4, "gamma": 1.5}}]
+    cfg = write_config(tmp_path, tiny_model_dir, steps=1, callbacks=arm)
+    # The tiny model never writes an answer: trace to the last token so the flow arm really runs.
+    main(["fit", "--config", str(cfg), "--trainer.callbacks.init_args.fallback", "last_token",
+          "--model.val_before_training", "false"])
+    run = tmp_path / "logs" / "tiny" / "version_0"
+    header = open(run / "metrics.csv").readline()
+    for key in ("credit/fallback_frac", "credit/answer_mass", "credit/class/digit", "time/credit_share"):
+        assert key in header
+    records = [json.loads(line) for line in open(run / "rollouts.jsonl")]
+    for rec in records:
+        n = len(rec["weights"])
+        assert rec["weights"].count(1.5) == max(1, int(0.4 * n + 0.5))
