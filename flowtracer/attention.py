@@ -74,9 +74,10 @@ __all__ = [
 
 LAYER_PRESETS = ("early", "middle", "late", "all")
 BACKENDS = ("auto", "torch", "triton")
-# Working-memory budgets of the chunked loops. Left as None each is 1/4 of the (B, T, vocab) logits
-# a plain forward materialises, clamped to [MIN, MAX]; the two loops never overlap, so the pass needs
-# less memory than the plain forward it replaces. (Fewer, larger vocabulary chunks are faster on CPU.)
+# Working-memory budgets of the chunked loops. Left as None they are 1/4 (attention) and 1/2
+# (vocabulary) of the (B, T, vocab) logits a plain forward materialises, clamped to [MIN, MAX]; the
+# two loops never overlap, so the pass needs less memory than the plain forward it replaces. (Few,
+# large vocabulary chunks keep the lm_head GEMM efficient on CPU.)
 MAX_CHUNK_BYTES = 256 * 2**20
 MIN_CHUNK_BYTES = 4 * 2**20
 _PREFIX = "flowtracer_"
@@ -517,7 +518,7 @@ def teacher_forced_pass(
         with_grad: keep the autograd graph for log-probs/entropies (the map is always detached).
         attn_chunk_bytes / logits_chunk_bytes: memory budgets of the chunked recompute and of the
             chunked vocabulary projection (full-vocabulary logits are never materialised at once);
-            default 1/4 of what (B, T, vocab) logits would take, each at most 256 MiB.
+            default 1/4 and 1/2 of what (B, T, vocab) logits would take, each at most 256 MiB.
         backend: "auto" (fused Triton kernels for the map and the token statistics on CUDA in
             bf16/fp16, torch elsewhere), "torch" or "triton".
 
@@ -598,10 +599,12 @@ def _token_stats(lm, head, h, input_ids, valid, temperature, chunk_bytes, backen
         return logprobs, entropy
     vocab = head.weight.shape[0] if hasattr(head, "weight") else head.out_features
     if chunk_bytes is None:
-        chunk_bytes = _auto_budget(B * T * vocab * h.element_size() / 4)
+        chunk_bytes = _auto_budget(B * T * vocab * h.element_size() / 2)
     fused = _use_triton(backend, h, need_dot=False)
-    # Per row: the logits, plus float32 log-probs and probabilities on the torch path.
-    rows = max(1, int(chunk_bytes) // (vocab * (h.element_size() + (0 if fused else 8))))
+    # Per row: the logits, plus (torch path) float32 log-probs and probabilities; the probabilities
+    # reuse the logits' buffer when that is float32 already.
+    extra = 0 if fused else (4 if h.dtype == torch.float32 else 8)
+    rows = max(1, int(chunk_bytes) // (vocab * (h.element_size() + extra)))
     tokens = input_ids[b_idx, t_idx]
     lp_parts, ent_parts = [], []
     for s in range(0, b_idx.numel(), rows):
@@ -621,11 +624,13 @@ def _token_stats(lm, head, h, input_ids, valid, temperature, chunk_bytes, backen
         if temperature != 1.0:
             logits = logits / temperature
         logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
-        del logits
         lp_parts.append(logp.gather(-1, tokens[s : s + rows, None]).squeeze(-1))
+        reuse = logits.dtype == torch.float32 and not (logits.requires_grad or logp.requires_grad)
+        probs = torch.exp(logp, out=logits) if reuse else logp.exp()
+        del logits
         # H = -sum p log p, as a batched dot product (no extra (rows, vocab) temporary).
-        ent_parts.append(-torch.bmm(logp.exp().unsqueeze(1), logp.unsqueeze(2)).view(-1))
-        del logp
+        ent_parts.append(-torch.bmm(probs.unsqueeze(1), logp.unsqueeze(2)).view(-1))
+        del logp, probs
     logprobs = logprobs.index_put((b_idx, t_idx), torch.cat(lp_parts))
     entropy = entropy.index_put((b_idx, t_idx), torch.cat(ent_parts))
     return logprobs, entropy

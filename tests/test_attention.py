@@ -115,7 +115,7 @@ def test_padded_equals_unpadded(arch):
 
 
 def test_peft_lora_wrapped():
-    peft = pytest.importorskip("peft")
+    import peft
     model = tiny_model("qwen2", seed=1)
     lora = peft.get_peft_model(
         model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
@@ -244,3 +244,27 @@ def test_config_restored_after_error_and_unsupported_models():
     with pytest.raises(ValueError, match="NotALM"):
         with capture_attention(NotALM()):
             pass
+
+
+def test_capture_without_mask_reads_validity_from_model_mask():
+    """Without attention_mask, padded rows/columns are found from the mask the model itself builds."""
+    model = _model("mistral")
+    ids, mask = _batch()
+    expected = teacher_forced_pass(model, ids, mask, capture_layers="all").attn
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad(), capture_attention(model, "all") as cap:
+        model(input_ids=ids, attention_mask=mask, position_ids=pos)
+    torch.testing.assert_close(cap.attn, expected, atol=ATOL, rtol=0)
+
+
+def test_backend_argument():
+    model = _model("llama")
+    ids, mask = _batch()
+    with pytest.raises(ValueError, match="backend"):
+        teacher_forced_pass(model, ids, mask, backend="cuda")
+    if not torch.cuda.is_available():  # the fused kernels need CUDA: asking for them on CPU is an error
+        with pytest.raises(ValueError, match="triton"):
+            teacher_forced_pass(model, ids, mask, backend="triton")
+    torch.testing.assert_close(
+        teacher_forced_pass(model, ids, mask, backend="torch").attn, teacher_forced_pass(model, ids, mask).attn
+    )
