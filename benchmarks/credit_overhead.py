@@ -128,6 +128,18 @@ def train_step_fn(model, x, opt=None):
     return step
 
 
+def generate_fn(model, x, new_tokens: int):
+    """Sample `new_tokens` tokens after each prompt (min = max, so the length is the benchmark's)."""
+    P = int(x.prompt.sum(1).max())
+    ids, mask = x.ids[:, :P], x.valid[:, :P].long()
+
+    def run():
+        with torch.no_grad():
+            return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                                  min_new_tokens=new_tokens, do_sample=True, top_k=0, pad_token_id=0)
+    return run
+
+
 def pass_fn(model, x, capture):
     return lambda: teacher_forced_pass(model, x.ids, x.valid.long(), capture_layers=capture)
 
@@ -175,6 +187,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="CPU threads (CPU mode)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="in the train step (GPU memory)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, one rep: seconds")
+    p.add_argument("--generate", action="store_true",
+                   help="also time HF generate of the R response tokens (sampled, KV cache, no early stop) "
+                        "and report FlowCredit's share of a whole RL step: generate + pass + train step")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = p.parse_args()
 
@@ -234,10 +249,17 @@ def main() -> None:
             rows += arms
             flow_s = dict(arms)["flow"]
             rows.append(("FlowCredit total (capture + arm)", capture + flow_s))
+        if args.generate:
+            gen_s, _ = timed(generate_fn(model, x, R), args.device, 1)
+            rows.append(("HF generate of the responses", gen_s))
+            rl_step_s = gen_s + base_s + capture + flow_s + step_s
+            rows.append(("whole RL step (generate+pass+credit+train)", rl_step_s))
         print(f"\nresponse {R} tokens (T = {P + R}), median of {reps}")
         print(f"{'what':<40} {'ms':>10} {'% of step':>10}")
         for name, s in rows:
             print(f"{name:<40} {1e3 * s:>10.1f} {100 * s / step_s:>9.2f}%")
+        if args.generate:
+            print(f"FlowCredit share of the whole RL step: {100 * (capture + flow_s) / rl_step_s:.2f}%")
         results.append({"resp_len": R, "T": P + R, "B": B, "rows": {n: s for n, s in rows}, "step_s": step_s})
         del x, out
     if args.device == "cuda":
