@@ -143,3 +143,17 @@ def test_switching_the_credit_arm_is_a_yaml_change(tmp_path, tiny_model_dir):
     for rec in records:
         n = len(rec["weights"])
         assert rec["weights"].count(1.5) == max(1, int(0.4 * n + 0.5))
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "experiments").glob("*.yaml")))
+def test_every_experiment_config_parses(config, capsys):
+    """Every shipped config resolves through the CLI (ablation arms on top of the quickstart)."""
+    args = ["fit", "--config", str(ROOT / "experiments" / config), "--print_config"]
+    if config.startswith("ablation_"):
+        args[1:1] = ["--config", str(ROOT / "experiments" / "quickstart.yaml")]
+    with pytest.raises(SystemExit) as done:
+        main(args)
+    assert done.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    arm = printed["trainer"]["callbacks"][0]["class_path"]
+    assert arm.startswith("flowtracer.credit.")
