@@ -157,3 +157,16 @@ def test_every_experiment_config_parses(config, capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     arm = printed["trainer"]["callbacks"][0]["class_path"]
     assert arm.startswith("flowtracer.credit.")
+
+
+def test_kl_ppo_epochs_mini_and_micro_batches(tmp_path, tiny_model_dir):
+    """beta > 0 (reference = adapters off), 2 PPO epochs x 2 mini-batches, micro-batches of 2."""
+    cfg = write_config(tmp_path, tiny_model_dir, steps=4)
+    main(["fit", "--config", str(cfg), "--model.loss.beta", "0.1", "--model.loss.aggregation", "token-mean",
+          "--model.optim.ppo_epochs", "2", "--model.optim.mini_batches", "2",
+          "--model.optim.micro_batch_size", "2", "--model.val_before_training", "false",
+          "--trainer.val_check_interval", "4"])
+    metrics = read_metrics(tmp_path / "logs" / "tiny" / "version_0")
+    assert sorted(metrics) == [1]  # 4 optimizer steps = 1 RL step
+    assert metrics[1]["train/ref_kl"] > 0  # the adapters moved away from the reference
+    assert metrics[1]["train/ratio_mean"] != 1.0  # later mini-batches are off-policy
