@@ -48,12 +48,14 @@ Lightning (the GPU benchmark relies on that).
 from __future__ import annotations
 
 import contextlib
+import time
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.utils.checkpoint
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -228,6 +230,7 @@ class AttentionCapture:
         self._selected = frozenset(layers)
         self._seen: set[int] = set()
         self._masks: list[tuple[object, int | None, bool, torch.Tensor, dict]] = []
+        self.seconds = 0.0  # wall time spent recomputing the map (host-side; CUDA work is async)
 
     # ---------------------------------------------------------------- called by the wrapper
     def observe(self, module, query, key, attention_mask, kwargs) -> None:
@@ -241,8 +244,10 @@ class AttentionCapture:
                     "(the recomputed map would ignore it)"
                 )
         self._seen.add(layer)
+        t0 = time.perf_counter()
         with torch.no_grad():  # the map is a detached statistic: nothing enters the autograd graph
             self._accumulate(module, query.detach(), key.detach(), attention_mask, kwargs)
+        self.seconds += time.perf_counter() - t0
 
     def _accumulate(self, module, q, k, attention_mask, kwargs) -> None:
         B, H, T, D = q.shape
@@ -489,6 +494,7 @@ class TeacherForcedOutput:
     entropy: torch.Tensor
     attn: torch.Tensor | None
     layers: tuple[int, ...] | None = None
+    attn_seconds: float = 0.0  # of the forward's wall time, the part spent recomputing the map
 
 
 def teacher_forced_pass(
@@ -503,6 +509,7 @@ def teacher_forced_pass(
     attn_chunk_bytes: int | None = None,
     logits_chunk_bytes: int | None = None,
     backend: str = "auto",
+    stats_mask: torch.Tensor | None = None,
 ) -> TeacherForcedOutput:
     """One teacher-forced forward over prompt+response: log-probs, entropies and the attention map.
 
@@ -515,10 +522,16 @@ def teacher_forced_pass(
         position_ids: default ``cumsum(attention_mask) - 1`` (what ``generate`` uses), so a padded
             row sees the same positions as its unpadded sequence.
         temperature: logits are divided by it before log-softmax (match the sampling temperature).
-        with_grad: keep the autograd graph for log-probs/entropies (the map is always detached).
+        with_grad: keep the autograd graph for the log-probs (entropies and the map are always
+            detached statistics).
         attn_chunk_bytes / logits_chunk_bytes: memory budgets of the chunked recompute and of the
             chunked vocabulary projection (full-vocabulary logits are never materialised at once);
-            default 1/4 and 1/2 of what (B, T, vocab) logits would take, each at most 256 MiB.
+            default 1/4 and 1/2 of what (B, T, vocab) logits would take, each at most 256 MiB
+            (with_grad: 256 MiB). With grad and more than one chunk, each chunk's logits are
+            recomputed in the backward (activation checkpointing), so the budget also bounds what
+            the autograd graph keeps.
+        stats_mask: (B, T) bool, the positions whose log-prob/entropy are wanted (e.g. the response
+            tokens); the others stay 0 and cost nothing. Default: every token with a real predecessor.
         backend: "auto" (fused Triton kernels for the map and the token statistics on CUDA in
             bf16/fp16, torch elsewhere), "torch" or "triton".
 
@@ -569,13 +582,16 @@ def teacher_forced_pass(
                 raise RuntimeError(f"{type(lm).__name__}: expected one decoder call in the forward, saw {len(hidden)}")
             h = hidden[0]
             stats_backend = "torch" if with_grad else backend  # the kernel has no backward
-            logprobs, entropy = _token_stats(lm, head, h, input_ids, valid, temperature, logits_chunk_bytes, stats_backend)
+            wanted = valid if stats_mask is None else valid & stats_mask.bool()
+            logprobs, entropy = _token_stats(
+                lm, head, h, input_ids, valid, temperature, logits_chunk_bytes, stats_backend, wanted=wanted)
             _check_head(lm, head, h[:, -1], out.logits[:, -1])
     finally:
         handle.remove()
     attn = captured.attn if captured is not None else None
     layers = captured.layers if captured is not None else None
-    return TeacherForcedOutput(logprobs=logprobs, entropy=entropy, attn=attn, layers=layers)
+    seconds = captured.seconds if captured is not None else 0.0
+    return TeacherForcedOutput(logprobs=logprobs, entropy=entropy, attn=attn, layers=layers, attn_seconds=seconds)
 
 
 def _project(lm, head, h: torch.Tensor) -> torch.Tensor:
@@ -586,33 +602,43 @@ def _project(lm, head, h: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def _token_stats(lm, head, h, input_ids, valid, temperature, chunk_bytes, backend="torch"):
-    """Log-prob of each realised token and entropy of its predictive distribution, chunked over positions."""
+def _token_stats(lm, head, h, input_ids, valid, temperature, chunk_bytes, backend="torch", wanted=None):
+    """Log-prob of each realised token and entropy of its predictive distribution, chunked over positions.
+
+    Only positions in `wanted` (default `valid`) are projected. Under autograd (h requires grad) the
+    log-probs keep their graph and the entropies do not; when the positions span more than one
+    chunk, every chunk runs under activation checkpointing, so no more than one chunk of logits
+    (and of saved log-softmax output) is alive at a time, in the forward and in the backward.
+    """
     B, T = input_ids.shape
     logprobs = torch.zeros(B, T, dtype=torch.float32, device=h.device)
     entropy = torch.zeros(B, T, dtype=torch.float32, device=h.device)
     # Token t is predicted from position t-1; defined only when both are real tokens.
     target = torch.zeros_like(valid)
     target[:, 1:] = valid[:, 1:] & valid[:, :-1]
+    if wanted is not None:
+        target &= wanted.bool()
     b_idx, t_idx = target.nonzero(as_tuple=True)
     if b_idx.numel() == 0:
         return logprobs, entropy
     vocab = head.weight.shape[0] if hasattr(head, "weight") else head.out_features
+    grad = torch.is_grad_enabled() and h.requires_grad
     if chunk_bytes is None:
-        chunk_bytes = _auto_budget(B * T * vocab * h.element_size() / 2)
-    fused = _use_triton(backend, h, need_dot=False)
+        chunk_bytes = MAX_CHUNK_BYTES if grad else _auto_budget(B * T * vocab * h.element_size() / 2)
+    fused = not grad and _use_triton(backend, h, need_dot=False)
     # Per row: the logits, plus (torch path) float32 log-probs and probabilities; the probabilities
-    # reuse the logits' buffer when that is float32 already.
-    extra = 0 if fused else (4 if h.dtype == torch.float32 else 8)
+    # reuse the logits' buffer when that is float32 already (never under autograd).
+    extra = 0 if fused else (4 if h.dtype == torch.float32 and not grad else 8)
     rows = max(1, int(chunk_bytes) // (vocab * (h.element_size() + extra)))
     tokens = input_ids[b_idx, t_idx]
+    checkpointed = grad and b_idx.numel() > rows
     lp_parts, ent_parts = [], []
     for s in range(0, b_idx.numel(), rows):
         hb = h[b_idx[s : s + rows], t_idx[s : s + rows] - 1]
-        logits = _project(lm, head, hb)
+        tok = tokens[s : s + rows]
         if fused:
             try:
-                lp, ent = _token_stats_triton(logits, tokens[s : s + rows], 1.0 / temperature)
+                lp, ent = _token_stats_triton(_project(lm, head, hb), tok, 1.0 / temperature)
                 lp_parts.append(lp)
                 ent_parts.append(ent)
                 continue
@@ -621,19 +647,34 @@ def _token_stats(lm, head, h, input_ids, valid, temperature, chunk_bytes, backen
                     raise
                 _disable_triton(exc)
                 fused = False
-        if temperature != 1.0:
-            logits = logits / temperature
-        logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
-        lp_parts.append(logp.gather(-1, tokens[s : s + rows, None]).squeeze(-1))
-        reuse = logits.dtype == torch.float32 and not (logits.requires_grad or logp.requires_grad)
-        probs = torch.exp(logp, out=logits) if reuse else logp.exp()
-        del logits
-        # H = -sum p log p, as a batched dot product (no extra (rows, vocab) temporary).
-        ent_parts.append(-torch.bmm(probs.unsqueeze(1), logp.unsqueeze(2)).view(-1))
-        del logp, probs
+        if checkpointed:
+            # The backward recomputes this chunk's logits instead of keeping them (the memory budget).
+            lp, ent = torch.utils.checkpoint.checkpoint(
+                _chunk_stats, lm, head, hb, tok, temperature, use_reentrant=False)
+        else:
+            lp, ent = _chunk_stats(lm, head, hb, tok, temperature)
+        lp_parts.append(lp)
+        ent_parts.append(ent)
     logprobs = logprobs.index_put((b_idx, t_idx), torch.cat(lp_parts))
     entropy = entropy.index_put((b_idx, t_idx), torch.cat(ent_parts))
     return logprobs, entropy
+
+
+def _chunk_stats(lm, head, hb, tokens, temperature):
+    """(log p(token), entropy) for one chunk of hidden states; only the log-probs carry a graph."""
+    logits = _project(lm, head, hb)
+    if temperature != 1.0:
+        logits = logits / temperature
+    logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+    lp = logp.gather(-1, tokens[:, None]).squeeze(-1)
+    with torch.no_grad():
+        reuse = logits.dtype == torch.float32 and not (logits.requires_grad or logp.requires_grad)
+        logp = logp.detach()
+        probs = torch.exp(logp, out=logits) if reuse else logp.exp()
+        del logits
+        # H = -sum p log p, as a batched dot product (no extra (rows, vocab) temporary).
+        ent = -torch.bmm(probs.unsqueeze(1), logp.unsqueeze(2)).view(-1)
+    return lp, ent
 
 
 def _check_head(lm, head, h_last: torch.Tensor, model_logits: torch.Tensor) -> None:

@@ -3,9 +3,20 @@
 One training step, top to bottom (`training_step`):
   prompts (from the data module, by step number) -> sampled responses (G per prompt)
   -> verifier rewards and answer spans -> group advantages
-  -> one no-grad teacher-forced pass (old log-probs, entropies, attention when an arm needs it)
-  -> every RolloutCallback enriches the batch (token weights, stats)
+  -> credit: every RolloutCallback enriches the batch (token weights, stats)
   -> PPO-clip update(s) with the weighted advantages -> metrics and rollout JSONL.
+
+Where the credit arms get old log-probs, entropies and attention (`_credit_plan`):
+  * one PPO epoch and one mini-batch (the default; `fuse_credit: true`): no extra pass. Each
+    micro-batch's training forward captures the (detached) attention of the arms' layers, its own
+    detached log-probs are the old ones (ratio 1), entropies come from the same logits, the arms
+    set that micro-batch's token weights, then the loss and the backward run. Arms that need none
+    of it (uniform, random) run once on the whole batch before the update.
+  * several PPO epochs or mini-batches, `fuse_credit: false`, or a batch-global arm (entropy
+    80/20, random) over several micro-batches: one no-grad teacher-forced pass before the first
+    epoch serves old log-probs, entropies and attention together.
+Log-probs and entropies are computed on response tokens only, in chunks of positions whose float32
+logits fit `logits_budget_mb` (with grad, chunks beyond one are recomputed in the backward).
 
 Features: LoRA or full fine-tuning; reference = adapters off (KL k3 only when beta > 0); PPO epochs,
 mini-batches and micro-batches (gradient accumulation); AdamW with linear warm-up and gradient
@@ -99,6 +110,11 @@ class GRPOModule(LightningModule):
         seed: seeds prompt order and sampling; step s uses seed (seed, s).
         val_before_training: measure validation accuracy before the first update.
         log_rollouts: write every rollout to rollouts.jsonl in the run folder.
+        fuse_credit: with one PPO epoch and one mini-batch, take attention, entropies and old
+            log-probs from the training forward itself (no extra pass); false = always a separate
+            no-grad pass first (same weights, one more forward).
+        logits_budget_mb: MiB of float32 logits (plus log-softmax) the log-prob/entropy
+            computation may hold at once; more response tokens than that are chunked.
     """
 
     def __init__(
@@ -115,6 +131,8 @@ class GRPOModule(LightningModule):
         seed: int = 0,
         val_before_training: bool = True,
         log_rollouts: bool = True,
+        fuse_credit: bool = True,
+        logits_budget_mb: float = 512.0,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -125,6 +143,9 @@ class GRPOModule(LightningModule):
         self.attn_implementation, self.gradient_checkpointing = attn_implementation, gradient_checkpointing
         self.sampling, self.val_sampling, self.loss_cfg, self.optim = sampling, val_sampling, loss, optim
         self.seed, self.val_before_training, self.log_rollouts = seed, val_before_training, log_rollouts
+        if not logits_budget_mb > 0:
+            raise ValueError(f"logits_budget_mb must be > 0, got {logits_budget_mb}: set model.logits_budget_mb: 512")
+        self.fuse_credit, self.logits_budget_mb = bool(fuse_credit), float(logits_budget_mb)
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold only trainable weights (adapters under LoRA)
         self.policy = None
@@ -175,14 +196,18 @@ class GRPOModule(LightningModule):
         with timer("score"):
             rollouts = self._score(rows, gen)
         callbacks = self._rollout_callbacks()
+        plan = self._credit_plan(callbacks, rollouts.batch_size)
         with timer("old_pass"):
-            self._old_policy_pass(rollouts, callbacks)
+            if plan == "pre_pass":
+                self._old_policy_pass(rollouts, callbacks)
+            elif self.loss_cfg.beta > 0:
+                self._reference_pass(rollouts)
         with timer("credit"):
-            for cb in callbacks:
+            for cb in callbacks if plan != "in_forward" else ():
                 cb.on_rollout_batch(self.trainer, self, rollouts)
         rollouts.attn = None  # the (B, T, T) map is spent once the weights exist; free it before the update
         with timer("update"):
-            update_metrics = self._update(rollouts)
+            update_metrics = self._update(rollouts, callbacks if plan == "in_forward" else (), timer)
 
         self.rl_step += 1
         metrics = {**self._rollout_metrics(rollouts, gen), **update_metrics, **rollouts.metrics,
@@ -258,31 +283,103 @@ class GRPOModule(LightningModule):
     @torch.no_grad()
     def _old_policy_pass(self, rollouts: RolloutBatch, callbacks) -> None:
         """One teacher-forced pass serves every arm: old log-probs, entropies, attention if asked."""
-        layer_sets = {json.dumps(cb.capture_layers) for cb in callbacks if cb.needs_attention}
-        if len(layer_sets) > 1:
-            raise ValueError(f"credit callbacks ask for different attention layers {sorted(layer_sets)}; "
-                             "give them the same `layers`")
-        capture = json.loads(layer_sets.pop()) if layer_sets else None
+        capture = self._capture_layers(callbacks)
         was_training = self.policy.training
         self.policy.eval()
         try:
             out = teacher_forced_pass(self.policy, rollouts.input_ids, rollouts.attention_mask,
-                                      capture_layers=capture)
+                                      capture_layers=capture, stats_mask=rollouts.response_mask,
+                                      logits_chunk_bytes=self._logits_bytes())
             rollouts.old_logprobs, rollouts.entropies, rollouts.attn = out.logprobs, out.entropy, out.attn
             if self.loss_cfg.beta > 0:
-                with reference_mode(self.policy):
-                    self._ref_logprobs = teacher_forced_pass(
-                        self.policy, rollouts.input_ids, rollouts.attention_mask, capture_layers=None).logprobs
+                self._reference_pass(rollouts)
         finally:
             self.policy.train(was_training)
 
-    def _update(self, rollouts: RolloutBatch) -> dict[str, float]:
-        """PPO-clip: `ppo_epochs` passes, each split into `mini_batches` optimizer steps."""
+    # ----------------------------------------------------------------------------- credit placement
+    def _credit_plan(self, callbacks, batch_size: int) -> str:
+        """Where credit arms get their inputs: "in_forward", "before_update" or "pre_pass".
+
+        "in_forward" (an arm needs attention or entropies) and "before_update" (no arm does) need
+        one PPO epoch and one mini-batch: the training forward is then the only pass, and the old
+        policy is the current one. A batch-global arm cannot see the whole batch from inside one
+        micro-batch, so with several micro-batches it gets the separate whole-batch pre-pass.
+        """
+        if not (self.fuse_credit and self.optim.ppo_epochs == 1 and self.optim.mini_batches == 1):
+            return "pre_pass"
+        if not any(cb.needs_attention or cb.needs_entropy for cb in callbacks):
+            return "before_update"
+        micro = self.optim.micro_batch_size or batch_size
+        if micro < batch_size and any(cb.batch_global for cb in callbacks):
+            return "pre_pass"
+        return "in_forward"
+
+    def _capture_layers(self, callbacks):
+        """The one layer selection the attention-needing arms share (None when none needs it)."""
+        layer_sets = {json.dumps(cb.capture_layers) for cb in callbacks if cb.needs_attention}
+        if len(layer_sets) > 1:
+            raise ValueError(f"credit callbacks ask for different attention layers {sorted(layer_sets)}; "
+                             "give them the same `layers`")
+        return json.loads(layer_sets.pop()) if layer_sets else None
+
+    def _logits_bytes(self) -> int:
+        return int(self.logits_budget_mb * 2**20)
+
+    @torch.no_grad()
+    def _reference_pass(self, rollouts: RolloutBatch) -> None:
+        """Reference log-probs (adapters off) for the KL term; only when beta > 0."""
+        with reference_mode(self.policy):
+            self._ref_logprobs = teacher_forced_pass(
+                self.policy, rollouts.input_ids, rollouts.attention_mask, capture_layers=None,
+                stats_mask=rollouts.response_mask, logits_chunk_bytes=self._logits_bytes()).logprobs
+
+    def _fused_forward(self, rollouts: RolloutBatch, idx, cols, callbacks, timer, metrics: dict):
+        """One-epoch training forward of micro-batch `idx`: (log-probs with grad, old log-probs, weights).
+
+        The attention of the arms' layers is captured (detached) in this very forward; old
+        log-probs are its detached log-probs (ratio 1, as the old policy is the current one);
+        the arms set this micro-batch's weights before the loss is formed. Old log-probs,
+        entropies and weights are written back into `rollouts` for logging; the arms' metrics
+        are averaged over micro-batches, weighted by rows (`*_seconds` summed).
+        """
+        resp = rollouts.response_mask[idx][:, cols]
+        with timer("forward"):
+            out = teacher_forced_pass(
+                self.policy, rollouts.input_ids[idx][:, cols], rollouts.attention_mask[idx][:, cols],
+                capture_layers=self._capture_layers(callbacks), with_grad=True, stats_mask=resp,
+                logits_chunk_bytes=self._logits_bytes())
+        timer.move("forward", "credit", out.attn_seconds)  # the map's recompute is credit cost
+        old = out.logprobs.detach()
+        if callbacks:
+            view = rollouts.rows(idx, cols)
+            view.old_logprobs, view.entropies, view.attn = old, out.entropy, out.attn
+            with timer("credit"):
+                for cb in callbacks:
+                    cb.on_rollout_batch(self.trainer, self, view)
+            w = view.weights_or_ones()
+            share = len(idx) / rollouts.batch_size
+            for k, v in view.metrics.items():
+                metrics[k] = metrics.get(k, 0.0) + float(v) * (1.0 if k.endswith("_seconds") else share)
+            _fill_rows(rollouts, "token_weights", idx, cols, w)
+        else:
+            w = rollouts.weights_or_ones()[idx][:, cols]
+        _fill_rows(rollouts, "old_logprobs", idx, cols, old)
+        _fill_rows(rollouts, "entropies", idx, cols, out.entropy)
+        return out.logprobs, old, w
+
+    def _update(self, rollouts: RolloutBatch, in_forward=(), timer=None) -> dict[str, float]:
+        """PPO-clip: `ppo_epochs` passes, each split into `mini_batches` optimizer steps.
+
+        `in_forward`: credit callbacks to run inside each micro-batch's training forward (one epoch
+        only, see `_credit_plan`); then old log-probs, entropies and weights are filled as we go.
+        """
+        timer = timer or _PhaseTimer()
+        fused_metrics: dict[str, float] = {}
         opt, sched = self.optimizers(), self.lr_schedulers()
         b = rollouts.batch_size
         mb_size = math.ceil(b / self.optim.mini_batches)
         micro = self.optim.micro_batch_size or mb_size
-        weights = rollouts.weights_or_ones()
+        weights = rollouts.weights_or_ones() if rollouts.old_logprobs is not None else None
         ref = getattr(self, "_ref_logprobs", None) if self.loss_cfg.beta > 0 else None
         sums: dict[str, float] = {}
         n_updates = 0
@@ -293,11 +390,18 @@ class GRPOModule(LightningModule):
                 mb_tokens = rollouts.response_mask[mb].sum().clamp(min=1)
                 for idx in mb.split(micro):
                     cols = _active_columns(rollouts.attention_mask[idx])
-                    ids, attn = rollouts.input_ids[idx][:, cols], rollouts.attention_mask[idx][:, cols]
-                    logp = teacher_forced_pass(self.policy, ids, attn, capture_layers=None, with_grad=True).logprobs
+                    if weights is not None:  # old log-probs and weights came before the update
+                        with timer("forward"):
+                            logp = teacher_forced_pass(
+                                self.policy, rollouts.input_ids[idx][:, cols], rollouts.attention_mask[idx][:, cols],
+                                capture_layers=None, with_grad=True, stats_mask=rollouts.response_mask[idx][:, cols],
+                                logits_chunk_bytes=self._logits_bytes()).logprobs
+                        old, w = rollouts.old_logprobs[idx][:, cols], weights[idx][:, cols]
+                    else:
+                        logp, old, w = self._fused_forward(rollouts, idx, cols, in_forward, timer, fused_metrics)
                     loss, m = policy_loss(
-                        logp, rollouts.old_logprobs[idx][:, cols], rollouts.advantages[idx],
-                        rollouts.response_mask[idx][:, cols], token_weights=weights[idx][:, cols],
+                        logp, old, rollouts.advantages[idx],
+                        rollouts.response_mask[idx][:, cols], token_weights=w,
                         eps_low=self.loss_cfg.eps_low, eps_high=self.loss_cfg.eps_high,
                         aggregation=self.loss_cfg.aggregation, beta=self.loss_cfg.beta,
                         max_len=self.sampling.max_new_tokens,
@@ -305,14 +409,17 @@ class GRPOModule(LightningModule):
                     # Each micro-batch's share of the mini-batch mean (tokens for token-mean, else rows).
                     share = (rollouts.response_mask[idx].sum() / mb_tokens if self.loss_cfg.aggregation == "token-mean"
                              else torch.tensor(len(idx) / len(mb)))
-                    self.manual_backward(loss * share.to(loss.device))
+                    with timer("backward"):
+                        self.manual_backward(loss * share.to(loss.device))
                     for k, v in {"loss": loss, **m}.items():
                         sums[k] = sums.get(k, 0.0) + float(v.detach()) * float(share)
-                if self.optim.grad_clip > 0:
-                    self.clip_gradients(opt, gradient_clip_val=self.optim.grad_clip, gradient_clip_algorithm="norm")
-                opt.step()
-                sched.step()
+                with timer("backward"):  # backward and optimizer
+                    if self.optim.grad_clip > 0:
+                        self.clip_gradients(opt, gradient_clip_val=self.optim.grad_clip, gradient_clip_algorithm="norm")
+                    opt.step()
+                    sched.step()
                 n_updates += 1
+        rollouts.metrics.update(fused_metrics)
         out = {f"train/{k}": v / n_updates for k, v in sums.items()}
         out["train/lr"] = sched.get_last_lr()[0]
         return out
@@ -416,6 +523,15 @@ class GRPOModule(LightningModule):
         self.val_history = list(map(tuple, state.get("val_history", [])))
 
 
+def _fill_rows(rollouts: RolloutBatch, name: str, idx, cols: slice, value: torch.Tensor) -> None:
+    """rollouts.<name>[idx, cols] = value, allocating a zero (B, T) float32 tensor first if unset."""
+    full = getattr(rollouts, name)
+    if full is None:
+        full = torch.zeros(rollouts.input_ids.shape, dtype=torch.float32, device=value.device)
+        setattr(rollouts, name, full)
+    full[idx, cols] = value.detach().to(full.dtype)
+
+
 def _active_columns(attention_mask: torch.Tensor) -> slice:
     """The column range that holds a real token in some row (drops all-padding columns)."""
     used = attention_mask.bool().any(0).nonzero()
@@ -434,6 +550,11 @@ class _PhaseTimer:
         t0 = time.perf_counter()
         yield
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+    def move(self, src: str, dst: str, seconds: float) -> None:
+        """Re-attribute `seconds` already counted in phase `src` to phase `dst`."""
+        self.seconds[src] = self.seconds.get(src, 0.0) - seconds
+        self.seconds[dst] = self.seconds.get(dst, 0.0) + seconds
 
     def metrics(self, generated_tokens: int) -> dict[str, float]:
         total = time.perf_counter() - self._start

@@ -47,6 +47,24 @@ class RolloutBatch:
             return self.token_weights
         return self.response_mask.to(torch.float32)
 
+    def rows(self, idx: Tensor, cols: slice = slice(None)) -> "RolloutBatch":
+        """The rollouts `idx` restricted to columns `cols`, as a new batch (copies; metrics empty).
+
+        What a credit arm sees when it runs inside the training forward of one micro-batch.
+        """
+        picked = idx.tolist()
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Tensor):
+                value = value[idx]
+                out[f.name] = value[:, cols] if value.dim() >= 2 else value
+                if f.name == "attn":  # (B, T, T): keys are columns too
+                    out[f.name] = out[f.name][:, :, cols]
+            elif isinstance(value, list):
+                out[f.name] = [value[i] for i in picked]
+        return RolloutBatch(**out)
+
     def to(self, device: torch.device | str) -> "RolloutBatch":
         """Move every tensor field to `device` (lists and metrics unchanged)."""
         for f in fields(self):

@@ -176,6 +176,36 @@ def test_capture_during_training_forward_with_checkpointing():
     assert res.logprobs.requires_grad and not res.attn.requires_grad
 
 
+def test_logits_budget_chunks_recompute_in_backward_and_stats_mask():
+    """A budget smaller than the logits: chunked, checkpointed log-probs = the one-chunk result,
+    values and gradients; entropies never carry a graph; stats_mask limits the positions."""
+    model = tiny_model("llama", seed=5)
+    ids, mask = _batch(B=4, T=24, seed=2)
+    _, lp_ref, ent_ref = _eager_reference(model, ids, mask, [0])
+    resp = torch.zeros_like(mask, dtype=torch.bool)
+    resp[:, 14:] = True
+    results = {}
+    for name, budget in (("whole", 1 << 30), ("chunked", 7 * 103 * 12)):  # ~7 positions per chunk
+        model.zero_grad()
+        out = teacher_forced_pass(model, ids, mask, capture_layers=None, with_grad=True,
+                                  logits_chunk_bytes=budget, stats_mask=resp)
+        assert out.logprobs.requires_grad and not out.entropy.requires_grad
+        (out.logprobs * torch.linspace(-1, 1, out.logprobs.numel()).view_as(out.logprobs)).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[name] = (out.logprobs.detach(), out.entropy, grads)
+    model.zero_grad()
+    (lp_w, ent_w, g_w), (lp_c, ent_c, g_c) = results["whole"], results["chunked"]
+    keep = resp & mask.bool()
+    keep[:, 1:] &= mask.bool()[:, :-1]
+    torch.testing.assert_close(lp_w, lp_ref * keep, atol=ATOL, rtol=0)
+    torch.testing.assert_close(ent_w, ent_ref * keep, atol=ATOL, rtol=0)
+    torch.testing.assert_close(lp_c, lp_w, atol=1e-6, rtol=0)
+    torch.testing.assert_close(ent_c, ent_w, atol=1e-6, rtol=0)
+    assert g_w.keys() == g_c.keys() and "lm_head.weight" in g_w
+    for n in g_w:
+        torch.testing.assert_close(g_c[n], g_w[n], atol=1e-6, rtol=1e-5, msg=n)
+
+
 def test_layer_selection():
     assert resolve_layers("middle", 6) == [2, 3]
     assert resolve_layers("early", 6) == [0, 1]

@@ -24,10 +24,18 @@ class RolloutCallback(Callback):
 
     Class attributes tell the module what the shared teacher-forced pass must return:
     `needs_attention` (the head-averaged map of `capture_layers`) and `needs_entropy`.
+
+    With one PPO epoch and one mini-batch, an arm that needs attention or entropies runs inside
+    the training forward of each micro-batch, on `rollouts.rows(...)` of that micro-batch (map,
+    entropies and old log-probs from that very forward; no extra pass). An arm whose result
+    depends on the whole batch at once (a batch-wide top-k, noise drawn over the batch shape)
+    sets `batch_global = True`; the module then keeps the separate no-grad pass over the whole
+    batch whenever the update is split into several micro-batches.
     """
 
     needs_attention: bool = False
     needs_entropy: bool = False
+    batch_global: bool = False
     capture_layers: str | list[int] | None = None
 
     def on_rollout_batch(self, trainer, pl_module, rollouts: RolloutBatch) -> None:

@@ -46,6 +46,7 @@ class EntropyCredit(ScoreCredit):
         if variant == "80/20" and normalize:
             raise ValueError("normalize=True contradicts the 80/20 variant's normalisation by all response tokens")
         self.variant, self.keep_frac = variant, float(keep_frac)
+        self.batch_global = variant == "80/20"  # the top keep_frac of the WHOLE batch's tokens
 
     def scores(self, trainer, pl_module, rollouts: RolloutBatch) -> tuple[Tensor, None]:
         if rollouts.entropies is None:

@@ -28,6 +28,8 @@ class RandomCredit(ScoreCredit):
     def __init__(self, top_frac: float = 0.4, gamma: float = 1.5, seed: int = 0, normalize: bool = False):
         super().__init__(top_frac=top_frac, gamma=gamma, select="top", mapping="hard", normalize=normalize)
         self.seed = int(seed)
+        # The noise is drawn over the batch's (B, T) shape: a per-micro-batch draw would differ.
+        self.batch_global = True
         self._calls = 0
 
     def generator(self, step: int) -> torch.Generator:
