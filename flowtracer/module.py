@@ -44,7 +44,7 @@ from torchmetrics import MeanMetric
 
 from flowtracer.attention import teacher_forced_pass
 from flowtracer.credit.base import RolloutCallback
-from flowtracer.policy import LoraSpec, load_policy, reference_mode
+from flowtracer.policy import LoraSpec, load_policy, merged_lora, reference_mode
 from flowtracer.rewards import char_span_to_token_mask, get_verifier, safe_score
 from flowtracer.rl import group_advantages, policy_loss
 from flowtracer.rollout import Generated, RolloutBatch, SamplingConfig, generate, response_token_offsets
@@ -234,7 +234,8 @@ class GRPOModule(LightningModule):
         was_training = self.policy.training
         self.policy.eval()
         try:
-            return generate(self.policy, self.tokenizer, prompts, spans, sampling)
+            with merged_lora(self.policy):  # one GEMM per adapted layer and token, not three
+                return generate(self.policy, self.tokenizer, prompts, spans, sampling)
         finally:
             self.policy.train(was_training)
 

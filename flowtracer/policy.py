@@ -320,6 +320,43 @@ def reference_mode(model) -> Iterator[None]:
         yield
 
 
+@contextmanager
+def merged_lora(model) -> Iterator[None]:
+    """Inside this block every LoRA layer runs as one plain linear layer with W + scale * B A.
+
+    For generation: each decoding step then skips the adapter matmuls (4 extra small GEMMs and
+    their Python overhead per adapted layer and token). Exact and drift-free, unlike peft's
+    merge/unmerge (W += delta, then W -= delta rounds W a little every step): the merged weight is
+    a new tensor and the original one is put back untouched. A model without active LoRA layers
+    passes through unchanged. No gradient flows through the merged weights: use under no_grad.
+    """
+    swaps = []
+    if is_lora(model):
+        from peft.tuners.lora import Linear as LoraLinear
+
+        with torch.no_grad():
+            for layer in model.modules():
+                if not isinstance(layer, LoraLinear) or layer.merged or layer.disable_adapters:
+                    continue
+                active = [a for a in layer.active_adapters if a in layer.lora_A]
+                if not active:
+                    continue
+                base = layer.get_base_layer()
+                weight = base.weight
+                merged = weight.detach().clone()
+                for name in active:
+                    merged += layer.get_delta_weight(name).to(merged.dtype)
+                swaps.append((layer, base, weight))
+                base.weight = torch.nn.Parameter(merged, requires_grad=False)
+                layer.merged_adapters = list(active)  # peft's forward then calls base_layer only
+    try:
+        yield
+    finally:
+        for layer, base, weight in swaps:
+            base.weight = weight
+            layer.merged_adapters = []
+
+
 def save_trainable_state(model) -> dict[str, torch.Tensor]:
     """The weights a checkpoint must hold: adapter weights under LoRA, the full state otherwise.
 

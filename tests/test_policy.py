@@ -11,7 +11,7 @@ import torch
 
 from flowtracer import policy
 from flowtracer.policy import (
-    LoraSpec, PolicyError, load_policy, load_trainable_state, reference_mode, save_trainable_state,
+    LoraSpec, PolicyError, load_policy, load_trainable_state, merged_lora, reference_mode, save_trainable_state,
 )
 from tests.tiny import tiny_model, tiny_tokenizer
 
@@ -72,6 +72,29 @@ def test_reference_mode_is_the_base_model(tiny_dir):
     with reference_mode(model):
         assert torch.allclose(_logits(model, IDS), expected, atol=1e-6)
     assert not torch.allclose(_logits(model, IDS), expected, atol=1e-4)  # adapters back on
+
+
+def test_merged_lora_is_exact_and_restores_the_weights(tiny_dir):
+    model, _ = load_policy(str(tiny_dir), lora=LORA)
+    model.eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    expected = _logits(model, IDS)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    params = dict(model.named_parameters())
+    with merged_lora(model):
+        layer = model.base_model.model.model.layers[0].self_attn.q_proj
+        assert layer.merged  # the adapter matmuls are skipped
+        torch.testing.assert_close(_logits(model, IDS), expected, atol=1e-5, rtol=1e-5)
+        out = model.generate(input_ids=IDS, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, IDS.shape[1] + 3)
+    after = dict(model.named_parameters())
+    assert after.keys() == before.keys()
+    for n in before:
+        assert after[n] is params[n] and torch.equal(after[n], before[n]), n  # same tensors, bit-exact
+    assert not layer.merged and torch.equal(_logits(model, IDS), expected)
 
 
 @pytest.mark.parametrize("lora", [LORA, None])
