@@ -2,8 +2,9 @@
 
 Runs `flowtracer fit` for every ablation arm on top of experiments/quickstart.yaml for a few steps
 (no validation), reads each run's metrics.csv and prints the median phase times. The credit cost of
-an arm is its callback time plus what its attention capture adds to the shared teacher-forced pass
-(old_pass of the arm minus old_pass of the uniform arm, which captures nothing).
+an arm is its time/credit (callback, plus the attention recompute when the map is captured inside
+the training forward, the one-PPO-epoch default) plus what its capture adds to a separate
+teacher-forced pass when there is one (old_pass of the arm minus old_pass of the uniform arm).
 
     python benchmarks/arm_step_share.py --steps 3
 """

@@ -98,7 +98,7 @@ def worker_ours(arm: str, steps: int) -> None:
     trainer.fit(module, datamodule=dm)
 
 
-def worker_trl(steps: int) -> None:
+def worker_trl(steps: int, checkpointing: bool = True) -> None:
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import TrainerCallback
@@ -166,7 +166,7 @@ def worker_trl(steps: int) -> None:
         temperature=TEMPERATURE, top_p=1.0, beta=0.0, num_iterations=1, loss_type="grpo", learning_rate=LR,
         max_grad_norm=1.0, gradient_accumulation_steps=1, max_steps=steps, shuffle_dataset=False, seed=SEED,
         use_cpu=True, bf16=False, fp16=False, logging_steps=1, report_to=[], save_strategy="no",
-        model_init_kwargs={"dtype": "float32"}, disable_tqdm=True)
+        model_init_kwargs={"dtype": "float32"}, disable_tqdm=True, gradient_checkpointing=checkpointing)
     lora = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=list(TARGETS),
                       task_type="CAUSAL_LM")
     trainer = Timed(model=str(bundled_model_dir(MODEL)), reward_funcs=reward, args=args, train_dataset=data,
@@ -175,12 +175,13 @@ def worker_trl(steps: int) -> None:
 
 
 # ------------------------------------------------------------------------------- the parent
-def _start(side: str, steps: int, threads: int | None) -> subprocess.Popen:
+def _start(side: str, steps: int, threads: int | None, trl_checkpointing: bool) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    cmd = [sys.executable, __file__, "--worker", side, "--steps", str(steps)]
+    cmd = [sys.executable, __file__, "--worker", side, "--steps", str(steps),
+           "--trl-checkpointing", str(trl_checkpointing).lower()]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True, bufsize=1)
 
@@ -203,6 +204,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10, help="measured steps per side (plus one warm-up step)")
     p.add_argument("--sides", default="trl,uniform,flow")
     p.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads of every worker (default: torch's)")
+    p.add_argument("--trl-checkpointing", default="true", choices=["true", "false"],
+                   help="TRL's gradient_checkpointing (TRL's GRPOConfig default: true; ours: false)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -210,13 +213,16 @@ def main() -> None:
             import torch
 
             torch.set_num_threads(args.threads)
-        return worker_trl(args.steps) if args.worker == "trl" else worker_ours(args.worker, args.steps)
+        if args.worker == "trl":
+            return worker_trl(args.steps, args.trl_checkpointing == "true")
+        return worker_ours(args.worker, args.steps)
 
     sides = args.sides.split(",")
     total = args.steps + 1
     print(f"[{time.strftime('%H:%M:%S')}] start, {_load()}; {os.cpu_count()} CPUs, threads={args.threads or 'default'}",
           flush=True)
-    procs = {s: _start(s, total, args.threads) for s in sides}
+    print(f"TRL gradient_checkpointing={args.trl_checkpointing} (ours: off)", flush=True)
+    procs = {s: _start(s, total, args.threads, args.trl_checkpointing == "true") for s in sides}
     for s, proc in procs.items():
         assert _read(proc, s)[0] == "ready"
     results: dict[str, list[dict]] = {s: [] for s in sides}
