@@ -182,9 +182,11 @@ class GRPOModule(LightningModule):
             f"{self.optim.ppo_epochs} PPO epoch(s) x {self.optim.mini_batches} mini-batch(es) of "
             f"{(p * g) // self.optim.mini_batches} rollouts, accumulated in micro-batches of {micro}; "
             f"credit: {', '.join(type(c).__name__ for c in self._rollout_callbacks()) or 'uniform (none set)'}")
-        if self._resumed_steps is not None and self.trainer.global_rank == 0:
-            # steps after the checkpoint may have been logged before a crash; they run again now
-            rewind_run_dir(self.trainer.log_dir, self._resumed_steps)
+        if self._resumed_steps is not None:
+            log_dir = self.trainer.log_dir  # a broadcast under DDP: every rank asks
+            if self.trainer.global_rank == 0:
+                # steps after the checkpoint may have been logged before a crash; they run again now
+                rewind_run_dir(log_dir, self._resumed_steps)
         if self.val_before_training and self.rl_step == 0:
             acc = self._evaluate_split()
             if acc is not None and self.logger is not None:
@@ -413,9 +415,10 @@ class GRPOModule(LightningModule):
         }
 
     def _write_rollouts(self, step: int, rollouts: RolloutBatch) -> None:
-        if self.trainer.log_dir is None:
+        log_dir = self.trainer.log_dir  # once: under DDP every call is a broadcast all ranks must join
+        if log_dir is None:
             return
-        path = os.path.join(self.trainer.log_dir, "rollouts.jsonl")
+        path = os.path.join(log_dir, "rollouts.jsonl")
         weights = rollouts.weights_or_ones()
         lines = []
         for i in range(rollouts.batch_size):
@@ -429,7 +432,7 @@ class GRPOModule(LightningModule):
         lines = [ln for part in dist.gather_objects(self, lines) for ln in part]  # rank order = prompt order
         if self.trainer.global_rank != 0:
             return
-        os.makedirs(self.trainer.log_dir, exist_ok=True)
+        os.makedirs(log_dir, exist_ok=True)
         # One write() of whole lines, fsynced: a crash never leaves half a record behind.
         append_lines(path, "\n".join(lines) + "\n")
 

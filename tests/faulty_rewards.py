@@ -17,3 +17,8 @@ def mixed(response: str, reference) -> Score | str:
     if k == 2:
         return Score(1.0, (10**6, 10**6 + 1), "x")  # beyond the response: the answer span cannot be located
     return Score(0.0, None, None)
+
+
+def varied(response: str, reference) -> float:
+    """A well-behaved toy reward with spread (digits in the response, mod 3), so groups have advantages."""
+    return (sum(c.isdigit() for c in response) % 3) / 2
