@@ -62,7 +62,7 @@ def soak(steps: int, workdir: str, max_new_tokens: int = 16) -> dict:
     rss_file = os.path.join(workdir, "rss.jsonl")
     cfg = {
         "seed_everything": 0,
-        "trainer": {"max_steps": steps, "accelerator": "cpu", "val_check_interval": 50, "enable_progress_bar": False,
+        "trainer": {"max_steps": steps, "accelerator": "cpu", "val_check_interval": 50,
                     "enable_model_summary": False,
                     "logger": {"class_path": "flowtracer.csvlog.CSVLogger",
                                "init_args": {"save_dir": os.path.join(workdir, "logs"), "name": "soak"}},
