@@ -24,7 +24,12 @@ clipping; validation pass@1 / pass@k before training and every `trainer.val_chec
 Precisions: float32 (default, CPU) and bfloat16 (`model_dtype: bfloat16`, GPU).
 Resume: `--ckpt_path` restores adapters (or full weights), optimizer, scheduler, step and RNG; the
 prompts of step s and the sampling seed are functions of (seed, s), so a resumed run logs the same
-metrics as an uninterrupted one.
+metrics as an uninterrupted one. A run killed at any moment resumes the same way (flowtracer.ckpt:
+atomic checkpoints saved after the step's logs; logs of redone steps rewound).
+Guards: non-finite rewards, advantages, credit weights, loss or gradients skip that update
+(flowtracer.guards); `optim.max_consecutive_skips` in a row stop the run.
+Scale-out: under DDP each process takes a block of the step's prompts (flowtracer.distributed);
+with `sampling.seed_per_prompt` the metrics equal a 1-process run with the same global batch.
 """
 
 from __future__ import annotations
@@ -42,8 +47,12 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
+from flowtracer import distributed as dist
 from flowtracer.attention import teacher_forced_pass
+from flowtracer.ckpt import install_atomic_io, rewind_run_dir
+from flowtracer.csvlog import append_lines
 from flowtracer.credit.base import RolloutCallback
+from flowtracer.guards import SkipCounter, assert_finite_state, grads_finite, nonfinite_fields
 from flowtracer.policy import LoraSpec, load_policy, merged_lora, reference_mode
 from flowtracer.rewards import char_span_to_token_mask, get_verifier, safe_score
 from flowtracer.rl import group_advantages, policy_loss
@@ -83,6 +92,8 @@ class OptimConfig:
         ppo_epochs: passes over each step's rollouts (1 = on-policy, ratio is 1 at the first pass).
         mini_batches: optimizer steps per PPO epoch (rollouts split in this many mini-batches).
         micro_batch_size: sequences per forward/backward (gradient accumulation); 0 = whole mini-batch.
+        max_consecutive_skips: updates skipped in a row for non-finite values (NaN/inf rewards,
+            advantages, weights, loss or gradients) before the run stops with an error.
     """
 
     lr: float = 1e-5
@@ -92,6 +103,7 @@ class OptimConfig:
     ppo_epochs: int = 1
     mini_batches: int = 1
     micro_batch_size: int = 0
+    max_consecutive_skips: int = 5
 
 
 class GRPOModule(LightningModule):
@@ -154,6 +166,10 @@ class GRPOModule(LightningModule):
         self._verifiers: dict = {}
         self.val_pass1, self.val_passk = MeanMetric(), MeanMetric()
         self.val_history: list[tuple[int, float]] = []
+        self._skips = SkipCounter(optim.max_consecutive_skips)
+        self._loss_finite = True
+        self._resumed_steps: int | None = None
+        self.preflight_done = False
 
     # ----------------------------------------------------------------------------- set-up
     def configure_model(self) -> None:
@@ -162,6 +178,14 @@ class GRPOModule(LightningModule):
         self.policy, self.tokenizer = load_policy(
             self.model_name, dtype=self.model_dtype, attn_implementation=self.attn_implementation,
             lora=self.lora, gradient_checkpointing=self.gradient_checkpointing)
+
+    def setup(self, stage: str) -> None:
+        install_atomic_io(self.trainer)
+        if stage == "fit" and not self.preflight_done:  # the CLI runs it earlier, before any output
+            from flowtracer.checks import preflight
+
+            preflight(self, self.trainer.datamodule, self.trainer.world_size, self._rollout_callbacks())
+            self.preflight_done = True
 
     def configure_optimizers(self):
         params = [p for p in self.policy.parameters() if p.requires_grad]
@@ -179,6 +203,11 @@ class GRPOModule(LightningModule):
             f"{self.optim.ppo_epochs} PPO epoch(s) x {self.optim.mini_batches} mini-batch(es) of "
             f"{(p * g) // self.optim.mini_batches} rollouts, accumulated in micro-batches of {micro}; "
             f"credit: {', '.join(type(c).__name__ for c in self._rollout_callbacks()) or 'uniform (none set)'}")
+        if self._resumed_steps is not None:
+            log_dir = self.trainer.log_dir  # a broadcast under DDP: every rank asks
+            if self.trainer.global_rank == 0:
+                # steps after the checkpoint may have been logged before a crash; they run again now
+                rewind_run_dir(log_dir, self._resumed_steps)
         if self.val_before_training and self.rl_step == 0:
             acc = self._evaluate_split()
             if acc is not None and self.logger is not None:
@@ -188,11 +217,12 @@ class GRPOModule(LightningModule):
     def training_step(self, batch, batch_idx):
         step = self.rl_step
         self._seed_everything(step)
-        rows = self.trainer.datamodule.train_batch(step)
+        rank, world = dist.rank_world(self.trainer)
+        rows, positions = dist.shard(self.trainer.datamodule.train_batch(step), rank, world)
         timer = _PhaseTimer()
 
         with timer("generate"):
-            gen = self._generate(rows, self.sampling)
+            gen = self._generate(rows, self.sampling, positions=positions, step=step)
         with timer("score"):
             rollouts = self._score(rows, gen)
         callbacks = self._rollout_callbacks()
@@ -207,12 +237,12 @@ class GRPOModule(LightningModule):
                 cb.on_rollout_batch(self.trainer, self, rollouts)
         rollouts.attn = None  # the (B, T, T) map is spent once the weights exist; free it before the update
         with timer("update"):
-            update_metrics = self._update(rollouts, callbacks if plan == "in_forward" else (), timer)
+            update_metrics = self._guarded_update(rollouts, step, callbacks if plan == "in_forward" else (), timer)
 
         self.rl_step += 1
         metrics = {**self._rollout_metrics(rollouts, gen), **update_metrics, **rollouts.metrics,
                    **timer.metrics(int(gen.response_mask.sum()))}
-        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=rollouts.batch_size)
+        dist.log_synced(self, metrics, rollouts.batch_size)
         self.log_dict({"reward": metrics["reward/mean"], "acc": metrics["accuracy"]}, prog_bar=True,
                       on_step=True, on_epoch=False, logger=False, batch_size=rollouts.batch_size)
         if self.log_rollouts:
@@ -220,8 +250,11 @@ class GRPOModule(LightningModule):
 
     def _seed_everything(self, step: int) -> None:
         """Sampling and shuffles of step s depend on (seed, s) only: exact resume, no RNG drift."""
+        import numpy as np
+
         s = (self.seed * 1_000_003 + step) % (2**31)
         random.seed(s)
+        np.random.seed(s)  # no numpy draws today; seeded so a credit arm that adds some stays exact
         torch.manual_seed(s)
 
     def _prompts(self, rows):
@@ -229,13 +262,19 @@ class GRPOModule(LightningModule):
         formatted = [dm.format_prompt(self.tokenizer, row["question"]) for row in rows]
         return [f[0] for f in formatted], [f[1] for f in formatted]
 
-    def _generate(self, rows, sampling: SamplingConfig) -> Generated:
+    def _generate(self, rows, sampling: SamplingConfig, positions=None, step: int = 0) -> Generated:
         prompts, spans = self._prompts(rows)
+        seeds = None
+        if sampling.seed_per_prompt:
+            from flowtracer.sampling import row_seeds
+
+            seeds = row_seeds(self.seed, step, positions if positions is not None else list(range(len(rows))),
+                              sampling.num_generations, device=self.device)
         was_training = self.policy.training
         self.policy.eval()
         try:
             with merged_lora(self.policy):  # one GEMM per adapted layer and token, not three
-                return generate(self.policy, self.tokenizer, prompts, spans, sampling)
+                return generate(self.policy, self.tokenizer, prompts, spans, sampling, row_seeds=seeds)
         finally:
             self.policy.train(was_training)
 
@@ -262,6 +301,7 @@ class GRPOModule(LightningModule):
             ids = gen.input_ids[i, resp_start:][gen.response_mask[i, resp_start:]].tolist()
             offsets = response_token_offsets(self.tokenizer, ids, text)
             tok_mask = char_span_to_token_mask(offsets, score.answer_span, len(ids))
+            n_no_span += not bool(tok_mask.any())  # a span no token covers: credit falls back, counted
             answer_mask[i, resp_start:resp_start + len(ids)] = tok_mask.to(answer_mask.device)
         device = gen.input_ids.device
         rewards_t = torch.tensor(rewards, dtype=torch.float32, device=device)
@@ -276,6 +316,7 @@ class GRPOModule(LightningModule):
         batch.metrics.update({f"adv/{k}": float(v) for k, v in adv_stats.items()})
         batch.metrics["reward/errors"] = float(n_errors)
         batch.metrics["answer/no_span_frac"] = n_no_span / len(gen.responses)
+        batch.metrics["answer/no_span"] = float(n_no_span)
         return batch
 
     def _rollout_callbacks(self) -> list[RolloutCallback]:
@@ -383,12 +424,15 @@ class GRPOModule(LightningModule):
         weights = rollouts.weights_or_ones() if rollouts.old_logprobs is not None else None
         ref = getattr(self, "_ref_logprobs", None) if self.loss_cfg.beta > 0 else None
         sums: dict[str, float] = {}
-        n_updates = 0
+        n_minibatches = 0
         for epoch in range(self.optim.ppo_epochs):
             order = torch.randperm(b) if self.optim.mini_batches > 1 else torch.arange(b)
             for mb in order.split(mb_size):
                 opt.zero_grad(set_to_none=True)
-                mb_tokens = rollouts.response_mask[mb].sum().clamp(min=1)
+                # tokens of the mini-batch over all processes: DDP averages gradients, so each
+                # process scales by world/total to give the global token mean (token-mean aggregation)
+                world = dist.rank_world(self._trainer)[1]
+                mb_tokens = dist.all_sum(self, rollouts.response_mask[mb].sum()).clamp(min=1)
                 for idx in mb.split(micro):
                     cols = _active_columns(rollouts.attention_mask[idx])
                     if weights is not None:  # old log-probs and weights came before the update
@@ -408,42 +452,82 @@ class GRPOModule(LightningModule):
                         max_len=self.sampling.max_new_tokens,
                         ref_logprobs=None if ref is None else ref[idx][:, cols])
                     # Each micro-batch's share of the mini-batch mean (tokens for token-mean, else rows).
-                    share = (rollouts.response_mask[idx].sum() / mb_tokens if self.loss_cfg.aggregation == "token-mean"
+                    tok_share = rollouts.response_mask[idx].sum().float() / mb_tokens * world
+                    share = (tok_share if self.loss_cfg.aggregation == "token-mean"
                              else torch.tensor(len(idx) / len(mb)))
+                    self._loss_finite &= bool(torch.isfinite(loss))
                     with timer("backward"):
                         self.manual_backward(loss * share.to(loss.device))
-                    for k, v in {"loss": loss, **m}.items():
-                        sums[k] = sums.get(k, 0.0) + float(v.detach()) * float(share)
-                with timer("backward"):  # backward and optimizer
-                    if self.optim.grad_clip > 0:
-                        self.clip_gradients(opt, gradient_clip_val=self.optim.grad_clip, gradient_clip_algorithm="norm")
-                    opt.step()
-                    sched.step()
-                n_updates += 1
+                    for k, v in {"loss": loss, **m}.items():  # diagnostics are token means
+                        sums[k] = sums.get(k, 0.0) + float(v.detach()) * float(share if k == "loss" else tok_share)
+                with timer("backward"):  # clip and optimizer step count as backward
+                    self._optimizer_step(opt, sched)  # a non-finite mini-batch is skipped, see guards
+                n_minibatches += 1
         rollouts.metrics.update(fused_metrics)
-        out = {f"train/{k}": v / n_updates for k, v in sums.items()}
+        out = {f"train/{k}": v / n_minibatches for k, v in sums.items()}
         out["train/lr"] = sched.get_last_lr()[0]
         return out
 
+    # ----------------------------------------------------------------------------- numerical guards
+    def _guarded_update(self, rollouts: RolloutBatch, step: int, in_forward=(), timer=None) -> dict[str, float]:
+        """`_update`, unless a reward, advantage, weight or old log-prob is NaN/inf: then skip it."""
+        bad = nonfinite_fields(rollouts)
+        ok = self.trainer.strategy.reduce_boolean_decision(not bad, all=True)  # every process skips together
+        self._step_skips = 0
+        if ok:
+            out = self._update(rollouts, in_forward, timer)
+        else:
+            self._record_skip(f"non-finite {', '.join(bad) or 'inputs on another process'}", step)
+            out = {}
+        return {**out, "guard/skipped_updates": float(self._step_skips), "guard/skipped_total": float(self._skips.total)}
+
+    def _optimizer_step(self, opt, sched) -> int:
+        """Clip and step, unless the loss or a gradient is NaN/inf: then drop the gradients. 1 if stepped."""
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        ok = self._loss_finite and grads_finite(params)  # gradients are already averaged over processes
+        ok = self.trainer.strategy.reduce_boolean_decision(ok, all=True)
+        self._loss_finite = True
+        if not ok:
+            opt.zero_grad(set_to_none=True)
+            self._record_skip("non-finite loss or gradients", self.rl_step)
+            return 0
+        self._skips.record(True)
+        if self.optim.grad_clip > 0:
+            self.clip_gradients(opt, gradient_clip_val=self.optim.grad_clip, gradient_clip_algorithm="norm")
+        opt.step()
+        sched.step()
+        return 1
+
+    def _record_skip(self, what: str, step: int) -> None:
+        self._step_skips = getattr(self, "_step_skips", 0) + 1
+        rank_zero_info(f"[flowtracer] step {step}: update skipped ({what})")
+        self._skips.record(False, what, step)
+
     # ----------------------------------------------------------------------------- metrics and logs
     def _rollout_metrics(self, rollouts: RolloutBatch, gen: Generated) -> dict[str, float]:
-        lengths = rollouts.response_mask.sum(1).float()
+        # over the rollouts of every process (identity with one), so DDP logs the 1-process values
+        rewards = dist.gather_cat(self, rollouts.rewards)
+        lengths = dist.gather_cat(self, rollouts.response_mask.sum(1).float())
+        truncated = dist.gather_cat(self, gen.truncated.float())
         resp = rollouts.response_mask
         ent = rollouts.entropies
+        ent_sum = dist.all_sum(self, (ent * resp).sum()) if ent is not None else None
+        n_tok = dist.all_sum(self, resp.sum().float()).clamp(min=1)
         return {
-            "reward/mean": rollouts.rewards.mean().item(),
-            "reward/std": rollouts.rewards.std().item() if rollouts.batch_size > 1 else 0.0,
-            "accuracy": (rollouts.rewards >= self.loss_cfg.correct_threshold).float().mean().item(),
+            "reward/mean": rewards.mean().item(),
+            "reward/std": rewards.std().item() if rewards.numel() > 1 else 0.0,
+            "accuracy": (rewards >= self.loss_cfg.correct_threshold).float().mean().item(),
             "response/length": lengths.mean().item(),
-            "response/truncated_frac": gen.truncated.float().mean().item(),
-            "entropy": ((ent * resp).sum() / resp.sum().clamp(min=1)).item() if ent is not None else 0.0,
+            "response/truncated_frac": truncated.mean().item(),
+            "entropy": (ent_sum / n_tok).item() if ent_sum is not None else 0.0,
             "rl_step": float(self.rl_step),
         }
 
     def _write_rollouts(self, step: int, rollouts: RolloutBatch) -> None:
-        if self.trainer.global_rank != 0 or self.trainer.log_dir is None:
+        log_dir = self.trainer.log_dir  # once: under DDP every call is a broadcast all ranks must join
+        if log_dir is None:
             return
-        path = os.path.join(self.trainer.log_dir, "rollouts.jsonl")
+        path = os.path.join(log_dir, "rollouts.jsonl")
         weights = rollouts.weights_or_ones()
         lines = []
         for i in range(rollouts.batch_size):
@@ -454,11 +538,12 @@ class GRPOModule(LightningModule):
                 "advantage": rollouts.advantages[i].item(),
                 "tokens": self.tokenizer.convert_ids_to_tokens(rollouts.input_ids[i][m].tolist()),
                 "weights": [round(w, 4) for w in weights[i][m].tolist()]}))
-        os.makedirs(self.trainer.log_dir, exist_ok=True)
-        # One write of whole lines, flushed: a crash never leaves half a record behind.
-        with open(path, "a", encoding="utf-8") as f:
-            f.write("\n".join(lines) + "\n")
-            f.flush()
+        lines = [ln for part in dist.gather_objects(self, lines) for ln in part]  # rank order = prompt order
+        if self.trainer.global_rank != 0:
+            return
+        os.makedirs(log_dir, exist_ok=True)
+        # One write() of whole lines, fsynced: a crash never leaves half a record behind.
+        append_lines(path, "\n".join(lines) + "\n")
 
     # ----------------------------------------------------------------------------- validation
     @torch.no_grad()
@@ -516,11 +601,15 @@ class GRPOModule(LightningModule):
     def on_save_checkpoint(self, checkpoint) -> None:
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
-        checkpoint["flowtracer"] = {"rl_step": self.rl_step, "val_history": self.val_history}
+        assert_finite_state(checkpoint["state_dict"])  # the guards make this unreachable; never save NaN
+        checkpoint["flowtracer"] = {"rl_step": self.rl_step, "val_history": self.val_history,
+                                    "skips": self._skips.state_dict()}
 
     def on_load_checkpoint(self, checkpoint) -> None:
         state = checkpoint.get("flowtracer", {})
         self.rl_step = state.get("rl_step", 0)
+        self._resumed_steps = self.rl_step
+        self._skips.load_state_dict(state.get("skips", {}))
         self.val_history = list(map(tuple, state.get("val_history", [])))
 
 

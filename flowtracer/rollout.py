@@ -84,6 +84,10 @@ class SamplingConfig:
         temperature: sampling temperature (0 = greedy).
         top_p: nucleus sampling mass (1.0 = off).
         top_k: sample among the k most likely tokens (0 = off).
+        seed_per_prompt: draw every response from its own seed (run seed, step, prompt position,
+            sample index) instead of one RNG stream for the batch, so rollouts do not depend on
+            how prompts are batched or split over processes: a DDP run then equals a 1-process
+            run (see flowtracer.sampling). Off by default (HF's sampler, the original runs).
     """
 
     num_generations: int = 8
@@ -91,6 +95,7 @@ class SamplingConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    seed_per_prompt: bool = False
 
 
 @dataclass
@@ -109,11 +114,13 @@ class Generated:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], question_spans: list[tuple[int, int] | None],
-             sampling: SamplingConfig, *, num_generations: int | None = None) -> Generated:
+             sampling: SamplingConfig, *, num_generations: int | None = None,
+             row_seeds: Tensor | None = None) -> Generated:
     """Sample `num_generations` responses for each prompt in one batched `generate` call.
 
     Rows are grouped: rows [i*G, (i+1)*G) answer prompt i. The question mask marks the prompt tokens
     that overlap the question's character span (all prompt tokens where the span is unknown).
+    `row_seeds` (B * G,) switches to per-row seeded sampling (flowtracer.sampling).
     """
     g = num_generations or sampling.num_generations
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False,
@@ -122,11 +129,21 @@ def generate(model, tokenizer, prompts: list[str], question_spans: list[tuple[in
     prompt_ids = enc["input_ids"].repeat_interleave(g, dim=0).to(device)
     prompt_attn = enc["attention_mask"].repeat_interleave(g, dim=0).to(device)
     greedy = sampling.temperature <= 0
+    extra = {}
+    if row_seeds is not None and not greedy:
+        from transformers import LogitsProcessorList
+
+        from flowtracer.sampling import RowSeededSampler
+
+        # greedy decoding over Gumbel-perturbed logits = a per-row seeded sample
+        extra["logits_processor"] = LogitsProcessorList([RowSeededSampler(
+            row_seeds, prompt_ids.shape[1], sampling.temperature, sampling.top_k, sampling.top_p)])
+        greedy = True
     out = model.generate(
         input_ids=prompt_ids, attention_mask=prompt_attn, max_new_tokens=sampling.max_new_tokens,
         do_sample=not greedy, temperature=None if greedy else sampling.temperature,
         top_p=None if greedy else sampling.top_p, top_k=None if greedy else (sampling.top_k or None),
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True, **extra,
     )
     plen = prompt_ids.shape[1]
     new = out[:, plen:]

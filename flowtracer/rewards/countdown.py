@@ -94,6 +94,14 @@ class CountdownVerifier:
         self.use_all = use_all
         self.format_score = float(format_score)
 
+    def check_reference(self, reference: Any) -> str | None:
+        """Why `reference` is not a countdown puzzle ({"target", "numbers"}), else None."""
+        try:
+            _reference(reference)
+        except (ValueError, TypeError, AttributeError) as exc:  # bad JSON, wrong keys, non-ints
+            return str(exc) or type(exc).__name__
+        return None
+
     def __call__(self, response: str, reference: Any) -> Score:
         target, numbers = _reference(reference)
         found = _find_expression(response)

@@ -10,6 +10,7 @@ from flowtracer.rewards.base import Score
 from flowtracer.rewards.extract import boxed, check_extraction, extract_answer
 
 _TEXT = re.compile(r"\\(?:text|mathrm|textbf)\{([^{}]*)\}")
+_NUMBER = re.compile(r"^\s*[-+]?(\d[\d,]*\.?\d*|\.\d+)(e[-+]?\d+)?\s*$", re.IGNORECASE)
 
 
 def _normalise(s: str) -> str:
@@ -94,3 +95,17 @@ class MathVerifier:
             reference = reference["answer"]
         reward = 1.0 if self.equal(str(reference), parsed) else 0.0
         return Score(reward, (start, end), parsed)
+
+    def check_reference(self, reference: Any) -> str | None:
+        """Why `reference` cannot be checked (empty, or math-verify parses no expression), else None."""
+        if isinstance(reference, dict):
+            reference = reference.get("answer")
+        if reference is None or not str(reference).strip():
+            return "empty answer"
+        if _NUMBER.match(str(reference)):
+            return None  # the common case, no sympy needed
+        try:
+            parsed = self._parse(str(reference), self._timeout())
+        except Exception as exc:  # math-verify raises many types on malformed LaTeX
+            return f"math-verify failed: {type(exc).__name__}"
+        return None if len(parsed) >= 2 else "math-verify parses no expression from it"

@@ -16,7 +16,31 @@ VERIFIERS: dict[str, type] = {
 
 
 def get_verifier(name: str, **kwargs: Any):
-    """Build the verifier registered under `name` with `kwargs`; ValueError lists valid names."""
+    """Build the verifier registered under `name` with `kwargs`; ValueError lists valid names.
+
+    ``"package.module:attr"`` names a user reward instead: a class is instantiated with `kwargs`;
+    a function ``f(response, reference) -> float | Score`` is used as is (kwargs bound).
+    """
+    if ":" in name:
+        return _import_reward(name, kwargs)
     if name not in VERIFIERS:
-        raise ValueError(f"unknown verifier {name!r}; valid names: {', '.join(VERIFIERS)}")
+        raise ValueError(f"unknown verifier {name!r}; valid names: {', '.join(VERIFIERS)} "
+                         "or 'package.module:function'")
     return VERIFIERS[name](**kwargs)
+
+
+def _import_reward(name: str, kwargs: dict):
+    import functools
+    import importlib
+
+    module_name, _, attr = name.partition(":")
+    try:
+        obj = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"reward {name!r} could not be imported ({exc}); check the module is on "
+                         "PYTHONPATH and the name after ':' exists") from exc
+    if isinstance(obj, type):
+        return obj(**kwargs)
+    if not callable(obj):
+        raise ValueError(f"reward {name!r} is a {type(obj).__name__}, not a function or class")
+    return functools.partial(obj, **kwargs) if kwargs else obj

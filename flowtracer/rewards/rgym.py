@@ -48,6 +48,18 @@ class ReasoningGymVerifier:
             self._scorers[name] = get_score_answer_fn(name)
         return self._scorers[name]
 
+    def check_reference(self, reference: Any) -> str | None:
+        """Why `reference` is not a reasoning-gym entry this verifier can score, else None."""
+        try:
+            entry = json.loads(reference) if isinstance(reference, str) else reference
+        except ValueError:
+            return "not a JSON reasoning-gym entry"
+        if not isinstance(entry, dict) or "answer" not in entry:
+            return 'a reasoning-gym entry needs {"question", "answer", "metadata"}'
+        if self.task is None and not entry.get("metadata", {}).get("source_dataset"):
+            return "no metadata.source_dataset; pass task=... in data.verifier_kwargs"
+        return None
+
     def __call__(self, response: str, reference: Any) -> Score:
         entry = json.loads(reference) if isinstance(reference, str) else reference
         name = self.task or entry.get("metadata", {}).get("source_dataset")

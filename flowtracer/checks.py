@@ -1,0 +1,141 @@
+"""Pre-flight checks: every input a user can get wrong is refused before anything is written.
+
+`preflight(module, datamodule, world_size)` runs before `trainer.fit` (the CLI calls it from
+`before_fit`; the module's `setup` calls it for programmatic use). It loads the data and the model,
+then checks the settings, every row's reference answer, every prompt's length against the model's
+context, the chat template and the credit arm's attention layers. Each failure raises
+`ConfigError` with one message: what is wrong, where, and the setting that fixes it.
+"""
+
+from __future__ import annotations
+
+from flowtracer.data.sources import DataError
+
+class ConfigError(ValueError):
+    """A setting or input that cannot work; the message names the fix."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def check_settings(module, datamodule, world_size: int = 1) -> None:
+    """Value ranges and batch arithmetic of the model and data settings."""
+    s, v, loss, opt = module.sampling, module.val_sampling, module.loss_cfg, module.optim
+    from flowtracer.rl.advantages import ADVANTAGE_MODES
+    from flowtracer.rl.loss import AGGREGATIONS
+
+    for name, cfg in (("sampling", s), ("val_sampling", v)):
+        _require(isinstance(cfg.num_generations, int) and cfg.num_generations >= 1,
+                 f"model.{name}.num_generations = {cfg.num_generations}: must be a positive int")
+        _require(cfg.max_new_tokens >= 1, f"model.{name}.max_new_tokens = {cfg.max_new_tokens}: must be >= 1")
+        _require(cfg.temperature >= 0, f"model.{name}.temperature = {cfg.temperature}: must be >= 0 (0 = greedy)")
+        _require(0 < cfg.top_p <= 1, f"model.{name}.top_p = {cfg.top_p}: must be in (0, 1] (1 = off)")
+        _require(cfg.top_k >= 0, f"model.{name}.top_k = {cfg.top_k}: must be >= 0 (0 = off)")
+    g = s.num_generations
+    _require(g >= 2, f"model.sampling.num_generations = {g}: GRPO needs >= 2 responses per prompt to "
+                     "form a group (a group of 1 has no advantage); set model.sampling.num_generations: 8")
+    _require(loss.advantage in ADVANTAGE_MODES,
+             f"model.loss.advantage = {loss.advantage!r}: use one of {', '.join(ADVANTAGE_MODES)}")
+    _require(loss.aggregation in AGGREGATIONS,
+             f"model.loss.aggregation = {loss.aggregation!r}: use one of {', '.join(AGGREGATIONS)}")
+    _require(loss.eps_low >= 0 and loss.eps_high >= 0,
+             f"model.loss.eps_low / eps_high = {loss.eps_low} / {loss.eps_high}: clip ranges must be >= 0")
+    _require(loss.beta >= 0, f"model.loss.beta = {loss.beta}: the KL coefficient must be >= 0 (0 = off)")
+    _require(loss.beta == 0 or (module.lora is not None and module.lora.enabled),
+             f"model.loss.beta = {loss.beta} needs LoRA (the reference is the model with adapters off); "
+             "enable model.lora or set model.loss.beta: 0")
+    _require(opt.lr > 0, f"model.optim.lr = {opt.lr}: the learning rate must be > 0")
+    _require(opt.ppo_epochs >= 1, f"model.optim.ppo_epochs = {opt.ppo_epochs}: must be >= 1")
+    _require(opt.grad_clip >= 0, f"model.optim.grad_clip = {opt.grad_clip}: must be >= 0 (0 = off)")
+    _require(opt.micro_batch_size >= 0,
+             f"model.optim.micro_batch_size = {opt.micro_batch_size}: must be >= 0 (0 = whole mini-batch)")
+    p = datamodule.prompts_per_step
+    _require(p % world_size == 0,
+             f"data.prompts_per_step = {p} is not divisible by the {world_size} processes (devices x nodes): "
+             f"each process takes whole prompts; set data.prompts_per_step to a multiple of {world_size}")
+    local = (p // world_size) * g
+    _require(opt.mini_batches >= 1 and local % opt.mini_batches == 0,
+             f"model.optim.mini_batches = {opt.mini_batches} does not divide the {local} rollouts of a step "
+             f"(per process: {p // world_size} prompts x G={g}); pick a divisor of {local}")
+
+
+def check_references(module, rows: list[dict], where: str) -> None:
+    """Every row's reference answer must be something its verifier can check."""
+    for i, row in enumerate(rows):
+        name = row.get("verifier", "math")
+        try:
+            verifier = module._verifier(row)
+        except (ValueError, TypeError, ImportError, AttributeError) as exc:
+            raise ConfigError(f"{where} row {i + 1}: verifier {name!r} could not be built ({exc}); "
+                              "set data.verifier to a registered name or 'module:function'") from exc
+        check = getattr(verifier, "check_reference", None)
+        problem = check(row["answer"]) if check is not None else None
+        if problem:
+            q = row["question"][:60]
+            raise ConfigError(f"{where} row {i + 1} (question {q!r}): the answer {str(row['answer'])[:60]!r} "
+                              f"cannot be checked by the {name!r} verifier ({problem}); fix or drop that row")
+
+
+def check_prompts(module, datamodule, rows: list[dict], where: str) -> None:
+    """Chat template present when asked for, and prompt + response within the model's context."""
+    tok = module.tokenizer
+    context = _context_length(module.policy)
+    budget = max(module.sampling.max_new_tokens, module.val_sampling.max_new_tokens)
+    for i, row in enumerate(rows):
+        try:
+            text, _ = datamodule.format_prompt(tok, row["question"])
+        except DataError as exc:
+            raise ConfigError(f"{module.model_name}: {exc}") from exc
+        if context is None:
+            return  # nothing to compare against; the template was checked on the first row
+        n = len(tok(text, add_special_tokens=False)["input_ids"])
+        if n + budget > context:
+            raise ConfigError(
+                f"{where} row {i + 1}: the prompt is {n} tokens and responses may take {budget} more, "
+                f"beyond the model's context of {context} tokens ({module.model_name}); lower "
+                "model.sampling.max_new_tokens, shorten data.instruction/system_prompt, or drop long rows")
+
+
+def check_layers(module, callbacks) -> None:
+    """Attention layers a credit arm asks for must exist in the model."""
+    from flowtracer.attention import resolve_layers
+
+    n = _num_layers(module.policy)
+    for cb in callbacks:
+        if not getattr(cb, "needs_attention", False) or n is None:
+            continue
+        try:
+            resolve_layers(cb.capture_layers, n)
+        except ValueError as exc:
+            raise ConfigError(f"trainer.callbacks {type(cb).__name__}.layers = {cb.capture_layers!r}: {exc}; "
+                              f"use 'middle' or indices in 0..{n - 1}") from exc
+
+
+def preflight(module, datamodule, world_size: int = 1, callbacks=()) -> None:
+    """All checks, in the order a user would fix them: settings, data, model, prompts, layers."""
+    check_settings(module, datamodule, world_size)
+    datamodule.setup("fit")
+    module.configure_model()
+    for split, rows in (("training data", datamodule.train_rows), ("validation data", datamodule.val_rows)):
+        src = datamodule.train_source if split.startswith("training") else (datamodule.val_source or datamodule.train_source)
+        check_references(module, rows, f"{split} {src}")
+        check_prompts(module, datamodule, rows, f"{split} {src}")
+    check_layers(module, callbacks)
+
+
+def _config(model):
+    cfg = getattr(model, "config", None)
+    return getattr(cfg, "get_text_config", lambda: cfg)() if cfg is not None else None
+
+
+def _context_length(model) -> int | None:
+    cfg = _config(model)
+    n = getattr(cfg, "max_position_embeddings", None)
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
+def _num_layers(model) -> int | None:
+    n = getattr(_config(model), "num_hidden_layers", None)
+    return int(n) if isinstance(n, int) else None
