@@ -10,6 +10,7 @@ Grid file (paths relative to it):
     out: ../lightning_logs/grid_quickstart
     parallel: 1                        # cells at a time
     overrides: {trainer.max_steps: 12} # dotted keys set in every cell
+    env: {OMP_NUM_THREADS: 1}          # environment variables of every cell's `fit`
     axes:                              # the cross product of these is the grid
       arm: {uniform: ablation_uniform.yaml, flow: ablation_flow.yaml}   # name -> config file (or a dict)
       seed: [0, 1]                     # sets seed_everything, model.seed and data.seed
@@ -67,6 +68,7 @@ class Grid:
     out: Path
     parallel: int
     cells: list[Cell]
+    env: dict = field(default_factory=dict)
 
 
 def _nest(dotted: dict) -> dict:
@@ -134,7 +136,8 @@ def load_grid(path: str | Path, out: str | None = None, parallel: int | None = N
         for _, _, _, ov in combo:
             overrides.update(ov)
         cells.append(Cell(name, labels, configs, overrides, out_dir / "cells" / name))
-    return Grid(base, out_dir, int(parallel or spec.get("parallel", 1)), cells)
+    env = {str(k): str(v) for k, v in (spec.get("env") or {}).items()}
+    return Grid(base, out_dir, int(parallel or spec.get("parallel", 1)), cells, env)
 
 
 def _write_cell_config(cell: Cell) -> Path:
@@ -164,7 +167,8 @@ def _start(grid: Grid, cell: Cell) -> None:
     log = open(cell.dir / "fit.log", "w")
     # Same process group as the grid: killing the grid's group (Ctrl-C, kill -- -PGID) stops the
     # cells too, so no orphan keeps writing into a folder a rerun is about to clear.
-    cell.proc = subprocess.Popen(fit_command(grid, cell), stdout=log, stderr=subprocess.STDOUT, cwd=os.getcwd())
+    cell.proc = subprocess.Popen(fit_command(grid, cell), stdout=log, stderr=subprocess.STDOUT, cwd=os.getcwd(),
+                                 env={**os.environ, **grid.env})
     log.close()
     cell.state, cell.started = "running", time.time()
 
