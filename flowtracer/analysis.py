@@ -21,7 +21,7 @@ from flowtracer.data.sources import load_rows
 from flowtracer.rewards import get_verifier
 from flowtracer.rewards.base import safe_score
 from flowtracer.rewards.spans import char_span_to_token_mask
-from flowtracer.rollout import Generated, RolloutBatch, response_token_offsets
+from flowtracer.rollout import Generated, RolloutBatch, _question_mask, response_token_offsets
 
 QUICKSTART_SOURCES = ("data/arith_train.jsonl", "data/arith_val.jsonl")  # 80 + 20 = 100 problems
 
@@ -115,3 +115,25 @@ def arm_scores(rb: RolloutBatch, *, seed: int = 0, flow: FlowCredit | None = Non
         "attention": received_attention(rb.attn, resp),
     }
     return scores, ~unreached
+
+
+def given_responses(tokenizer, prompts: list[str], spans, responses: list[str]) -> Generated:
+    """The Generated layout (prompts left-padded, responses right-padded) of responses supplied by
+    the caller instead of sampled; no EOS is appended."""
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False,
+                    return_offsets_mapping=True)
+    toks = [tokenizer(r, add_special_tokens=False)["input_ids"] for r in responses]
+    if not all(toks):
+        raise ValueError("an empty response was given; give non-empty responses or let the tool generate them")
+    width = max(len(t) for t in toks)
+    r = torch.full((len(toks), width), tokenizer.pad_token_id, dtype=torch.long)
+    lens = torch.tensor([len(t) for t in toks])
+    resp = torch.arange(width).unsqueeze(0) < lens.unsqueeze(1)
+    r[resp] = torch.tensor([i for t in toks for i in t])
+    p_attn = enc["attention_mask"].bool()
+    no = torch.zeros_like(resp)
+    return Generated(
+        input_ids=torch.cat([enc["input_ids"], r], 1), attention_mask=torch.cat([p_attn, resp], 1).long(),
+        prompt_mask=torch.cat([p_attn, no], 1), response_mask=torch.cat([torch.zeros_like(p_attn), resp], 1),
+        question_mask=torch.cat([_question_mask(enc["offset_mapping"], enc["attention_mask"], spans), no], 1),
+        responses=list(responses), truncated=torch.zeros(len(toks), dtype=torch.bool), prompt_len=p_attn.shape[1])

@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from flowtracer.analysis import (QUICKSTART_SOURCES, Verifiers, arm_scores, format_prompts, judge,
-                                 load_problems, rollout_batch, teacher_force)
+from flowtracer.analysis import (ARMS, QUICKSTART_SOURCES, Verifiers, arm_scores, format_prompts, given_responses,
+                                 judge, load_problems, rollout_batch, teacher_force)
 from flowtracer.credit.select import select_mask
 from flowtracer.rollout import SamplingConfig, _eos_ids, generate
 
@@ -52,9 +52,9 @@ class ProbeResult:
 
     def table(self) -> list[dict]:
         n = max(self.n_eligible, 1)
-        return [{"arm": arm, "changed": self.changed[arm] / n, "flipped": self.flipped[arm] / n,
-                 "masked_share": self.masked_tokens[arm] / max(self.reasoning_tokens, 1)}
-                for arm in self.changed]
+        return [{"arm": arm, "changed": self.changed.get(arm, 0) / n, "flipped": self.flipped.get(arm, 0) / n,
+                 "masked_share": self.masked_tokens.get(arm, 0) / max(self.reasoning_tokens, 1)}
+                for arm in ("none", *ARMS)]
 
     def markdown(self) -> str:
         lines = [f"{self.n_eligible}/{self.n_problems} problems eligible; {self.frac:.0%} of the reasoning "
@@ -137,11 +137,17 @@ def regenerate(model, prompt_ids: Tensor, prompt_valid: Tensor, seg_ids: Tensor,
 
 @torch.no_grad()
 def probe_batch(model, tokenizer, rows: list[dict], result: ProbeResult, *, verifiers: Verifiers,
-                max_new_tokens: int, layers="middle", seed: int = 0, **prompt_kw) -> dict[str, Tensor]:
-    """Probe one batch of problems; adds to `result` and returns the masks (for tests)."""
+                max_new_tokens: int, layers="middle", seed: int = 0, responses: list[str] | None = None,
+                **prompt_kw) -> dict[str, Tensor]:
+    """Probe one batch of problems; adds to `result` and returns the masks (for tests).
+
+    `responses` probes given responses (e.g. a run's rollouts) instead of greedy ones."""
     prompts, spans = format_prompts(tokenizer, [r["question"] for r in rows], **prompt_kw)
-    greedy = SamplingConfig(num_generations=1, max_new_tokens=max_new_tokens, temperature=0.0)
-    gen = generate(model, tokenizer, prompts, spans, greedy)
+    if responses is None:
+        greedy = SamplingConfig(num_generations=1, max_new_tokens=max_new_tokens, temperature=0.0)
+        gen = generate(model, tokenizer, prompts, spans, greedy)
+    else:
+        gen = given_responses(tokenizer, prompts, spans, responses)
     rb, parsed = rollout_batch(tokenizer, verifiers, rows, gen, prompts)
     teacher_force(model, rb, layers)
     scores, reached = arm_scores(rb, seed=seed)

@@ -20,11 +20,12 @@ from pathlib import Path
 
 import torch
 
-from flowtracer.analysis import DEFAULT_INSTRUCTION, Verifiers, format_prompts, rollout_batch, teacher_force
+from flowtracer.analysis import (DEFAULT_INSTRUCTION, Verifiers, format_prompts, given_responses, rollout_batch,
+                                 teacher_force)
 from flowtracer.credit import FlowCredit, RolloutCallback
 from flowtracer.credit.select import select_mask
 from flowtracer.flow import trace_flow
-from flowtracer.rollout import Generated, RolloutBatch, SamplingConfig, _question_mask, generate
+from flowtracer.rollout import RolloutBatch, SamplingConfig, generate
 
 
 @dataclass
@@ -69,19 +70,6 @@ def trace_row(tokenizer, rb: RolloutBatch, b: int, *, top_frac: float = 0.4, n_p
 
 
 # ------------------------------------------------------------------------------ building one trace
-def _given_response(tokenizer, prompts, spans, response: str) -> Generated:
-    """The Generated layout of a response the user supplied (no EOS appended)."""
-    enc = tokenizer(prompts, return_tensors="pt", add_special_tokens=False, return_offsets_mapping=True)
-    r = torch.tensor([tokenizer(response, add_special_tokens=False)["input_ids"]])
-    if r.shape[1] == 0:
-        raise ValueError("--response is empty; give a response or leave it out to generate one")
-    p = enc["input_ids"]
-    ids = torch.cat([p, r], 1)
-    resp = torch.cat([torch.zeros_like(p, dtype=torch.bool), torch.ones_like(r, dtype=torch.bool)], 1)
-    q = torch.cat([_question_mask(enc["offset_mapping"], enc["attention_mask"], spans), resp[:, p.shape[1]:] & False], 1)
-    return Generated(ids, torch.ones_like(ids), ~resp, resp, q, [response], torch.zeros(1, dtype=torch.bool), p.shape[1])
-
-
 @torch.no_grad()
 def build_trace(model, tokenizer, prompt: str, *, response: str | None = None, answer: str | None = None,
                 verifier: str = "math", layers="middle", max_new_tokens: int = 64, temperature: float = 0.0,
@@ -91,7 +79,7 @@ def build_trace(model, tokenizer, prompt: str, *, response: str | None = None, a
         sampling = SamplingConfig(num_generations=1, max_new_tokens=max_new_tokens, temperature=temperature)
         gen = generate(model, tokenizer, prompts, spans, sampling)
     else:
-        gen = _given_response(tokenizer, prompts, spans, response)
+        gen = given_responses(tokenizer, prompts, spans, [response])
     row = {"question": prompt, "answer": answer, "verifier": verifier}
     rb, _ = rollout_batch(tokenizer, Verifiers(), [row], gen, prompts)
     if answer is None:
@@ -202,7 +190,7 @@ def render_png(trace: Trace, path: str | Path) -> Path:
     sc = ax.scatter(x, [0] * n, c=_norm(trace), cmap="Reds", vmin=0, vmax=1, s=[60 if h else 20 for h in trace.hub],
                     edgecolors=["k" if h else "none" for h in trace.hub], zorder=3)
     ax.set_xticks(x)
-    ax.set_xticklabels([t.replace("\n", "\\n") for t in trace.tokens], rotation=90, fontsize=6, family="monospace")
+    ax.set_xticklabels([t.encode("unicode_escape").decode("ascii") for t in trace.tokens], rotation=90, fontsize=6, family="monospace")
     for lab, role in zip(ax.get_xticklabels(), trace.role):
         lab.set_color({"question": "tab:purple", "answer": "tab:green"}.get(role, "black"))
     ax.set_yticks([])
