@@ -22,7 +22,7 @@ import torch
 
 from flowtracer.analysis import (DEFAULT_INSTRUCTION, Verifiers, format_prompts, given_responses, rollout_batch,
                                  teacher_force)
-from flowtracer.credit import FlowCredit, RolloutCallback
+from flowtracer.credit import RolloutCallback
 from flowtracer.credit.select import select_mask
 from flowtracer.flow import trace_flow
 from flowtracer.rollout import RolloutBatch, SamplingConfig, generate
@@ -190,7 +190,8 @@ def render_png(trace: Trace, path: str | Path) -> Path:
     sc = ax.scatter(x, [0] * n, c=_norm(trace), cmap="Reds", vmin=0, vmax=1, s=[60 if h else 20 for h in trace.hub],
                     edgecolors=["k" if h else "none" for h in trace.hub], zorder=3)
     ax.set_xticks(x)
-    ax.set_xticklabels([t.encode("unicode_escape").decode("ascii") for t in trace.tokens], rotation=90, fontsize=6, family="monospace")
+    labels = [t.encode("unicode_escape").decode("ascii") for t in trace.tokens]  # \n, \t visible
+    ax.set_xticklabels(labels, rotation=90, fontsize=6, family="monospace")
     for lab, role in zip(ax.get_xticklabels(), trace.role):
         lab.set_color({"question": "tab:purple", "answer": "tab:green"}.get(role, "black"))
     ax.set_yticks([])

@@ -6,7 +6,6 @@ from __future__ import annotations
 import html
 import io
 import re
-from pathlib import Path
 
 import torch
 from test_cli import write_config
@@ -52,7 +51,8 @@ def test_trace_cli_generates_a_response(tiny_model_dir, tmp_path, capsys):
     main(["trace", "--model", tiny_model_dir, "--prompt", "What is 3 + 4?", "--max-new-tokens", "6",
           "--out", str(tmp_path)])
     page = (tmp_path / "trace.html").read_text()
-    assert (tmp_path / "trace.png").exists() and "What is 3 + 4?" in html.unescape("".join(t for _, t in SPAN.findall(page)))
+    text = html.unescape("".join(t for _, t in SPAN.findall(page)))
+    assert (tmp_path / "trace.png").exists() and "What is 3 + 4?" in text
     assert "wrote" in capsys.readouterr().out
 
 
