@@ -101,7 +101,7 @@ def load_grid(path: str | Path, out: str | None = None, parallel: int | None = N
     axes = spec.get("axes") or {}
     if not axes:
         raise ValueError(f"{path} has no `axes:`; add e.g. `axes: {{seed: [0, 1]}}`")
-    out_dir = Path(out) if out else here / spec.get("out", f"../lightning_logs/grid_{path.stem}")
+    out_dir = (Path(out) if out else here / spec.get("out", f"../lightning_logs/grid_{path.stem}")).resolve()
     shared = dict(spec.get("overrides") or {})
 
     # Each axis becomes a list of (label, configs, overrides) choices.
@@ -217,15 +217,20 @@ def _table(grid: Grid):
     return table
 
 
+def mark_done(grid: Grid) -> None:
+    """Cells with done.json (finished by an earlier run) are `done`."""
+    for cell in grid.cells:
+        if cell.done_file.exists():
+            cell.state = "done"
+            cell.seconds = json.loads(cell.done_file.read_text()).get("seconds", 0.0)
+
+
 def run_grid(grid: Grid, *, live: bool = True, poll_s: float = 1.0) -> list[Cell]:
     """Run every unfinished cell, `grid.parallel` at a time; returns the cells with their states."""
     from rich.console import Console
     from rich.live import Live
 
-    for cell in grid.cells:
-        if cell.done_file.exists():
-            cell.state = "done"
-            cell.seconds = json.loads(cell.done_file.read_text()).get("seconds", 0.0)
+    mark_done(grid)
     grid.out.mkdir(parents=True, exist_ok=True)
     todo = [c for c in grid.cells if c.state == "pending"]
     running: list[Cell] = []
@@ -267,7 +272,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--no-live", action="store_true", help="plain log lines instead of the live table")
     args = p.parse_args(argv)
     grid = load_grid(args.config, args.out, args.parallel)
-    if not args.report_only:
+    if args.report_only:
+        mark_done(grid)
+    else:
         run_grid(grid, live=not args.no_live and sys.stderr.isatty())
     from flowtracer.report import write_report
 

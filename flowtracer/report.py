@@ -83,7 +83,7 @@ def summarize(grid) -> tuple[list[dict], list[dict]]:
     cells = [cell_summary(c) for c in grid.cells]
     groups: dict[str, list[dict]] = defaultdict(list)
     for cell, summary in zip(grid.cells, cells):
-        if "final_val" in summary:
+        if "final_val" in summary and cell.state in ("done", "finished"):  # no partial runs in the means
             groups[_group_key(cell)].append(summary)
     base_pass = None
     for key, rows in groups.items():
