@@ -183,8 +183,10 @@ def probe_batch(model, tokenizer, rows: list[dict], result: ProbeResult, *, veri
             flipped = (r_new > 0.5) != (float(rb.rewards[i]) > 0.5)
             ch, fl = ch + changed, fl + flipped
             if arm != "none":
+                masked = tokenizer.batch_decode([[t] for t in rb.input_ids[i][masks[arm][i]].tolist()])
                 result.records.append({"question": rows[i]["question"], "arm": arm, "original": rb.responses[i],
-                                       "regenerated": texts[j * A + a], "changed": changed, "flipped": flipped})
+                                       "masked": masked, "regenerated": texts[j * A + a], "changed": changed,
+                                       "flipped": flipped})
         result.changed[arm] = result.changed.get(arm, 0) + ch
         result.flipped[arm] = result.flipped.get(arm, 0) + fl
         result.masked_tokens[arm] = result.masked_tokens.get(arm, 0) + int(masks[arm].sum())

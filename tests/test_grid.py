@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 from test_cli import write_config
 
@@ -45,6 +46,14 @@ def test_grid_cells_are_the_cross_product(tmp_path, tiny_model_dir):
     cell = grid.cells[3]
     assert cell.overrides["model.seed"] == 1 and cell.overrides["seed_everything"] == 1
     assert cell.configs[-1].name == "ablation_random.yaml"
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "experiments").glob("grid_*.yaml")))
+def test_shipped_grids_load(config):
+    grid = load_grid(ROOT / "experiments" / config)  # checks every base and arm file exists
+    assert len(grid.cells) == len({c.name for c in grid.cells}) >= 2
+    arms = {c.axes.get("arm") for c in grid.cells}
+    assert arms >= {"uniform", "random", "entropy", "attention", "flow"} or arms == {None}
 
 
 def test_grid_killed_midway_resumes_and_reports(tmp_path, tiny_model_dir):
