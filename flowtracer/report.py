@@ -52,6 +52,8 @@ def cell_summary(cell) -> dict:
     metrics = cell.run_dir / "metrics.csv"
     if not metrics.exists():
         return out
+    if cell.state == "pending":  # metrics but no done.json: running now, or crashed/killed earlier
+        out["state"] = "incomplete"
     train, val = read_metrics(metrics)
     after = [v for s, v in val if s > 0] or [v for _, v in val]
     out.update({
