@@ -4,6 +4,9 @@
     flowtracer fit --config experiments/quickstart.yaml --trainer.max_steps 4 --model.seed 1
     flowtracer fit --config experiments/quickstart.yaml --print_config
     flowtracer fit --config experiments/quickstart.yaml --ckpt_path last   # resume the latest run
+    flowtracer grid --config experiments/grid_quickstart.yaml   # ablation grid + report (flowtracer.grid)
+    flowtracer trace --model smollm2-135m-instruct --prompt "What is 3 + 4?"   (flowtracer.trace_view)
+    flowtracer probe --n 100                                    # causal masking probe (flowtracer.probe)
 
 A run writes under lightning_logs/<name>/version_N/: config.yaml (resolved), metrics.csv,
 rollouts.jsonl and checkpoints/. A resumed run (`--ckpt_path last`, or a path inside a run folder)
@@ -117,8 +120,30 @@ def _latest_checkpoint(cfg) -> str:
     return found[-1]
 
 
+TOOLS = {"grid": "flowtracer.grid", "trace": "flowtracer.trace_view", "probe": "flowtracer.probe"}
+
+
+def _run_tool(name: str, argv: list[str]) -> None:
+    # The research tools have their own argparse front ends; fit/validate/test stay LightningCLI's.
+    import importlib
+
+    try:
+        code = importlib.import_module(TOOLS[name]).main(argv)
+    except USER_ERRORS as err:
+        if os.environ.get("FLOWTRACER_DEBUG"):
+            raise
+        print(f"flowtracer {name}: error: {err}", file=sys.stderr)
+        code = 2
+    if code:
+        sys.exit(code)
+
+
 def main(args: list[str] | None = None) -> None:
     import warnings
+
+    argv = sys.argv[1:] if args is None else args
+    if argv and argv[0] in TOOLS:
+        return _run_tool(argv[0], argv[1:])
 
     # The module saves only after its optimizer steps; Lightning's generic manual-optimisation
     # advice about pre-step state does not apply.

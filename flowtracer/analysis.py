@@ -1,0 +1,139 @@
+"""Shared plumbing of the analysis tools (trace, probe): prompts -> scored RolloutBatch -> arm scores.
+
+Outside training there is no Trainer or GRPOModule, so this rebuilds the few steps of the module's
+RL step the tools need: format prompts, verify responses (answer spans as token masks), run the
+teacher-forced pass with the attention capture, and score every token with each credit arm.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from torch import Tensor
+
+from flowtracer.attention import teacher_forced_pass
+from flowtracer.credit import FlowCredit
+from flowtracer.credit.attention import received_attention
+from flowtracer.data.datamodule import DEFAULT_INSTRUCTION  # the quickstart's instruction
+from flowtracer.data.prompts import format_prompt
+from flowtracer.data.sources import load_rows
+from flowtracer.rewards import get_verifier
+from flowtracer.rewards.base import safe_score
+from flowtracer.rewards.spans import char_span_to_token_mask
+from flowtracer.rollout import Generated, RolloutBatch, _question_mask, response_token_offsets
+
+QUICKSTART_SOURCES = ("data/arith_train.jsonl", "data/arith_val.jsonl")  # 80 + 20 = 100 problems
+
+
+def load_problems(sources: list[str], n: int | None = None) -> list[dict]:
+    rows = [r for s in sources for r in load_rows(s)]
+    return rows[:n] if n else rows
+
+
+def format_prompts(tokenizer, questions: list[str], *, instruction: str | None = DEFAULT_INSTRUCTION,
+                   system_prompt: str | None = None, use_chat_template: bool = True):
+    """(prompt texts, question character spans), as the datamodule formats them."""
+    use_chat = use_chat_template and bool(getattr(tokenizer, "chat_template", None))
+    out = [format_prompt(tokenizer, q, system_prompt=system_prompt, instruction=instruction,
+                         use_chat_template=use_chat) for q in questions]
+    return [o[0] for o in out], [o[1] for o in out]
+
+
+class Verifiers:
+    """Cache of verifier instances by (name, kwargs), like the module's."""
+
+    def __init__(self):
+        self._cache: dict = {}
+
+    def __call__(self, row: dict):
+        key = (row.get("verifier", "math"), json.dumps(row.get("verifier_kwargs", {}), sort_keys=True))
+        if key not in self._cache:
+            self._cache[key] = get_verifier(key[0], **row.get("verifier_kwargs", {}))
+        return self._cache[key]
+
+
+def verify(tokenizer, verifiers: Verifiers, rows: list[dict], texts: list[str], input_ids: Tensor,
+           response_mask: Tensor) -> tuple[Tensor, Tensor, list[str | None]]:
+    """(rewards (B,), answer_mask (B, T) bool, parsed answers) of one response per row."""
+    answer_mask = torch.zeros_like(response_mask, dtype=torch.bool)
+    scores = judge(verifiers, rows, texts)
+    for i, (score, text) in enumerate(zip(scores, texts)):
+        if score.answer_span is None:
+            continue
+        cols = response_mask[i].nonzero().squeeze(-1)
+        ids = input_ids[i, cols].tolist()
+        tok_mask = char_span_to_token_mask(response_token_offsets(tokenizer, ids, text), score.answer_span, len(ids))
+        answer_mask[i, cols] = tok_mask.to(answer_mask.device).bool()
+    return torch.tensor([s.reward for s in scores], dtype=torch.float32), answer_mask, [s.parsed for s in scores]
+
+
+def judge(verifiers: Verifiers, rows: list[dict], texts: list[str]) -> list:
+    """The verifier's Score of each text against its row's answer (never raises)."""
+    return [safe_score(verifiers(row), text, row.get("answer"))[0] for row, text in zip(rows, texts)]
+
+
+def rollout_batch(tokenizer, verifiers: Verifiers, rows: list[dict], gen: Generated,
+                  prompts: list[str]) -> tuple[RolloutBatch, list[str | None]]:
+    """A RolloutBatch of one response per row (each its own group) and the parsed answers."""
+    rewards, answer_mask, parsed = verify(tokenizer, verifiers, rows, gen.responses, gen.input_ids,
+                                          gen.response_mask)
+    b = len(rows)
+    rb = RolloutBatch(
+        input_ids=gen.input_ids, attention_mask=gen.attention_mask, prompt_mask=gen.prompt_mask,
+        response_mask=gen.response_mask, question_mask=gen.question_mask,
+        answer_mask=answer_mask.to(gen.input_ids.device), rewards=rewards, advantages=torch.zeros(b),
+        group_ids=torch.arange(b), prompts=prompts, responses=gen.responses,
+        answers=[str(r.get("answer")) for r in rows])
+    return rb, parsed
+
+
+@torch.no_grad()
+def teacher_force(model, rb: RolloutBatch, layers: str | list[int] = "middle") -> None:
+    """Fill rb.old_logprobs, rb.entropies and rb.attn (the head/layer-averaged map of `layers`)."""
+    out = teacher_forced_pass(model, rb.input_ids, rb.attention_mask, capture_layers=layers)
+    rb.old_logprobs, rb.entropies, rb.attn = out.logprobs, out.entropy, out.attn
+
+
+ARMS = ("flow_top", "flow_bottom", "random", "entropy", "attention")
+
+
+def arm_scores(rb: RolloutBatch, *, seed: int = 0, flow: FlowCredit | None = None) -> tuple[dict[str, Tensor], Tensor]:
+    """{arm: (B, T) score} for every probe arm, and `reached` (B,) bool (the flow reaches an answer).
+
+    flow_top / flow_bottom share the throughput score (ranked from opposite ends); the others are
+    the training arms' scores: uniform noise, old-policy entropy, mean received attention.
+    """
+    flow = flow or FlowCredit()
+    tau, unreached = flow.scores(None, None, rb)
+    gen = torch.Generator().manual_seed(seed)
+    resp = rb.response_mask.bool()
+    scores = {
+        "flow_top": tau.float(), "flow_bottom": tau.float(),
+        "random": torch.rand(resp.shape, generator=gen).to(resp.device),
+        "entropy": rb.entropies.float(),
+        "attention": received_attention(rb.attn, resp),
+    }
+    return scores, ~unreached
+
+
+def given_responses(tokenizer, prompts: list[str], spans, responses: list[str]) -> Generated:
+    """The Generated layout (prompts left-padded, responses right-padded) of responses supplied by
+    the caller instead of sampled; no EOS is appended."""
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False,
+                    return_offsets_mapping=True)
+    toks = [tokenizer(r, add_special_tokens=False)["input_ids"] for r in responses]
+    if not all(toks):
+        raise ValueError("an empty response was given; give non-empty responses or let the tool generate them")
+    width = max(len(t) for t in toks)
+    r = torch.full((len(toks), width), tokenizer.pad_token_id, dtype=torch.long)
+    lens = torch.tensor([len(t) for t in toks])
+    resp = torch.arange(width).unsqueeze(0) < lens.unsqueeze(1)
+    r[resp] = torch.tensor([i for t in toks for i in t])
+    p_attn = enc["attention_mask"].bool()
+    no = torch.zeros_like(resp)
+    return Generated(
+        input_ids=torch.cat([enc["input_ids"], r], 1), attention_mask=torch.cat([p_attn, resp], 1).long(),
+        prompt_mask=torch.cat([p_attn, no], 1), response_mask=torch.cat([torch.zeros_like(p_attn), resp], 1),
+        question_mask=torch.cat([_question_mask(enc["offset_mapping"], enc["attention_mask"], spans), no], 1),
+        responses=list(responses), truncated=torch.zeros(len(toks), dtype=torch.bool), prompt_len=p_attn.shape[1])

@@ -1,0 +1,237 @@
+"""`flowtracer probe`: does the flow find the tokens that matter? (the paper's causal check)
+
+    flowtracer probe                                   # SmolLM2-135M-Instruct, the 100 quickstart problems
+    flowtracer probe --model path/to/model --data data/sample_math.jsonl --n 50 --frac 0.2
+
+For each problem:
+  1. Greedy response r (max_new_tokens tokens). The verifier parses its final answer; the answer's
+     first token is the cut c. Problems with no parsed answer, no reasoning before it (c = 0) or whose
+     flow does not reach the answer are skipped (counted as not eligible), so every arm is compared
+     on the same problems.
+  2. One teacher-forced pass gives every arm's per-token score on r (flow throughput, entropy,
+     received attention, uniform noise). Each arm picks round-half-up(frac * c) of the c reasoning
+     tokens r[:c] (the tokens the answer can depend on): top flow, bottom flow, random, top entropy,
+     top point-wise attention.
+  3. Regenerate greedily from c with the attention TO the chosen tokens masked: the chosen key
+     columns are zeroed in the 2D attention mask of every layer, for the prefix and the new tokens
+     alike, while position ids keep the original positions (so the masked tokens carry no
+     information forward, yet nothing is shifted, unlike deleting them). Arm "none" masks nothing and
+     checks that the regeneration reproduces the original answer.
+  4. Answer changed = the parsed answer differs (a missing answer counts as changed); correctness
+     flipped = the reward crosses 0.5 either way.
+
+Greedy decoding on both sides makes every change an effect of the mask, not of sampling noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from flowtracer.analysis import (ARMS, QUICKSTART_SOURCES, Verifiers, arm_scores, format_prompts, given_responses,
+                                 judge, load_problems, rollout_batch, teacher_force)
+from flowtracer.credit.select import select_mask
+from flowtracer.rollout import SamplingConfig, _eos_ids, generate
+
+
+@dataclass
+class ProbeResult:
+    frac: float
+    n_problems: int = 0
+    n_eligible: int = 0
+    changed: dict[str, int] = field(default_factory=dict)
+    flipped: dict[str, int] = field(default_factory=dict)
+    masked_tokens: dict[str, int] = field(default_factory=dict)
+    reasoning_tokens: int = 0
+    records: list[dict] = field(default_factory=list)
+
+    def table(self) -> list[dict]:
+        n = max(self.n_eligible, 1)
+        return [{"arm": arm, "changed": self.changed.get(arm, 0) / n, "flipped": self.flipped.get(arm, 0) / n,
+                 "masked_share": self.masked_tokens.get(arm, 0) / max(self.reasoning_tokens, 1)}
+                for arm in ("none", *ARMS)]
+
+    def markdown(self) -> str:
+        lines = [f"{self.n_eligible}/{self.n_problems} problems eligible; {self.frac:.0%} of the reasoning "
+                 "tokens masked per arm", "", "| arm | answer changed | correctness flipped | masked share |",
+                 "|---|---|---|---|"]
+        lines += [f"| {r['arm']} | {r['changed']:.1%} | {r['flipped']:.1%} | {r['masked_share']:.1%} |"
+                  for r in self.table()]
+        return "\n".join(lines)
+
+
+def cut_points(rb) -> Tensor:
+    """(B,) long: column of the first answer token (T where there is no answer)."""
+    T = rb.input_ids.shape[1]
+    cols = torch.arange(T, device=rb.input_ids.device).expand_as(rb.input_ids)
+    return torch.where(rb.answer_mask, cols, T).amin(-1)
+
+
+def probe_masks(scores: dict[str, Tensor], reasoning: Tensor, frac: float) -> dict[str, Tensor]:
+    """{arm: (B, T) bool}: round-half-up(frac * n) of each row's `reasoning` tokens, chosen by the arm."""
+    out = {"none": torch.zeros_like(reasoning)}
+    for arm, s in scores.items():
+        out[arm] = select_mask(s, reasoning, top_frac=frac, select="bottom" if arm == "flow_bottom" else "top")
+    return out
+
+
+def reasoning_segment(rb, rows: Tensor, cut: Tensor, masks: list[Tensor], pad_id: int):
+    """The tokens r[:c] of `rows`, right-aligned in a (B, W) segment (W = max c), and each arm's
+    blocked columns in that segment, stacked (A, B, W). Left of a short segment is masked padding."""
+    plen = int((rb.prompt_mask[rows].any(0)).nonzero().max()) + 1  # prompts are left-padded to end at plen
+    c = cut[rows] - plen  # reasoning length per row
+    width = int(c.max())
+    src = plen + torch.arange(width, device=c.device).unsqueeze(0) - (width - c).unsqueeze(1)
+    ok = src >= plen
+    srcc = src.clamp(min=plen)
+    ids = torch.where(ok, rb.input_ids[rows].gather(1, srcc), pad_id)
+    blocked = torch.stack([m[rows].gather(1, srcc) & ok for m in masks])
+    return ids, ok, blocked, plen
+
+
+@torch.no_grad()
+def regenerate(model, prompt_ids: Tensor, prompt_valid: Tensor, seg_ids: Tensor, seg_valid: Tensor,
+               blocked: Tensor, max_new_tokens: int, eos_ids: list[int], pad_id: int) -> Tensor:
+    """Greedy continuations of prompt + segment, one per (row, arm), no token attending to `blocked`.
+
+    prompt_* (B, P) and seg_* (B, W) are shared by the A arms; blocked is (A, B, W). Returns
+    (B * A, <= max_new_tokens), row b * A + a = arm a of problem b. The prompt is prefilled once and
+    its cache repeated per arm (the masks only touch response tokens). The key mask is
+    `valid & ~blocked` (2D, so every layer and head drops those columns); position ids come from
+    `valid` alone, so the remaining tokens keep their original positions."""
+    A = blocked.shape[0]
+    # logits_to_keep=1: only the last position's logits are used (the vocabulary projection of the
+    # whole context would dominate the cost).
+    pos = (prompt_valid.long().cumsum(-1) - 1).clamp(min=0)
+    cache = model(input_ids=prompt_ids, attention_mask=prompt_valid.long(), position_ids=pos, use_cache=True,
+                  logits_to_keep=1).cache
+    cache.batch_repeat_interleave(A)
+    rep = lambda t: t.repeat_interleave(A, 0)  # noqa: E731
+    seg_keys = rep(seg_valid) & ~blocked.transpose(0, 1).flatten(0, 1)
+    keys = torch.cat([rep(prompt_valid), seg_keys], 1).long()
+    seg_pos = pos[:, -1:] + seg_valid.long().cumsum(-1)
+    out = model(input_ids=rep(seg_ids), attention_mask=keys, position_ids=rep(seg_pos), cache=cache,
+                use_cache=True, logits_to_keep=1)
+    cache, nxt, last = out.cache, out.logits[:, -1].argmax(-1), rep(seg_pos[:, -1])
+    eos = torch.tensor(eos_ids, device=nxt.device)
+    done = torch.zeros_like(nxt, dtype=torch.bool)
+    new = []
+    for _ in range(max_new_tokens):
+        nxt = torch.where(done, pad_id, nxt)
+        new.append(nxt)
+        done = done | torch.isin(nxt, eos)
+        if bool(done.all()):
+            break
+        keys = torch.cat([keys, torch.ones_like(keys[:, :1])], 1)
+        last = last + 1
+        out = model(input_ids=nxt.unsqueeze(1), attention_mask=keys, position_ids=last.unsqueeze(1),
+                    cache=cache, use_cache=True, logits_to_keep=1)
+        cache, nxt = out.cache, out.logits[:, -1].argmax(-1)
+    return torch.stack(new, 1)
+
+
+@torch.no_grad()
+def probe_batch(model, tokenizer, rows: list[dict], result: ProbeResult, *, verifiers: Verifiers,
+                max_new_tokens: int, layers="middle", seed: int = 0, responses: list[str] | None = None,
+                **prompt_kw) -> dict[str, Tensor]:
+    """Probe one batch of problems; adds to `result` and returns the masks (for tests).
+
+    `responses` probes given responses (e.g. a run's rollouts) instead of greedy ones."""
+    prompts, spans = format_prompts(tokenizer, [r["question"] for r in rows], **prompt_kw)
+    if responses is None:
+        greedy = SamplingConfig(num_generations=1, max_new_tokens=max_new_tokens, temperature=0.0)
+        gen = generate(model, tokenizer, prompts, spans, greedy)
+    else:
+        gen = given_responses(tokenizer, prompts, spans, responses)
+    rb, parsed = rollout_batch(tokenizer, verifiers, rows, gen, prompts)
+    teacher_force(model, rb, layers)
+    scores, reached = arm_scores(rb, seed=seed)
+    cut = cut_points(rb)
+    cols = torch.arange(rb.seq_len, device=cut.device)
+    reasoning = rb.response_mask.bool() & (cols.unsqueeze(0) < cut.unsqueeze(1))
+    eligible = reached & reasoning.any(-1)
+    reasoning = reasoning & eligible.unsqueeze(1)
+    masks = probe_masks(scores, reasoning, result.frac)
+    result.n_problems += len(rows)
+    result.n_eligible += int(eligible.sum())
+    result.reasoning_tokens += int(reasoning.sum())
+    idx = eligible.nonzero().squeeze(-1)
+    if idx.numel() == 0:
+        return masks
+
+    # All arms of all eligible problems regenerate in one batch: the context is prompt + r[:c].
+    arms = list(masks)
+    A = len(arms)
+    pad = tokenizer.pad_token_id
+    seg_ids, seg_valid, blocked, plen = reasoning_segment(rb, idx, cut, list(masks.values()), pad)
+    new = regenerate(model, rb.input_ids[idx, :plen], rb.attention_mask[idx, :plen].bool(), seg_ids, seg_valid,
+                     blocked, max_new_tokens, _eos_ids(tokenizer, model), pad)
+
+    # New response = r[:c] + continuation; decoded and verified like the original.
+    texts = tokenizer.batch_decode(torch.cat([seg_ids.repeat_interleave(A, 0), new], 1), skip_special_tokens=True)
+    verdicts = judge(verifiers, [rows[i] for i in idx.tolist() for _ in range(A)], texts)
+    for a, arm in enumerate(arms):
+        ch = fl = 0
+        for j, i in enumerate(idx.tolist()):
+            p_new, r_new = verdicts[j * A + a].parsed, verdicts[j * A + a].reward
+            changed = p_new is None or p_new != parsed[i]
+            flipped = (r_new > 0.5) != (float(rb.rewards[i]) > 0.5)
+            ch, fl = ch + changed, fl + flipped
+            if arm != "none":
+                masked = tokenizer.batch_decode([[t] for t in rb.input_ids[i][masks[arm][i]].tolist()])
+                result.records.append({"question": rows[i]["question"], "arm": arm, "original": rb.responses[i],
+                                       "masked": masked, "regenerated": texts[j * A + a], "changed": changed,
+                                       "flipped": flipped})
+        result.changed[arm] = result.changed.get(arm, 0) + ch
+        result.flipped[arm] = result.flipped.get(arm, 0) + fl
+        result.masked_tokens[arm] = result.masked_tokens.get(arm, 0) + int(masks[arm].sum())
+    return masks
+
+
+def run_probe(model, tokenizer, rows: list[dict], *, frac: float = 0.2, max_new_tokens: int = 32,
+              batch_size: int = 20, layers="middle", seed: int = 0, **prompt_kw) -> ProbeResult:
+    if not 0 < frac < 1:
+        raise ValueError(f"--frac must be in (0, 1), got {frac}")
+    result = ProbeResult(frac=frac)
+    verifiers = Verifiers()
+    model.eval()
+    for start in range(0, len(rows), batch_size):
+        probe_batch(model, tokenizer, rows[start:start + batch_size], result, verifiers=verifiers,
+                    max_new_tokens=max_new_tokens, layers=layers, seed=seed + start, **prompt_kw)
+        print(f"[probe] {min(start + batch_size, len(rows))}/{len(rows)} problems", file=sys.stderr, flush=True)
+    return result
+
+
+def main(argv: list[str]) -> int:
+    from flowtracer.policy import load_policy
+
+    p = argparse.ArgumentParser(prog="flowtracer probe", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m-instruct", help="bundled name, HF folder, .gguf or hub id")
+    p.add_argument("--data", nargs="+", default=list(QUICKSTART_SOURCES), help="problem sources (load_rows grammar)")
+    p.add_argument("--n", type=int, default=100, help="problems (the first n of --data)")
+    p.add_argument("--frac", type=float, default=0.2, help="share of the reasoning tokens masked")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=20, help="problems per batch (x 6 arms regenerate together)")
+    p.add_argument("--layers", default="middle", help="attention layers of the map (flow and attention arms)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random arm")
+    p.add_argument("--instruction", default=None, help="instruction appended to each question (default: quickstart's)")
+    p.add_argument("--out", help="write the table and per-problem records to this JSON file")
+    args = p.parse_args(argv)
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_policy(args.model, lora=None)
+    rows = load_problems(args.data, args.n)
+    kw = {"instruction": args.instruction} if args.instruction else {}
+    result = run_probe(model, tokenizer, rows, frac=args.frac, max_new_tokens=args.max_new_tokens,
+                       batch_size=args.batch_size, layers=args.layers, seed=args.seed, **kw)
+    print(result.markdown())
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"table": result.table(), "n_problems": result.n_problems, "n_eligible": result.n_eligible,
+                       "args": vars(args), "records": result.records}, f, indent=1)
+    return 0

@@ -1,0 +1,201 @@
+"""The grid report: summary.csv, report.md, report.html and curve PNGs from the cells' metrics.csv.
+
+Per group (every axis but `seed`, so usually the credit arm): final and best validation pass@1
+(mean and std over seeds), mean training reward, median step time and the credit overhead. The
+overhead counts what the arm adds to a step: its callback time (time/credit) plus the extra time
+its attention capture adds to the old-policy pass, measured against the uniform arm's old pass when
+the grid has one (the uniform arm captures nothing).
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+
+def _float(v: str | None) -> float | None:
+    if v is None or v == "":
+        return None
+    try:
+        return float(v)
+    except ValueError:
+        return None
+
+
+def read_metrics(path: Path) -> tuple[list[dict], list[tuple[int, float]]]:
+    """(training rows sorted by rl_step, [(rl_step, val/pass@1)]) of one run's metrics.csv.
+
+    A validation row is placed at the last RL step logged before it (0 before training)."""
+    train, val, last_step = [], [], 0
+    for row in csv.DictReader(open(path)):
+        if _float(row.get("rl_step")) is not None:
+            rec = {k: f for k, v in row.items() if (f := _float(v)) is not None}
+            last_step = int(rec["rl_step"])
+            train.append(rec)
+        elif _float(row.get("val/pass@1")) is not None:
+            val.append((last_step, float(row["val/pass@1"])))
+    return sorted(train, key=lambda r: r["rl_step"]), val
+
+
+def _median(rows, key) -> float:
+    vals = [r[key] for r in rows if key in r]
+    return statistics.median(vals) if vals else math.nan
+
+
+def cell_summary(cell) -> dict:
+    out = {"cell": cell.name, **cell.axes, "state": cell.state, "seconds": round(cell.seconds, 1)}
+    metrics = cell.run_dir / "metrics.csv"
+    if not metrics.exists():
+        return out
+    if cell.state == "pending":  # metrics but no done.json: running now, or crashed/killed earlier
+        out["state"] = "incomplete"
+    train, val = read_metrics(metrics)
+    after = [v for s, v in val if s > 0] or [v for _, v in val]
+    out.update({
+        "steps": int(train[-1]["rl_step"]) if train else 0,
+        "init_val": val[0][1] if val and val[0][0] == 0 else math.nan,
+        "final_val": val[-1][1] if val else math.nan,
+        "best_val": max(after) if after else math.nan,
+        "mean_reward": statistics.fmean(r["reward/mean"] for r in train) if train else math.nan,
+        "step_s": _median(train, "time/step"),
+        "credit_s": _median(train, "time/credit"),
+        "old_pass_s": _median(train, "time/old_pass"),
+    })
+    out["_train"], out["_val"] = train, val
+    return out
+
+
+def _group_key(cell) -> str:
+    return ",".join(f"{a}={v}" for a, v in cell.axes.items() if a != "seed") or "all"
+
+
+def _mean_std(vals: list[float]) -> tuple[float, float]:
+    vals = [v for v in vals if not math.isnan(v)]
+    if not vals:
+        return math.nan, math.nan
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def summarize(grid) -> tuple[list[dict], list[dict]]:
+    cells = [cell_summary(c) for c in grid.cells]
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for cell, summary in zip(grid.cells, cells):
+        if "final_val" in summary and cell.state in ("done", "finished"):  # no partial runs in the means
+            groups[_group_key(cell)].append(summary)
+    base_pass = None
+    for key, rows in groups.items():
+        if key == "arm=uniform":
+            base_pass = statistics.fmean(r["old_pass_s"] for r in rows)
+    table = []
+    for key, rows in groups.items():
+        step = statistics.fmean(r["step_s"] for r in rows)
+        credit = statistics.fmean(r["credit_s"] for r in rows)
+        capture = max(statistics.fmean(r["old_pass_s"] for r in rows) - base_pass, 0.0) if base_pass else 0.0
+        table.append({
+            "group": key, "seeds": len(rows),
+            "final_val": _mean_std([r["final_val"] for r in rows]),
+            "best_val": _mean_std([r["best_val"] for r in rows]),
+            "mean_reward": _mean_std([r["mean_reward"] for r in rows]),
+            "step_s": step, "credit_s": credit, "capture_s": capture,
+            "overhead": (credit + capture) / step if step else math.nan,
+            "_rows": rows,
+        })
+    return cells, table
+
+
+def _pm(ms: tuple[float, float]) -> str:
+    return "n/a" if math.isnan(ms[0]) else f"{ms[0]:.3f} ± {ms[1]:.3f}"
+
+
+HEADER = ["group", "seeds", "final val pass@1", "best val pass@1", "mean train reward", "step s",
+          "credit s", "capture s", "credit overhead"]
+
+
+def _rows(table: list[dict]) -> list[list[str]]:
+    return [[t["group"], str(t["seeds"]), _pm(t["final_val"]), _pm(t["best_val"]), _pm(t["mean_reward"]),
+             f"{t['step_s']:.2f}", f"{t['credit_s']:.3f}", f"{t['capture_s']:.2f}", f"{t['overhead']:.1%}"]
+            for t in table]
+
+
+def markdown_table(table: list[dict]) -> str:
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(r) + " |" for r in _rows(table)]
+    return "\n".join(lines)
+
+
+def _plot(table: list[dict], out: Path, key: str, ylabel: str, val: bool = False) -> Path:
+    """Mean over seeds per group (a band of ± one std), against the RL step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+    for t in table:
+        series = [dict(r["_val"]) if val else {int(x["rl_step"]): x[key] for x in r["_train"] if key in x}
+                  for r in t["_rows"]]
+        steps = sorted(set().union(*series)) if series else []
+        if not steps:
+            continue
+        grid = np.array([[s.get(x, np.nan) for x in steps] for s in series], dtype=float)
+        mean, std = np.nanmean(grid, 0), np.nanstd(grid, 0)
+        ax.plot(steps, mean, marker="o" if val else None, label=t["group"])
+        ax.fill_between(steps, mean - std, mean + std, alpha=0.15)
+    ax.set_xlabel("RL step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / f"{key.replace('/', '_').replace('@', '')}.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_report(grid) -> dict[str, Path]:
+    out = Path(grid.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cells, table = summarize(grid)
+
+    cols = list(dict.fromkeys(k for c in cells for k in c if not k.startswith("_")))
+    with open(out / "summary.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows({k: v for k, v in c.items() if not k.startswith("_")} for c in cells)
+
+    plots = []
+    if table:
+        plots = [_plot(table, out, "reward/mean", "train reward (mean)"),
+                 _plot(table, out, "accuracy", "train accuracy"),
+                 _plot(table, out, "val/pass@1", "val pass@1", val=True)]
+    done = sum(c["state"] in ("done", "finished") for c in cells)
+    intro = (f"{done}/{len(cells)} cells finished. Mean ± std over seeds. Credit overhead = (credit "
+             "callback + attention-capture time above the uniform arm's old pass) / step time.")
+    md = ["# Grid report", "", intro, "", markdown_table(table), ""]
+    md += [f"![{p.stem}]({p.name})" for p in plots]
+    md += ["", "## Cells", "", "| cell | state | final val | best val | seconds |", "|---|---|---|---|---|"]
+    md += [f"| {c['cell']} | {c['state']} | {c.get('final_val', math.nan):.3f} | "
+           f"{c.get('best_val', math.nan):.3f} | {c['seconds']} |" for c in cells]
+    (out / "report.md").write_text("\n".join(md) + "\n")
+
+    def img(p: Path) -> str:  # inlined so the page is one self-contained file
+        data = base64.b64encode(p.read_bytes()).decode()
+        return f'<img alt="{p.stem}" src="data:image/png;base64,{data}">'
+
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in HEADER)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(x)}</td>" for x in r) + "</tr>" for r in _rows(table))
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>flowtracer grid report</title>"
+        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}img{max-width:48%}</style></head>"
+        f"<body><h1>Grid report</h1><p>{html.escape(intro)}</p><table><tr>{head}</tr>{body}</table>"
+        + "".join(img(p) for p in plots) + "</body></html>"
+    )
+    (out / "report.html").write_text(page)
+    return {"md": out / "report.md", "html": out / "report.html", "csv": out / "summary.csv"}
