@@ -10,6 +10,13 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Tiny models gain nothing from intra-op threads, and on a small or busy CPU they oversubscribe the
+# cores (several times slower). Subprocess tests (fit, DDP, grid, SIGKILL) inherit this too.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 from tiny import tiny_model, tiny_tokenizer  # noqa: E402
 
