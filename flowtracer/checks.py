@@ -32,6 +32,9 @@ def check_settings(module, datamodule, world_size: int = 1) -> None:
         _require(cfg.max_new_tokens >= 1, f"model.{name}.max_new_tokens = {cfg.max_new_tokens}: must be >= 1")
         _require(cfg.temperature >= 0, f"model.{name}.temperature = {cfg.temperature}: must be >= 0 (0 = greedy)")
         _require(0 < cfg.top_p <= 1, f"model.{name}.top_p = {cfg.top_p}: must be in (0, 1] (1 = off)")
+        _require(cfg.cache_implementation in (None, "dynamic", "static", "offloaded", "offloaded_static"),
+                 f"model.{name}.cache_implementation = {cfg.cache_implementation!r}: use null (dynamic) or "
+                 "'static' (or 'offloaded', 'offloaded_static')")
         _require(cfg.top_k >= 0, f"model.{name}.top_k = {cfg.top_k}: must be >= 0 (0 = off)")
     g = s.num_generations
     _require(g >= 2, f"model.sampling.num_generations = {g}: GRPO needs >= 2 responses per prompt to "

@@ -88,6 +88,10 @@ class SamplingConfig:
             sample index) instead of one RNG stream for the batch, so rollouts do not depend on
             how prompts are batched or split over processes: a DDP run then equals a 1-process
             run (see flowtracer.sampling). Off by default (HF's sampler, the original runs).
+        cache_implementation: HF generate's KV cache: None = dynamic (grows per token), "static"
+            (preallocated; on CUDA transformers then compiles the decoding step once, which pays
+            off on long runs of same-shaped batches; on CPU it stays eager and is no faster, see
+            benchmarks/generate_bench.py).
     """
 
     num_generations: int = 8
@@ -96,6 +100,7 @@ class SamplingConfig:
     top_p: float = 1.0
     top_k: int = 0
     seed_per_prompt: bool = False
+    cache_implementation: str | None = None
 
 
 @dataclass
@@ -143,7 +148,8 @@ def generate(model, tokenizer, prompts: list[str], question_spans: list[tuple[in
         input_ids=prompt_ids, attention_mask=prompt_attn, max_new_tokens=sampling.max_new_tokens,
         do_sample=not greedy, temperature=None if greedy else sampling.temperature,
         top_p=None if greedy else sampling.top_p, top_k=None if greedy else (sampling.top_k or None),
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True, **extra,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True,
+        cache_implementation=sampling.cache_implementation, **extra,
     )
     plen = prompt_ids.shape[1]
     new = out[:, plen:]

@@ -58,6 +58,7 @@ CASES = {
     "layer range outside the model": (lambda t, m: ["--trainer.callbacks", FLOW_LAYERS_99], ["layers", "out of range", "0..5"]),
     "negative learning rate": (lambda t, m: ["--model.optim.lr", "-0.1"], ["optim.lr", "> 0"]),
     "negative temperature": (lambda t, m: ["--model.sampling.temperature", "-1"], ["temperature", ">= 0"]),
+    "unknown KV cache kind": (lambda t, m: ["--model.sampling.cache_implementation", "paged"], ["cache_implementation", "static"]),
     "top_p of 0": (lambda t, m: ["--model.sampling.top_p", "0"], ["top_p", "(0, 1]"]),
     "unknown aggregation": (lambda t, m: ["--model.loss.aggregation", "sum"], ["aggregation", "token-mean"]),
     "KL without LoRA": (lambda t, m: ["--model.loss.beta", "0.1", "--model.lora", "null"], ["beta", "LoRA"]),

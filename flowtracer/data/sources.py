@@ -94,8 +94,9 @@ def resolve_path(source: str) -> Path:
     for candidate in (path, REPO_ROOT / path):
         if candidate.is_file():
             return candidate
-    hint = " (run scripts/make_data.py to create the bundled files)" if "data/" in source else ""
-    raise DataError(f"data file '{source}' does not exist{hint}")
+    hint = ("run scripts/make_data.py to create the bundled files" if "data/" in source
+            else "check data.train_source / data.val_source (relative paths start at the working directory)")
+    raise DataError(f"data file '{source}' does not exist; {hint}")
 
 
 def _row(rec: Any, label: str, where: str, qf: str, af: str, verifier: str | None) -> dict:
