@@ -6,9 +6,11 @@ Bundled SmolLM2-135M-Instruct + LoRA r=8 (as in benchmarks/step_vs_trl.py), one-
 prompts, G=8 samples each, 48 new tokens at temperature 1, through `flowtracer.rollout.generate`
 (what the trainer calls). Variants, run in turn (A B C A B C) so machine load drifts over all
 alike, after one warm-up each:
-  - adapters live (peft's extra adapter GEMMs every decoding step), dynamic KV cache
-  - adapters merged (`merged_lora`, what the trainer does), dynamic KV cache
-  - adapters merged, static KV cache (`sampling.cache_implementation: static`)
+  - adapters live (peft's extra adapter GEMMs every decoding step), dynamic KV cache, G prefills
+  - adapters merged (`merged_lora`, what the trainer does), dynamic KV cache, G prefills
+  - adapters merged, dynamic KV cache, one prefill per prompt (`sampling.share_prompt_prefill`,
+    the default)
+  - adapters merged, static KV cache (`sampling.cache_implementation: static`, G prefills)
 Reports the median seconds per call and generated tokens per second.
 """
 
@@ -48,17 +50,18 @@ def main() -> None:
     formatted = [dm.format_prompt(tok, r["question"]) for r in rows]
     prompts, spans = [f[0] for f in formatted], [f[1] for f in formatted]
 
-    variants = {
-        "adapters live, dynamic cache": (contextlib.nullcontext, None),
-        "adapters merged, dynamic cache": (lambda: merged_lora(policy), None),
-        "adapters merged, static cache": (lambda: merged_lora(policy), "static"),
+    variants = {  # name -> (context, cache_implementation, share_prompt_prefill)
+        "adapters live, dynamic cache": (contextlib.nullcontext, None, False),
+        "adapters merged, dynamic cache": (lambda: merged_lora(policy), None, False),
+        "adapters merged, dynamic cache, shared prefill": (lambda: merged_lora(policy), None, True),
+        "adapters merged, static cache": (lambda: merged_lora(policy), "static", False),
     }
     times = {k: [] for k in variants}
     tokens = {k: [] for k in variants}
     for rep in range(args.reps + 1):  # rep 0 warms up every variant
-        for name, (ctx, cache) in variants.items():
+        for name, (ctx, cache, share) in variants.items():
             sampling = SamplingConfig(num_generations=8, max_new_tokens=48, temperature=1.0,
-                                      cache_implementation=cache)
+                                      cache_implementation=cache, share_prompt_prefill=share)
             torch.manual_seed(rep)
             t0 = time.perf_counter()
             with torch.no_grad(), ctx():

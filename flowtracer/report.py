@@ -48,7 +48,9 @@ def _median(rows, key) -> float:
 
 
 def cell_summary(cell) -> dict:
-    out = {"cell": cell.name, **cell.axes, "state": cell.state, "seconds": round(cell.seconds, 1)}
+    # "finished" (this invocation) and "done" (an earlier one) differ only in the live table
+    state = "done" if cell.state == "finished" else cell.state
+    out = {"cell": cell.name, **cell.axes, "state": state, "seconds": round(cell.seconds, 1)}
     metrics = cell.run_dir / "metrics.csv"
     if not metrics.exists():
         return out

@@ -109,17 +109,21 @@ def test_sigkill_at_a_random_step_then_resume_logs_the_uninterrupted_metrics(tmp
 
     seed = int(os.environ.get("FLOWTRACER_KILL_SEED", time.time_ns() % 10_000))
     rng = random.Random(seed)
-    kill_after = rng.randint(1, steps - 2)  # steps fully logged before the kill window opens
-    delay = rng.uniform(0.0, 1.5)  # then somewhere inside the next step (or its checkpoint write)
+    kill_after = rng.randint(2, steps - 2)  # steps fully logged before the kill window opens
+    delay_frac = rng.uniform(0.0, 1.0)  # then this far into the next step (or its checkpoint write)
     cfg = write_config(tmp_path / "part", tiny_model_dir, steps=steps)
     run = tmp_path / "part" / "logs" / "tiny" / "version_0"
     proc = subprocess.Popen([sys.executable, "-m", "flowtracer.cli", "fit", "--config", str(cfg)],
                             cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 240
-        while _steps_logged(run) < kill_after and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
-        time.sleep(delay)
+        seen = {0: time.time()}  # steps logged -> when first seen, to size the kill window
+        while max(seen) < kill_after and proc.poll() is None and time.time() < deadline:
+            seen.setdefault(_steps_logged(run), time.time())
+            time.sleep(0.02)
+        last = max(seen)  # step 1's interval would include start-up, hence kill_after >= 2
+        step_seconds = seen[last] - seen.get(last - 1, seen[last])
+        time.sleep(delay_frac * step_seconds)  # a step lasts about as long as the last one did
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait(timeout=60)
