@@ -27,7 +27,8 @@ QUICKSTART_SOURCES = ("data/arith_train.jsonl", "data/arith_val.jsonl")  # 80 + 
 
 
 def load_problems(sources: list[str], n: int | None = None) -> list[dict]:
-    rows = [r for s in sources for r in load_rows(s)]
+    # generated tasks (reasoning_gym:<task>) need a size: n problems, or 1000 when n is not given
+    rows = [r for s in sources for r in load_rows(s, size=(n or 1000) if s.startswith("reasoning_gym:") else None)]
     return rows[:n] if n else rows
 
 

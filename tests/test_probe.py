@@ -103,3 +103,11 @@ def test_run_probe_rejects_bad_frac(tiny_model_dir):
     model, tok = load_policy(tiny_model_dir, lora=None)
     with pytest.raises(ValueError, match="--frac"):
         run_probe(model, tok, [], frac=1.5)
+
+
+def test_probe_problems_from_a_generated_task(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # reasoning-gym rows are cached under ./data/cache
+    from flowtracer.analysis import load_problems
+
+    rows = load_problems(["reasoning_gym:chain_sum"], 5)
+    assert len(rows) == 5 and all(r["question"] and r["answer"] is not None for r in rows)
