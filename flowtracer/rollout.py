@@ -93,8 +93,8 @@ class SamplingConfig:
             off on long runs of same-shaped batches; on CPU it stays eager and is no faster, see
             benchmarks/generate_bench.py).
         share_prompt_prefill: run each prompt's prefill once and copy its KV cache to its G rows,
-            instead of prefilling the same prompt G times (with G=8 and a 94-token prompt the
-            prefill was ~40% of generation on CPU). Same tokens either way; dynamic cache only.
+            instead of prefilling the same prompt G times (quickstart prompts, G=8, CPU: generation
+            9.3 s -> 8.4 s). Same cache up to float rounding; dynamic cache only.
     """
 
     num_generations: int = 8

@@ -36,7 +36,7 @@ def format_prompt(
     if use_chat_template:
         if not getattr(tokenizer, "chat_template", None):
             raise DataError(
-                "the tokenizer has no chat template (a base model?); set use_chat_template=false "
+                "the tokenizer has no chat template (a base model?); set data.use_chat_template: false "
                 "to prompt with the plain question text"
             )
         messages = [{"role": "user", "content": content}]

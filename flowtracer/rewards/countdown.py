@@ -99,8 +99,8 @@ class CountdownVerifier:
         try:
             _reference(reference)
         except (ValueError, TypeError, AttributeError) as exc:  # bad JSON, wrong keys, non-ints
-            return (f"expected a countdown puzzle: a dict or JSON string with 'target' and 'numbers' "
-                    f"({str(exc) or type(exc).__name__})")
+            detail = f" ({exc})" if isinstance(exc, ValueError) and str(exc) else ""  # others are noise
+            return f"expected a countdown puzzle: a dict or JSON string with 'target' and 'numbers'{detail}"
         return None
 
     def __call__(self, response: str, reference: Any) -> Score:
