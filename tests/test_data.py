@@ -167,7 +167,7 @@ def test_format_prompt_span_and_errors():
     assert text[s:e] == q and s > text.index("user")
     text, (s, e) = format_prompt(tok, q, instruction="Q: {question}\nA:")
     assert text[s:e] == q and "Q: " + q + "\nA:" in text
-    with pytest.raises(DataError, match="use_chat_template=false"):
+    with pytest.raises(DataError, match="data.use_chat_template: false"):
         format_prompt(tiny_tokenizer(chat_template=False), q)
     text, span = format_prompt(tiny_tokenizer(chat_template=False), q, use_chat_template=False)
     assert text == q and span == (0, len(q))
