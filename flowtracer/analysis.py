@@ -7,7 +7,6 @@ teacher-forced pass with the attention capture, and score every token with each 
 
 from __future__ import annotations
 
-import json
 
 import torch
 from torch import Tensor
@@ -18,7 +17,7 @@ from flowtracer.credit.attention import received_attention
 from flowtracer.data.datamodule import DEFAULT_INSTRUCTION  # the quickstart's instruction
 from flowtracer.data.prompts import format_prompt
 from flowtracer.data.sources import load_rows
-from flowtracer.rewards import get_verifier
+from flowtracer.rewards import VerifierCache
 from flowtracer.rewards.base import safe_score
 from flowtracer.rewards.spans import char_span_to_token_mask
 from flowtracer.rollout import Generated, RolloutBatch, _question_mask, response_token_offsets
@@ -41,17 +40,7 @@ def format_prompts(tokenizer, questions: list[str], *, instruction: str | None =
     return [o[0] for o in out], [o[1] for o in out]
 
 
-class Verifiers:
-    """Cache of verifier instances by (name, kwargs), like the module's."""
-
-    def __init__(self):
-        self._cache: dict = {}
-
-    def __call__(self, row: dict):
-        key = (row.get("verifier", "math"), json.dumps(row.get("verifier_kwargs", {}), sort_keys=True))
-        if key not in self._cache:
-            self._cache[key] = get_verifier(key[0], **row.get("verifier_kwargs", {}))
-        return self._cache[key]
+Verifiers = VerifierCache  # the module's cache of verifier instances, by (name, kwargs)
 
 
 def verify(tokenizer, verifiers: Verifiers, rows: list[dict], texts: list[str], input_ids: Tensor,

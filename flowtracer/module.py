@@ -54,7 +54,7 @@ from flowtracer.csvlog import append_lines
 from flowtracer.credit.base import RolloutCallback
 from flowtracer.guards import SkipCounter, assert_finite_state, grads_finite, nonfinite_fields
 from flowtracer.policy import LoraSpec, load_policy, merged_lora, reference_mode
-from flowtracer.rewards import char_span_to_token_mask, get_verifier, safe_score
+from flowtracer.rewards import VerifierCache, char_span_to_token_mask, safe_score
 from flowtracer.rl import group_advantages, policy_loss
 from flowtracer.rollout import Generated, RolloutBatch, SamplingConfig, generate, response_token_offsets
 
@@ -163,10 +163,11 @@ class GRPOModule(LightningModule):
         self.policy = None
         self.tokenizer = None
         self.rl_step = 0
-        self._verifiers: dict = {}
+        self._verifier = VerifierCache()  # row -> its verifier, built once per kind
         self.val_pass1, self.val_passk = MeanMetric(), MeanMetric()
         self.val_history: list[tuple[int, float]] = []
         self._skips = SkipCounter(optim.max_consecutive_skips)
+        self._step_skips = 0
         self._loss_finite = True
         self._resumed_steps: int | None = None
         self.preflight_done = False
@@ -277,12 +278,6 @@ class GRPOModule(LightningModule):
                 return generate(self.policy, self.tokenizer, prompts, spans, sampling, row_seeds=seeds)
         finally:
             self.policy.train(was_training)
-
-    def _verifier(self, row):
-        key = (row.get("verifier", "math"), json.dumps(row.get("verifier_kwargs", {}), sort_keys=True))
-        if key not in self._verifiers:
-            self._verifiers[key] = get_verifier(key[0], **row.get("verifier_kwargs", {}))
-        return self._verifiers[key]
 
     def _score(self, rows, gen: Generated) -> RolloutBatch:
         """Rewards, answer-token masks and group advantages for the generated rollouts."""
@@ -425,13 +420,13 @@ class GRPOModule(LightningModule):
         ref = getattr(self, "_ref_logprobs", None) if self.loss_cfg.beta > 0 else None
         sums: dict[str, float] = {}
         n_minibatches = 0
+        world = dist.rank_world(self._trainer)[1]
         for epoch in range(self.optim.ppo_epochs):
             order = torch.randperm(b) if self.optim.mini_batches > 1 else torch.arange(b)
             for mb in order.split(mb_size):
                 opt.zero_grad(set_to_none=True)
                 # tokens of the mini-batch over all processes: DDP averages gradients, so each
                 # process scales by world/total to give the global token mean (token-mean aggregation)
-                world = dist.rank_world(self._trainer)[1]
                 mb_tokens = dist.all_sum(self, rollouts.response_mask[mb].sum()).clamp(min=1)
                 for idx in mb.split(micro):
                     cols = _active_columns(rollouts.attention_mask[idx])
@@ -481,8 +476,8 @@ class GRPOModule(LightningModule):
             out = {}
         return {**out, "guard/skipped_updates": float(self._step_skips), "guard/skipped_total": float(self._skips.total)}
 
-    def _optimizer_step(self, opt, sched) -> int:
-        """Clip and step, unless the loss or a gradient is NaN/inf: then drop the gradients. 1 if stepped."""
+    def _optimizer_step(self, opt, sched) -> None:
+        """Clip and step, unless the loss or a gradient is NaN/inf: then drop the gradients."""
         params = [p for p in self.policy.parameters() if p.requires_grad]
         ok = self._loss_finite and grads_finite(params)  # gradients are already averaged over processes
         ok = self.trainer.strategy.reduce_boolean_decision(ok, all=True)
@@ -490,16 +485,15 @@ class GRPOModule(LightningModule):
         if not ok:
             opt.zero_grad(set_to_none=True)
             self._record_skip("non-finite loss or gradients", self.rl_step)
-            return 0
+            return
         self._skips.record(True)
         if self.optim.grad_clip > 0:
             self.clip_gradients(opt, gradient_clip_val=self.optim.grad_clip, gradient_clip_algorithm="norm")
         opt.step()
         sched.step()
-        return 1
 
     def _record_skip(self, what: str, step: int) -> None:
-        self._step_skips = getattr(self, "_step_skips", 0) + 1
+        self._step_skips += 1
         rank_zero_info(f"[flowtracer] step {step}: update skipped ({what})")
         self._skips.record(False, what, step)
 

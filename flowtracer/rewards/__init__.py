@@ -4,7 +4,7 @@ from flowtracer.rewards.base import Score, Verifier, safe_score
 from flowtracer.rewards.countdown import CountdownVerifier
 from flowtracer.rewards.extract import EXTRACTORS, extract_answer
 from flowtracer.rewards.math_verifier import MathVerifier
-from flowtracer.rewards.registry import VERIFIERS, get_verifier
+from flowtracer.rewards.registry import VERIFIERS, VerifierCache, get_verifier
 from flowtracer.rewards.rgym import ReasoningGymVerifier
 from flowtracer.rewards.spans import char_span_to_token_mask, locate_question_span
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from flowtracer.rewards.countdown import CountdownVerifier
@@ -44,3 +45,17 @@ def _import_reward(name: str, kwargs: dict):
     if not callable(obj):
         raise ValueError(f"reward {name!r} is a {type(obj).__name__}, not a function or class")
     return functools.partial(obj, **kwargs) if kwargs else obj
+
+
+class VerifierCache:
+    """A row's verifier (its `verifier` name and `verifier_kwargs`, default math), built once per kind."""
+
+    def __init__(self):
+        self._cache: dict = {}
+
+    def __call__(self, row: dict):
+        kwargs = row.get("verifier_kwargs", {})
+        key = (row.get("verifier", "math"), json.dumps(kwargs, sort_keys=True))
+        if key not in self._cache:
+            self._cache[key] = get_verifier(key[0], **kwargs)
+        return self._cache[key]
