@@ -4,9 +4,9 @@
     flowtracer fit --config experiments/quickstart.yaml --trainer.max_steps 4 --model.seed 1
     flowtracer fit --config experiments/quickstart.yaml --print_config
     flowtracer fit --config experiments/quickstart.yaml --ckpt_path last   # resume the latest run
-    flowtracer grid --config experiments/grid_quickstart.yaml   # ablation grid + report (flowtracer.grid)
-    flowtracer trace --model smollm2-135m-instruct --prompt "What is 3 + 4?"   (flowtracer.trace_view)
-    flowtracer probe --n 100                                    # causal masking probe (flowtracer.probe)
+    flowtracer grid --config experiments/grid_quickstart.yaml   # ablation grid + report (flowtracer.tools.grid)
+    flowtracer trace --model smollm2-135m-instruct --prompt "What is 3 + 4?"   (flowtracer.tools.trace)
+    flowtracer probe --n 100                                    # causal masking probe (flowtracer.tools.probe)
 
 A run writes under lightning_logs/<name>/version_N/: config.yaml (resolved), metrics.csv,
 rollouts.jsonl and checkpoints/. A resumed run (`--ckpt_path last`, or a path inside a run folder)
@@ -120,7 +120,7 @@ def _latest_checkpoint(cfg) -> str:
     return found[-1]
 
 
-TOOLS = {"grid": "flowtracer.grid", "trace": "flowtracer.trace_view", "probe": "flowtracer.probe"}
+TOOLS = {"grid": "flowtracer.tools.grid", "trace": "flowtracer.tools.trace", "probe": "flowtracer.tools.probe"}
 
 
 def _run_tool(name: str, argv: list[str]) -> None:

@@ -17,7 +17,7 @@ import yaml
 from test_cli import write_config
 
 from flowtracer.cli import main
-from flowtracer.grid import load_grid
+from flowtracer.tools.grid import load_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from flowtracer.analysis import Verifiers, load_problems
+from flowtracer.tools.analysis import Verifiers, load_problems
 from flowtracer.credit.select import num_selected
 from flowtracer.policy import load_policy
-from flowtracer.probe import ProbeResult, probe_batch, probe_masks, regenerate, run_probe
+from flowtracer.tools.probe import ProbeResult, probe_batch, probe_masks, regenerate, run_probe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,7 +107,7 @@ def test_run_probe_rejects_bad_frac(tiny_model_dir):
 
 def test_probe_problems_from_a_generated_task(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # reasoning-gym rows are cached under ./data/cache
-    from flowtracer.analysis import load_problems
+    from flowtracer.tools.analysis import load_problems
 
     rows = load_problems(["reasoning_gym:chain_sum"], 5)
     assert len(rows) == 5 and all(r["question"] and r["answer"] is not None for r in rows)

@@ -13,7 +13,7 @@ from test_cli import write_config
 from flowtracer.cli import main
 from flowtracer.credit.select import num_selected
 from flowtracer.policy import load_policy
-from flowtracer.trace_view import build_trace, render_html, render_terminal, write_trace
+from flowtracer.tools.trace import build_trace, render_html, render_terminal, write_trace
 
 SPAN = re.compile(r'<span class="tok[^"]*" id="t(\d+)"[^>]*>(.*?)</span>', re.S)
 
@@ -59,7 +59,7 @@ def test_trace_cli_generates_a_response(tiny_model_dir, tmp_path, capsys):
 def test_trace_callback_writes_pages_during_fit(tmp_path, tiny_model_dir):
     cfg = write_config(tmp_path, tiny_model_dir, steps=2, callbacks=[
         {"class_path": "flowtracer.credit.UniformCredit"},
-        {"class_path": "flowtracer.trace_view.TraceCallback", "init_args": {"every_n_steps": 2, "num_rollouts": 2}}])
+        {"class_path": "flowtracer.tools.trace.TraceCallback", "init_args": {"every_n_steps": 2, "num_rollouts": 2}}])
     main(["fit", "--config", str(cfg), "--trainer.val_check_interval", "100", "--model.val_before_training", "false"])
     traces = tmp_path / "logs" / "tiny" / "version_0" / "traces"
     assert sorted(p.name for p in traces.iterdir()) == ["step_0_0.html", "step_0_0.png", "step_0_1.html",

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from flowtracer.analysis import (ARMS, QUICKSTART_SOURCES, Verifiers, arm_scores, format_prompts, given_responses,
+from flowtracer.tools.analysis import (ARMS, QUICKSTART_SOURCES, Verifiers, arm_scores, format_prompts, given_responses,
                                  judge, load_problems, rollout_batch, teacher_force)
 from flowtracer.credit.select import select_mask
 from flowtracer.rollout import SamplingConfig, _eos_ids, generate

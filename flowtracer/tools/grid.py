@@ -20,7 +20,7 @@ Each cell lives in <out>/cells/<cell name>/: cell.yaml (its own overrides, logge
 fit.log, run/version_0/ (metrics.csv, config.yaml, ...) and done.json once `fit` exited cleanly.
 A rerun skips cells with done.json and starts any other cell afresh (a crashed or killed cell
 leaves no done.json). After the cells, the report (summary.csv, report.md, report.html, PNGs) is
-written to <out>/ by flowtracer.report.
+written to <out>/ by flowtracer.tools.report.
 """
 
 from __future__ import annotations
@@ -188,7 +188,7 @@ def _poll(cell: Cell) -> None:
 
 def _progress(cell: Cell) -> tuple[str, str]:
     """(last rl_step, last reward/mean) from the cell's metrics.csv, '' if none yet."""
-    from flowtracer.report import read_metrics
+    from flowtracer.tools.report import read_metrics
 
     try:
         train, _ = read_metrics(cell.run_dir / "metrics.csv")
@@ -276,7 +276,7 @@ def main(argv: list[str]) -> int:
         mark_done(grid)
     else:
         run_grid(grid, live=not args.no_live and sys.stderr.isatty())
-    from flowtracer.report import write_report
+    from flowtracer.tools.report import write_report
 
     paths = write_report(grid)
     print(f"report: {paths['md']}  {paths['html']}")

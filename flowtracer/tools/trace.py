@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from flowtracer.analysis import (DEFAULT_INSTRUCTION, Verifiers, format_prompts, given_responses, rollout_batch,
+from flowtracer.tools.analysis import (DEFAULT_INSTRUCTION, Verifiers, format_prompts, given_responses, rollout_batch,
                                  teacher_force)
 from flowtracer.credit import RolloutCallback
 from flowtracer.credit.select import select_mask
