@@ -35,7 +35,7 @@ import torch
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
-from flowtracer.attention import teacher_forced_pass  # noqa: E402
+from flowtracer.step.forward import teacher_forced_pass  # noqa: E402
 from flowtracer.credit.select import select_weights  # noqa: E402
 from flowtracer.flow import trace_flow  # noqa: E402
 

@@ -16,24 +16,20 @@ forward:
   and adds it into one float32 ``(B, T, T)`` buffer. Per chunk only the causally reachable key
   range is computed and the mask is applied only to the columns where it masks something, so the
   cost is about half of a dense ``T x T`` recompute.
-* On CUDA in bf16/fp16 (``backend="auto"``) two fused Triton kernels replace that loop: per-row
-  log-sum-exp per head, then per (query tile, key tile) the head sum of ``exp(s - lse)`` added into
-  the buffer, skipping unreachable tiles; a third reads each chunk of logits once for the log-probs
-  and entropies. The torch path (always used on CPU) is the exact reference they are tested against.
+* On CUDA in bf16/fp16 (``backend="auto"``) fused Triton kernels (flowtracer.kernels) replace that
+  loop: per-row log-sum-exp per head, then per (query tile, key tile) the head sum of
+  ``exp(s - lse)`` added into the buffer, skipping unreachable tiles. The torch path (always used on
+  CPU) is the exact reference they are tested against.
 * Padded query rows and key columns are exactly zero; the valid block equals the map of the
   unpadded sequence.
 
-Public API::
-
-    from flowtracer.attention import teacher_forced_pass, capture_attention
-    out = teacher_forced_pass(model, input_ids, attention_mask, capture_layers="middle")
-    out.logprobs  # (B, T) float32, log p(token t | tokens < t); 0 at t = 0 and at padding
-    out.entropy   # (B, T) float32, entropy of the distribution that predicted token t; 0 likewise
-    out.attn      # (B, T, T) float32 averaged map, or None when capture_layers is None
+Public API (the teacher-forced pass that uses it for log-probs and entropies is
+flowtracer.step.forward.teacher_forced_pass)::
 
     with capture_attention(model, "middle", attention_mask=mask) as cap:   # e.g. a training forward
         loss = policy_loss(model(input_ids, attention_mask=mask, ...))
     cap.attn                                                                # detached (B, T, T)
+    cap.seconds                                                             # time spent on the map
 
 Supported: decoders that call transformers' standard attention interface (Llama/SmolLM2,
 Qwen2/2.5, Qwen3, Mistral with sliding windows, and others of that family), plain or wrapped by
@@ -49,30 +45,17 @@ from __future__ import annotations
 
 import contextlib
 import time
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.utils.checkpoint
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-try:  # optional fused kernels on CUDA; ships with CUDA builds of torch
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs: the torch path does everything
-    triton = None
+from flowtracer import kernels
 
-__all__ = [
-    "LAYER_PRESETS",
-    "AttentionCapture",
-    "TeacherForcedOutput",
-    "capture_attention",
-    "resolve_layers",
-    "teacher_forced_pass",
-]
+__all__ = ["LAYER_PRESETS", "AttentionCapture", "capture_attention", "resolve_layers"]
 
 LAYER_PRESETS = ("early", "middle", "late", "all")
 BACKENDS = ("auto", "torch", "triton")
@@ -116,7 +99,7 @@ def resolve_layers(spec: str | Sequence[int] | range, num_layers: int) -> list[i
 
 
 # --------------------------------------------------------------------------- model plumbing
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers PreTrainedModel inside a peft wrapper (or the model itself)."""
     get_base = getattr(model, "get_base_model", None)
     if callable(get_base) and hasattr(model, "peft_config"):
@@ -204,6 +187,28 @@ def _make_wrapper(fast_fn, base: str):
     return flowtracer_attention
 
 
+class _Timed:
+    """Times a block: host wall clock on CPU, a pair of CUDA events on CUDA (no synchronisation)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.seconds, self.events = 0.0, None
+
+    def __enter__(self):
+        if self.cuda:
+            self.events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            self.events[0].record()
+        else:
+            self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            self.events[1].record()
+        else:
+            self.seconds = time.perf_counter() - self._t0
+
+
 # --------------------------------------------------------------------------- the capture
 class AttentionCapture:
     """Accumulates the head- and layer-averaged attention map during one forward.
@@ -230,7 +235,8 @@ class AttentionCapture:
         self._selected = frozenset(layers)
         self._seen: set[int] = set()
         self._masks: list[tuple[object, int | None, bool, torch.Tensor, dict]] = []
-        self.seconds = 0.0  # wall time spent recomputing the map (host-side; CUDA work is async)
+        self._seconds = 0.0  # host wall time of the recompute (exact on CPU)
+        self._events: list = []  # CUDA: (start, end) events per layer, read once at the end
 
     # ---------------------------------------------------------------- called by the wrapper
     def observe(self, module, query, key, attention_mask, kwargs) -> None:
@@ -244,10 +250,23 @@ class AttentionCapture:
                     "(the recomputed map would ignore it)"
                 )
         self._seen.add(layer)
-        t0 = time.perf_counter()
-        with torch.no_grad():  # the map is a detached statistic: nothing enters the autograd graph
+        timed = _Timed(query.device)
+        with timed, torch.no_grad():  # the map is a detached statistic: nothing enters the autograd graph
             self._accumulate(module, query.detach(), key.detach(), attention_mask, kwargs)
-        self.seconds += time.perf_counter() - t0
+        if timed.events is None:
+            self._seconds += timed.seconds
+        else:
+            self._events.append(timed.events)
+
+    @property
+    def seconds(self) -> float:
+        """Time spent recomputing the map. On CUDA the kernels run asynchronously, so host time
+        would under-report: it is measured with CUDA events (one synchronisation, on first read)."""
+        if self._events:
+            self._events[-1][1].synchronize()
+            self._seconds += sum(s.elapsed_time(e) for s, e in self._events) / 1e3
+            self._events.clear()
+        return self._seconds
 
     def _accumulate(self, module, q, k, attention_mask, kwargs) -> None:
         B, H, T, D = q.shape
@@ -274,18 +293,18 @@ class AttentionCapture:
         is_causal = getattr(module, "is_causal", True) if is_causal is None else bool(is_causal)
         allowed, plans = self._mask(attention_mask, kwargs.get("sliding_window"), is_causal, B, T, q.device)
         weight = 1.0 / (H * len(self.layers))
-        if softcap is None and _use_triton(self.backend, q):
+        if softcap is None and kernels.use_triton(self.backend, q):
             try:
                 return self._accumulate_triton(q, k, allowed, plans, scaling, weight)
             except Exception as exc:  # noqa: BLE001 - an unusable Triton install must not break the RL step
                 if self.backend == "triton":
                     raise
-                _disable_triton(exc)
+                kernels.disable_triton(exc)
 
         # Query rows per chunk so that the (B, H, rows, T) scores plus float32 probabilities fit the budget.
         budget = self.chunk_bytes
         if budget is None:
-            budget = _auto_budget(B * T * (self.vocab_size or 0) * q.element_size() / 4)
+            budget = auto_budget(B * T * (self.vocab_size or 0) * q.element_size() / 4)
         per_row = B * H * T * (q.element_size() + 4)
         rows = max(1, min(T, int(budget) // per_row))
         if rows >= 16:
@@ -313,34 +332,19 @@ class AttentionCapture:
             del probs
 
     def _accumulate_triton(self, q, k, allowed, plans, scaling, weight) -> None:
-        """Fused path: per-row log-sum-exp per head, then per (query, key) tile the head sum of exp(s - lse)."""
-        B, H, T, D = q.shape
-        Hkv = k.shape[1]
-        bm = bn = _TRITON_BLOCK
+        """Fused path (flowtracer.kernels): the key range of each block of query rows comes from the
+        same chunk plan as the torch path."""
+        bm = kernels.BLOCK
         key = ("triton", bm)
         if key not in plans:
-            # Key range per block of query rows, from the same plan as the torch path.
-            n_q = triton.cdiv(T, bm)
+            T = q.shape[2]
+            n_q = -(-T // bm)
             lo, hi = np.zeros(n_q, np.int32), np.zeros(n_q, np.int32)
             for s, _e, k0, k1, _segs in _chunk_plan(allowed, self.valid, bm, T):
                 lo[s // bm], hi[s // bm] = k0, k1
             plans[key] = (torch.from_numpy(lo).to(q.device), torch.from_numpy(hi).to(q.device))
         klo, khi = plans[key]
-        mask = allowed.view(torch.uint8)  # same itemsize; Triton loads it as bytes
-        smb = mask.stride(0) if mask.shape[0] > 1 else 0
-        lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
-        bd = max(16, triton.next_power_of_2(D))
-        n_q = triton.cdiv(T, bm)
-        strides = (*q.stride(), *k.stride(), smb, mask.stride(2), mask.stride(3))
-        _lse_kernel[(n_q, B * H)](
-            q, k, mask, lse, klo, khi, *strides, T, H, H // Hkv, D, scaling,
-            BM=bm, BN=bn, BD=bd, num_warps=4, num_stages=2,
-        )
-        out = self.attn
-        _accum_kernel[(n_q, triton.cdiv(T, bn), B)](
-            q, k, mask, lse, klo, khi, out, *strides, *out.stride(), T, H, Hkv, H // Hkv, D, scaling, weight,
-            BM=bm, BN=bn, BD=bd, num_warps=4, num_stages=2,
-        )
+        kernels.accumulate_attention(q, k, allowed, klo, khi, self.attn, scaling, weight)
 
     def _mask(self, attention_mask, sliding_window, is_causal, B, T, device):
         """The boolean (Bm, 1, T, T) mask this layer used, built once per distinct mask per forward."""
@@ -421,7 +425,7 @@ def _chunk_plan(allowed: torch.Tensor, valid: torch.Tensor | None, rows: int, T:
     return plan
 
 
-def _auto_budget(nbytes: float) -> int:
+def auto_budget(nbytes: float) -> int:
     return int(min(MAX_CHUNK_BYTES, max(MIN_CHUNK_BYTES, nbytes)))
 
 
@@ -457,7 +461,7 @@ def capture_attention(
     "torch" (chunked matmul + softmax), "triton" (fused kernels, CUDA bf16/fp16) or "auto" (Triton
     where it applies, else torch).
     """
-    lm = _unwrap(model)
+    lm = unwrap(model)
     name = type(lm).__name__
     selected = resolve_layers(layers, _num_layers(lm))
     capture = AttentionCapture(selected, name, attention_mask, chunk_bytes, _vocab_size(lm), backend)
@@ -483,355 +487,3 @@ def capture_attention(
             m.__dict__.pop(_STATE_ATTR, None)
         for cfg, old in saved:
             cfg._attn_implementation_internal = old
-
-
-# --------------------------------------------------------------------------- teacher-forced pass
-@dataclass
-class TeacherForcedOutput:
-    """What one teacher-forced pass returns (all (B, T) / (B, T, T) float32, zero where undefined)."""
-
-    logprobs: torch.Tensor
-    entropy: torch.Tensor
-    attn: torch.Tensor | None
-    layers: tuple[int, ...] | None = None
-    attn_seconds: float = 0.0  # of the forward's wall time, the part spent recomputing the map
-
-
-def teacher_forced_pass(
-    model: torch.nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None = None,
-    *,
-    capture_layers: str | Sequence[int] | None = "middle",
-    position_ids: torch.Tensor | None = None,
-    temperature: float = 1.0,
-    with_grad: bool = False,
-    attn_chunk_bytes: int | None = None,
-    logits_chunk_bytes: int | None = None,
-    backend: str = "auto",
-    stats_mask: torch.Tensor | None = None,
-) -> TeacherForcedOutput:
-    """One teacher-forced forward over prompt+response: log-probs, entropies and the attention map.
-
-    Args:
-        model: a transformers causal LM (or a peft wrapper of one), any dtype/device.
-        input_ids: (B, T) token ids; prompts may be left-padded and responses right-padded.
-        attention_mask: (B, T) 1 for real tokens, 0 for padding (default: all ones).
-        capture_layers: "middle" (default), "early", "late", "all", a list of layer indices, or None
-            to skip the attention map.
-        position_ids: default ``cumsum(attention_mask) - 1`` (what ``generate`` uses), so a padded
-            row sees the same positions as its unpadded sequence.
-        temperature: logits are divided by it before log-softmax (match the sampling temperature).
-        with_grad: keep the autograd graph for the log-probs (entropies and the map are always
-            detached statistics).
-        attn_chunk_bytes / logits_chunk_bytes: memory budgets of the chunked recompute and of the
-            chunked vocabulary projection (full-vocabulary logits are never materialised at once);
-            default 1/4 and 1/2 of what (B, T, vocab) logits would take, each at most 256 MiB
-            (with_grad: 256 MiB). With grad and more than one chunk, each chunk's logits are
-            recomputed in the backward (activation checkpointing), so the budget also bounds what
-            the autograd graph keeps.
-        stats_mask: (B, T) bool, the positions whose log-prob/entropy are wanted (e.g. the response
-            tokens); the others stay 0 and cost nothing. Default: every token with a real predecessor.
-        backend: "auto" (fused Triton kernels for the map and the token statistics on CUDA in
-            bf16/fp16, torch elsewhere), "torch" or "triton".
-
-    Returns:
-        TeacherForcedOutput with ``logprobs[b, t] = log p(input_ids[b, t] | tokens < t)`` and
-        ``entropy[b, t]`` of that predictive distribution (0 where t is the first real token or
-        padding), and ``attn`` (B, T, T) or None.
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
-    B, T = input_ids.shape
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    valid = attention_mask.bool()
-    if position_ids is None:
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
-    lm = _unwrap(model)
-    decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else getattr(lm, lm.base_model_prefix)
-    head = lm.get_output_embeddings()
-    if head is None:
-        raise ValueError(f"{type(lm).__name__} has no output embeddings (lm_head); a causal LM is required")
-
-    hidden: list[torch.Tensor] = []
-
-    def grab(_module, _args, output):
-        hidden.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)
-
-    captured = None
-    handle = decoder.register_forward_hook(grab)
-    grad_ctx = torch.enable_grad() if with_grad else torch.no_grad()
-    try:
-        with grad_ctx:
-            capture_ctx = (
-                capture_attention(
-                    model, capture_layers, attention_mask=attention_mask, chunk_bytes=attn_chunk_bytes, backend=backend
-                )
-                if capture_layers is not None
-                else contextlib.nullcontext()
-            )
-            with capture_ctx as captured:
-                # logits_to_keep=1: the model's own head runs on the last position only (a check below);
-                # our chunked projection does the rest without a (B, T, vocab) tensor.
-                out = model(
-                    input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                    use_cache=False, logits_to_keep=1,
-                )
-            if len(hidden) != 1:
-                raise RuntimeError(f"{type(lm).__name__}: expected one decoder call in the forward, saw {len(hidden)}")
-            h = hidden[0]
-            stats_backend = "torch" if with_grad else backend  # the kernel has no backward
-            wanted = valid if stats_mask is None else valid & stats_mask.bool()
-            logprobs, entropy = _token_stats(
-                lm, head, h, input_ids, valid, temperature, logits_chunk_bytes, stats_backend, wanted=wanted)
-            _check_head(lm, head, h[:, -1], out.logits[:, -1])
-    finally:
-        handle.remove()
-    attn = captured.attn if captured is not None else None
-    layers = captured.layers if captured is not None else None
-    seconds = captured.seconds if captured is not None else 0.0
-    return TeacherForcedOutput(logprobs=logprobs, entropy=entropy, attn=attn, layers=layers, attn_seconds=seconds)
-
-
-def _project(lm, head, h: torch.Tensor) -> torch.Tensor:
-    logits = head(h)
-    cap = getattr(getattr(lm, "config", None), "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
-
-
-def _token_stats(lm, head, h, input_ids, valid, temperature, chunk_bytes, backend="torch", wanted=None):
-    """Log-prob of each realised token and entropy of its predictive distribution, chunked over positions.
-
-    Only positions in `wanted` (default `valid`) are projected. Under autograd (h requires grad) the
-    log-probs keep their graph and the entropies do not; when the positions span more than one
-    chunk, every chunk runs under activation checkpointing, so no more than one chunk of logits
-    (and of saved log-softmax output) is alive at a time, in the forward and in the backward.
-    """
-    B, T = input_ids.shape
-    logprobs = torch.zeros(B, T, dtype=torch.float32, device=h.device)
-    entropy = torch.zeros(B, T, dtype=torch.float32, device=h.device)
-    # Token t is predicted from position t-1; defined only when both are real tokens.
-    target = torch.zeros_like(valid)
-    target[:, 1:] = valid[:, 1:] & valid[:, :-1]
-    if wanted is not None:
-        target &= wanted.bool()
-    b_idx, t_idx = target.nonzero(as_tuple=True)
-    if b_idx.numel() == 0:
-        return logprobs, entropy
-    vocab = head.weight.shape[0] if hasattr(head, "weight") else head.out_features
-    grad = torch.is_grad_enabled() and h.requires_grad
-    if chunk_bytes is None:
-        chunk_bytes = MAX_CHUNK_BYTES if grad else _auto_budget(B * T * vocab * h.element_size() / 2)
-    fused = not grad and _use_triton(backend, h, need_dot=False)
-    # Per row: the logits, plus (torch path) float32 log-probs and probabilities; the probabilities
-    # reuse the logits' buffer when that is float32 already (never under autograd).
-    extra = 0 if fused else (4 if h.dtype == torch.float32 and not grad else 8)
-    rows = max(1, int(chunk_bytes) // (vocab * (h.element_size() + extra)))
-    tokens = input_ids[b_idx, t_idx]
-    checkpointed = grad and b_idx.numel() > rows
-    lp_parts, ent_parts = [], []
-    for s in range(0, b_idx.numel(), rows):
-        hb = h[b_idx[s : s + rows], t_idx[s : s + rows] - 1]
-        tok = tokens[s : s + rows]
-        if fused:
-            try:
-                lp, ent = _token_stats_triton(_project(lm, head, hb), tok, 1.0 / temperature)
-                lp_parts.append(lp)
-                ent_parts.append(ent)
-                continue
-            except Exception as exc:  # noqa: BLE001 - fall back to torch, loudly, once
-                if backend == "triton":
-                    raise
-                _disable_triton(exc)
-                fused = False
-        if checkpointed:
-            # The backward recomputes this chunk's logits instead of keeping them (the memory budget).
-            lp, ent = torch.utils.checkpoint.checkpoint(
-                _chunk_stats, lm, head, hb, tok, temperature, use_reentrant=False)
-        else:
-            lp, ent = _chunk_stats(lm, head, hb, tok, temperature)
-        lp_parts.append(lp)
-        ent_parts.append(ent)
-    logprobs = logprobs.index_put((b_idx, t_idx), torch.cat(lp_parts))
-    entropy = entropy.index_put((b_idx, t_idx), torch.cat(ent_parts))
-    return logprobs, entropy
-
-
-def _chunk_stats(lm, head, hb, tokens, temperature):
-    """(log p(token), entropy) for one chunk of hidden states; only the log-probs carry a graph."""
-    logits = _project(lm, head, hb)
-    if temperature != 1.0:
-        logits = logits / temperature
-    logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
-    lp = logp.gather(-1, tokens[:, None]).squeeze(-1)
-    with torch.no_grad():
-        reuse = logits.dtype == torch.float32 and not (logits.requires_grad or logp.requires_grad)
-        logp = logp.detach()
-        probs = torch.exp(logp, out=logits) if reuse else logp.exp()
-        del logits
-        # H = -sum p log p, as a batched dot product (no extra (rows, vocab) temporary).
-        ent = -torch.bmm(probs.unsqueeze(1), logp.unsqueeze(2)).view(-1)
-    return lp, ent
-
-
-def _check_head(lm, head, h_last: torch.Tensor, model_logits: torch.Tensor) -> None:
-    """Refuse models whose forward transforms logits in a way the chunked projection does not replicate."""
-    with torch.no_grad():
-        ours = _project(lm, head, h_last[:, None]).squeeze(1).float()
-        theirs = model_logits.float()
-        tol = 1e-2 * (1.0 + theirs.abs().max())
-        if ours.shape != theirs.shape or (ours - theirs).abs().max() > tol:
-            raise ValueError(
-                f"{type(lm).__name__}: the model's logits differ from lm_head(hidden states); flowtracer.attention "
-                "cannot compute log-probs for this model class"
-            )
-
-
-# --------------------------------------------------------------------------- fused Triton kernels
-_TRITON_BLOCK = 64  # query rows x key columns per tile
-_TRITON_OFF: list[str] = []  # set once a launch failed in "auto" mode
-
-
-def _use_triton(backend: str, x: torch.Tensor, need_dot: bool = True) -> bool:
-    """Whether the fused kernels apply: CUDA, half precision for the attention dots (tl.dot), sm80+."""
-    if backend == "torch":
-        return False
-    ok = triton is not None and x.is_cuda and not _TRITON_OFF
-    if ok and need_dot:
-        ok = x.dtype in (torch.bfloat16, torch.float16) and x.shape[-1] >= 16
-        ok = ok and torch.cuda.get_device_capability(x.device)[0] >= 8
-    if backend == "triton" and not ok:
-        raise ValueError(
-            "backend='triton' needs triton, a CUDA sm80+ device and (for the map) bf16/fp16 q/k with head_dim >= 16"
-        )
-    return ok
-
-
-def _disable_triton(exc: BaseException) -> None:
-    _TRITON_OFF.append(repr(exc))
-    warnings.warn(f"flowtracer.attention: Triton kernels failed ({exc!r}); using the torch path", stacklevel=3)
-
-
-def _token_stats_triton(logits: torch.Tensor, tokens: torch.Tensor, inv_temp: float):
-    n, vocab = logits.shape
-    logits = logits.contiguous()
-    lp = torch.empty(n, dtype=torch.float32, device=logits.device)
-    ent = torch.empty(n, dtype=torch.float32, device=logits.device)
-    _token_stats_kernel[(n,)](logits, logits.stride(0), tokens, lp, ent, vocab, inv_temp, BLOCK_V=4096, num_warps=8)
-    return lp, ent
-
-
-if triton is not None:
-
-    @triton.jit
-    def _token_stats_kernel(X, stride_x, TGT, LP, ENT, V, inv_temp, BLOCK_V: tl.constexpr):
-        """One row of logits -> log p(target) and entropy, in one read (per-lane online softmax)."""
-        row = tl.program_id(0).to(tl.int64)
-        base = X + row * stride_x
-        offs = tl.arange(0, BLOCK_V)
-        m_v = tl.full([BLOCK_V], float("-inf"), tl.float32)  # running max per lane
-        s_v = tl.zeros([BLOCK_V], tl.float32)  # sum exp(x - m)
-        t_v = tl.zeros([BLOCK_V], tl.float32)  # sum exp(x - m) * (x - m): relative to m for precision
-        for start in range(0, V, BLOCK_V):
-            cols = start + offs
-            x = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * inv_temp
-            m_new = tl.maximum(m_v, x)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m_v - m_safe)
-            d = tl.where(m_v == float("-inf"), 0.0, m_v - m_safe)
-            e = tl.exp(x - m_safe)
-            t_v = alpha * (t_v + s_v * d) + tl.where(e > 0, e * (x - m_safe), 0.0)
-            s_v = alpha * s_v + e
-            m_v = m_new
-        m = tl.max(m_v, 0)
-        scale = tl.where(m_v == float("-inf"), 0.0, tl.exp(m_v - m))
-        d = tl.where(m_v == float("-inf"), 0.0, m_v - m)
-        s = tl.sum(scale * s_v, 0)
-        t = tl.sum(scale * (t_v + s_v * d), 0)
-        log_s = tl.log(s)
-        xt = tl.load(base + tl.load(TGT + row)).to(tl.float32) * inv_temp
-        tl.store(LP + row, xt - m - log_s)
-        tl.store(ENT + row, log_s - t / s)  # H = log s - sum p (x - m)
-
-    @triton.jit
-    def _lse_kernel(
-        Q, K, M, LSE, KLO, KHI,
-        sqb, sqh, sqt, sqd, skb, skh, skt, skd, smb, smq, smk,
-        T, H, G, D, scale,
-        BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
-    ):
-        """Pass 1: log-sum-exp of the masked scores of BM query rows of one (batch, head)."""
-        qb = tl.program_id(0)
-        bh = tl.program_id(1)
-        b = (bh // H).to(tl.int64)
-        h = bh % H
-        offs_m = qb * BM + tl.arange(0, BM)
-        offs_d = tl.arange(0, BD)
-        q = tl.load(
-            Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd,
-            mask=(offs_m[:, None] < T) & (offs_d[None, :] < D), other=0.0,
-        )
-        k_base = K + b * skb + (h // G) * skh
-        m_base = M + b * smb
-        klo = tl.load(KLO + qb)
-        khi = tl.load(KHI + qb)
-        m_i = tl.full([BM], float("-inf"), tl.float32)
-        l_i = tl.zeros([BM], tl.float32)
-        for ks in range((klo // BN) * BN, khi, BN):
-            offs_n = ks + tl.arange(0, BN)
-            k = tl.load(
-                k_base + offs_n[:, None] * skt + offs_d[None, :] * skd,
-                mask=(offs_n[:, None] < T) & (offs_d[None, :] < D), other=0.0,
-            )
-            allowed = tl.load(
-                m_base + offs_m[:, None] * smq + offs_n[None, :] * smk,
-                mask=(offs_m[:, None] < T) & (offs_n[None, :] < T), other=0,
-            ) != 0
-            s = tl.where(allowed, tl.dot(q, tl.trans(k)) * scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), 1)
-            m_i = m_new
-        tl.store(LSE + bh.to(tl.int64) * T + offs_m, m_i + tl.log(l_i), mask=offs_m < T)
-
-    @triton.jit
-    def _accum_kernel(
-        Q, K, M, LSE, KLO, KHI, OUT,
-        sqb, sqh, sqt, sqd, skb, skh, skt, skd, smb, smq, smk, sob, soq, sok,
-        T, H, HKV, G, D, scale, weight,
-        BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
-    ):
-        """Pass 2: OUT[b, q-tile, k-tile] += weight * sum over heads of exp(s - lse); skips unreachable tiles."""
-        qb = tl.program_id(0)
-        kb = tl.program_id(1)
-        b = tl.program_id(2).to(tl.int64)
-        klo = tl.load(KLO + qb)
-        khi = tl.load(KHI + qb)
-        ks = kb * BN
-        if (ks + BN > klo) & (ks < khi):
-            offs_m = qb * BM + tl.arange(0, BM)
-            offs_n = ks + tl.arange(0, BN)
-            offs_d = tl.arange(0, BD)
-            in_q = offs_m < T
-            tile = in_q[:, None] & (offs_n[None, :] < T)
-            allowed = tl.load(M + b * smb + offs_m[:, None] * smq + offs_n[None, :] * smk, mask=tile, other=0) != 0
-            acc = tl.zeros([BM, BN], tl.float32)
-            for j in range(0, HKV):
-                k = tl.load(
-                    K + b * skb + j * skh + offs_n[:, None] * skt + offs_d[None, :] * skd,
-                    mask=(offs_n[:, None] < T) & (offs_d[None, :] < D), other=0.0,
-                )
-                for g in range(0, G):
-                    h = j * G + g
-                    q = tl.load(
-                        Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd,
-                        mask=in_q[:, None] & (offs_d[None, :] < D), other=0.0,
-                    )
-                    lse = tl.load(LSE + (b * H + h) * T + offs_m, mask=in_q, other=0.0)
-                    s = tl.dot(q, tl.trans(k)) * scale
-                    acc += tl.where(allowed, tl.exp(s - lse[:, None]), 0.0)
-            ptrs = OUT + b * sob + offs_m[:, None] * soq + offs_n[None, :] * sok
-            tl.store(ptrs, tl.load(ptrs, mask=tile, other=0.0) + acc * weight, mask=tile)

@@ -116,9 +116,20 @@ def check_layers(module, callbacks) -> None:
                               f"use 'middle' or indices in 0..{n - 1}") from exc
 
 
+def check_credit_callbacks(callbacks) -> None:
+    """At most one arm sets token weights; the callbacks agree on one attention layer selection."""
+    from flowtracer.step.placement import check_callbacks
+
+    try:
+        check_callbacks(callbacks)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
 def preflight(module, datamodule, world_size: int = 1, callbacks=()) -> None:
     """All checks, in the order a user would fix them: settings, data, model, prompts, layers."""
     check_settings(module, datamodule, world_size)
+    check_credit_callbacks(callbacks)
     datamodule.setup("fit")
     module.configure_model()
     for split, rows in (("training data", datamodule.train_rows), ("validation data", datamodule.val_rows)):

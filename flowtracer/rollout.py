@@ -47,31 +47,28 @@ class RolloutBatch:
             return self.token_weights
         return self.response_mask.to(torch.float32)
 
-    def rows(self, idx: Tensor, cols: slice = slice(None)) -> "RolloutBatch":
-        """The rollouts `idx` restricted to columns `cols`, as a new batch (copies; metrics empty).
+    def inputs_of(self, idx: Tensor, cols: slice = slice(None)) -> "RolloutBatch":
+        """Rows `idx` restricted to columns `cols`, as a new batch of copies holding only the inputs.
 
-        What a credit arm sees when it runs inside the training forward of one micro-batch.
+        Every output field (old log-probs, entropies, attn, token weights) is None and `metrics` is
+        empty: what a micro-batch's credit arms see is filled from that micro-batch's own forward.
         """
         picked = idx.tolist()
         out = {}
         for f in fields(self):
+            if f.name in OUTPUT_FIELDS or f.name == "metrics":
+                continue
             value = getattr(self, f.name)
             if isinstance(value, Tensor):
                 value = value[idx]
                 out[f.name] = value[:, cols] if value.dim() >= 2 else value
-                if f.name == "attn":  # (B, T, T): keys are columns too
-                    out[f.name] = out[f.name][:, :, cols]
             elif isinstance(value, list):
                 out[f.name] = [value[i] for i in picked]
         return RolloutBatch(**out)
 
-    def to(self, device: torch.device | str) -> "RolloutBatch":
-        """Move every tensor field to `device` (lists and metrics unchanged)."""
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, Tensor):
-                setattr(self, f.name, value.to(device))
-        return self
+
+# Filled per step or per micro-batch by forwards and credit arms (never copied into a micro-batch).
+OUTPUT_FIELDS = ("old_logprobs", "entropies", "attn", "token_weights")
 
 
 @dataclass
@@ -177,7 +174,7 @@ def generate(model, tokenizer, prompts: list[str], question_spans: list[tuple[in
     full_response_mask = torch.cat([torch.zeros_like(prompt_attn, dtype=torch.bool), response_mask], 1)
     attention_mask = (prompt_mask | full_response_mask).long()
 
-    question = _question_mask(enc["offset_mapping"], enc["attention_mask"], question_spans)
+    question = question_token_mask(enc["offset_mapping"], enc["attention_mask"], question_spans)
     question_mask = torch.cat([question.repeat_interleave(g, 0).to(device),
                                torch.zeros_like(response_mask)], 1)
     texts = tokenizer.batch_decode(new.masked_fill(is_eos[:, :width], tokenizer.pad_token_id),
@@ -214,7 +211,7 @@ def _eos_ids(tokenizer, model) -> list[int]:
     return sorted({*ids, tokenizer.eos_token_id} - {None})
 
 
-def _question_mask(offsets: Tensor, attn: Tensor, spans: list[tuple[int, int] | None]) -> Tensor:
+def question_token_mask(offsets: Tensor, attn: Tensor, spans: list[tuple[int, int] | None]) -> Tensor:
     """(P, Tp) bool: prompt tokens overlapping the question span; all real tokens if no span."""
     starts, ends = offsets[..., 0], offsets[..., 1]
     s = torch.tensor([sp[0] if sp else -1 for sp in spans]).unsqueeze(1)

@@ -8,7 +8,8 @@ import pytest
 import torch
 from tiny import tiny_model
 
-from flowtracer.attention import _chunk_plan, capture_attention, resolve_layers, teacher_forced_pass
+from flowtracer.attention import _chunk_plan, capture_attention, resolve_layers
+from flowtracer.step.forward import teacher_forced_pass
 
 ARCHS = ["llama", "qwen2", "qwen3", "mistral"]
 SELECTIONS = ["middle", "early", "late", "all", [1, 4]]
@@ -295,6 +296,3 @@ def test_backend_argument():
     if not torch.cuda.is_available():  # the fused kernels need CUDA: asking for them on CPU is an error
         with pytest.raises(ValueError, match="triton"):
             teacher_forced_pass(model, ids, mask, backend="triton")
-    torch.testing.assert_close(
-        teacher_forced_pass(model, ids, mask, backend="torch").attn, teacher_forced_pass(model, ids, mask).attn
-    )

@@ -78,15 +78,27 @@ def test_fit_two_steps_writes_run_folder(tmp_path, tiny_model_dir):
     assert ckpt["flowtracer"]["rl_step"] == 2
 
 
+def trainable_state(ckpt_path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(ckpt_path, weights_only=False)["state_dict"]
+
+
+def assert_weights_moved(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys() and a
+    assert any(not torch.equal(a[k], b[k]) for k in a), "no trainable weight changed"
+
+
 def test_resume_logs_the_same_metrics_as_uninterrupted(tmp_path, tiny_model_dir):
+    """Rewards with group variance (toy_rewards:digits), so every step really updates the adapters."""
     full = tmp_path / "full"
-    main(["fit", "--config", str(write_config(full, tiny_model_dir, steps=3))])
+    main(["fit", "--config", str(write_config(full, tiny_model_dir, steps=3, verifier="toy_rewards:digits"))])
     part = tmp_path / "part"
-    cfg = write_config(part, tiny_model_dir, steps=2)
+    cfg = write_config(part, tiny_model_dir, steps=2, verifier="toy_rewards:digits")
     main(["fit", "--config", str(cfg)])
     ckpt = part / "logs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
+    at_step_2 = trainable_state(ckpt)
     main(["fit", "--config", str(cfg), "--trainer.max_steps", "3", "--ckpt_path", str(ckpt)])
     uninterrupted = read_metrics(full / "logs" / "tiny" / "version_0")
+    assert all(uninterrupted[s]["adv/zero_variance_groups"] < 2 for s in (1, 2, 3))  # 2 prompts: one group varies
     # the resumed run continues the checkpoint's run folder: one metrics.csv with every step
     assert not (part / "logs" / "tiny" / "version_1").exists()
     resumed = read_metrics(part / "logs" / "tiny" / "version_0")
@@ -94,6 +106,11 @@ def test_resume_logs_the_same_metrics_as_uninterrupted(tmp_path, tiny_model_dir)
     for step in (1, 2, 3):
         for key, value in uninterrupted[step].items():
             assert resumed[step][key] == pytest.approx(value, rel=1e-5, abs=1e-6), (step, key)
+    final = trainable_state(ckpt)
+    assert_weights_moved(final, at_step_2)  # step 3 after the resume changed the adapters
+    expected = trainable_state(full / "logs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt")
+    for k in expected:
+        torch.testing.assert_close(final[k], expected[k], atol=1e-6, rtol=1e-5, msg=k)
 
 
 def run_cli(*args, cwd=ROOT):
@@ -163,7 +180,7 @@ def test_every_experiment_config_parses(config, capsys):
 
 def test_kl_ppo_epochs_mini_and_micro_batches(tmp_path, tiny_model_dir):
     """beta > 0 (reference = adapters off), 2 PPO epochs x 2 mini-batches, micro-batches of 2."""
-    cfg = write_config(tmp_path, tiny_model_dir, steps=4)
+    cfg = write_config(tmp_path, tiny_model_dir, steps=4, verifier="toy_rewards:digits")  # real advantages
     main(["fit", "--config", str(cfg), "--model.loss.beta", "0.1", "--model.loss.aggregation", "token-mean",
           "--model.optim.ppo_epochs", "2", "--model.optim.mini_batches", "2",
           "--model.optim.micro_batch_size", "2", "--model.val_before_training", "false",

@@ -374,7 +374,7 @@ def real_batch(tok):
 
 
 def test_flow_credit_end_to_end_tiny_model():
-    from flowtracer.attention import teacher_forced_pass
+    from flowtracer.step.forward import teacher_forced_pass
 
     tok, model = tiny_tokenizer(), tiny_model("llama")
     rb = real_batch(tok)

@@ -90,7 +90,8 @@ def test_csv_logger_keeps_rows_on_new_columns_and_on_reopen(tmp_path):
 
 
 def _env():
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+            "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
 
 
 def _steps_logged(run) -> int:
@@ -102,16 +103,17 @@ def _steps_logged(run) -> int:
 
 def test_sigkill_at_a_random_step_then_resume_logs_the_uninterrupted_metrics(tmp_path, tiny_model_dir):
     steps = 5
-    full = write_config(tmp_path / "full", tiny_model_dir, steps=steps)
+    full = write_config(tmp_path / "full", tiny_model_dir, steps=steps, verifier="toy_rewards:digits")
     main(["fit", "--config", str(full)])
     expected = read_metrics(tmp_path / "full" / "logs" / "tiny" / "version_0")
+    assert all(row["adv/zero_variance_groups"] < 2 for row in expected.values())  # every step is a real update
     expected_rollouts = open(tmp_path / "full" / "logs" / "tiny" / "version_0" / "rollouts.jsonl").readlines()
 
     seed = int(os.environ.get("FLOWTRACER_KILL_SEED", time.time_ns() % 10_000))
     rng = random.Random(seed)
     kill_after = rng.randint(2, steps - 2)  # steps fully logged before the kill window opens
     delay_frac = rng.uniform(0.0, 1.0)  # then this far into the next step (or its checkpoint write)
-    cfg = write_config(tmp_path / "part", tiny_model_dir, steps=steps)
+    cfg = write_config(tmp_path / "part", tiny_model_dir, steps=steps, verifier="toy_rewards:digits")
     run = tmp_path / "part" / "logs" / "tiny" / "version_0"
     proc = subprocess.Popen([sys.executable, "-m", "flowtracer.cli", "fit", "--config", str(cfg)],
                             cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -128,6 +130,8 @@ def test_sigkill_at_a_random_step_then_resume_logs_the_uninterrupted_metrics(tmp
     finally:
         proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, f"the run ended before the kill (seed {seed})"
+    ckpt = run / "checkpoints" / "last.ckpt"
+    at_kill = torch.load(ckpt, weights_only=False)["state_dict"] if ckpt.exists() else None
     res = subprocess.run([sys.executable, "-m", "flowtracer.cli", "fit", "--config", str(cfg), "--ckpt_path", "last"],
                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=400)
     assert res.returncode == 0, res.stderr[-2000:]
@@ -136,6 +140,13 @@ def test_sigkill_at_a_random_step_then_resume_logs_the_uninterrupted_metrics(tmp
     for step, row in expected.items():
         for key, value in row.items():
             assert got[step][key] == pytest.approx(value, rel=1e-5, abs=1e-6), (seed, step, key)
+    final = torch.load(ckpt, weights_only=False)["state_dict"]
+    expected_state = torch.load(tmp_path / "full" / "logs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt",
+                                weights_only=False)["state_dict"]
+    for k in expected_state:  # the adapters and (through them) the optimizer state were restored
+        torch.testing.assert_close(final[k], expected_state[k], atol=1e-6, rtol=1e-5, msg=f"{k} seed {seed}")
+    if at_kill is not None:  # the steps after the resume moved the weights on from the checkpoint
+        assert any(not torch.equal(final[k], at_kill[k]) for k in final), seed
     lines = open(run / "rollouts.jsonl").readlines()
     assert len(lines) == len(expected_rollouts)  # no record lost, none duplicated, none torn
     for a, b in zip(lines, expected_rollouts):

@@ -22,20 +22,23 @@ LAYER_PRESETS = ("early", "middle", "late", "all")
 class RolloutCallback(Callback):
     """Base class for anything that enriches a RolloutBatch before the policy update.
 
-    Class attributes tell the module what the shared teacher-forced pass must return:
-    `needs_attention` (the head-averaged map of `capture_layers`) and `needs_entropy`.
+    Class attributes tell the step what the callback reads and does (flowtracer.step.placement
+    decides where it runs from them):
+    `needs_attention` (the head-averaged map of `capture_layers`), `needs_entropy`,
+    `batch_global` (its result depends on the whole batch at once: a batch-wide top-k, noise drawn
+    over the batch shape; it then never sees the map) and `sets_weights` (it writes
+    `token_weights`; at most one such callback per run).
 
-    With one PPO epoch and one mini-batch, an arm that needs attention or entropies runs inside
-    the training forward of each micro-batch, on `rollouts.rows(...)` of that micro-batch (map,
-    entropies and old log-probs from that very forward; no extra pass). An arm whose result
-    depends on the whole batch at once (a batch-wide top-k, noise drawn over the batch shape)
-    sets `batch_global = True`; the module then keeps the separate no-grad pass over the whole
-    batch whenever the update is split into several micro-batches.
+    An arm that reads attention or entropies runs, with one PPO epoch and one mini-batch, inside
+    the training forward of each micro-batch, on that micro-batch's own view (map, entropies and
+    old log-probs from that very forward; no extra pass); otherwise on the micro-batches of a
+    no-grad pre-pass. An arm that reads neither runs once on the whole batch before the update.
     """
 
     needs_attention: bool = False
     needs_entropy: bool = False
     batch_global: bool = False
+    sets_weights: bool = False
     capture_layers: str | list[int] | None = None
 
     def on_rollout_batch(self, trainer, pl_module, rollouts: RolloutBatch) -> None:
@@ -44,6 +47,8 @@ class RolloutCallback(Callback):
 
 class UniformCredit(RolloutCallback):
     """Plain GRPO: every response token gets weight 1 (the baseline every arm is compared with)."""
+
+    sets_weights = True
 
     def on_rollout_batch(self, trainer, pl_module, rollouts: RolloutBatch) -> None:
         rollouts.token_weights = rollouts.response_mask.to(rollouts.advantages.dtype)
@@ -83,6 +88,8 @@ class ScoreCredit(RolloutCallback):
     (mean weight over all response tokens), credit/score_share (mean share of a response's score
     mass on its selected tokens), credit/class/<class> (token classes of the selected tokens).
     """
+
+    sets_weights = True
 
     def __init__(self, top_frac: float = 0.4, gamma: float = 1.5, select: str = "top",
                  mapping: str = "hard", normalize: bool = False):

@@ -131,29 +131,7 @@ def trace_flow(
             the read part of attn, negative/NaN edge_eps, an empty answer set, or capacities so large
             that h overflows float64 (the batch index is named where one sequence is at fault).
     """
-    check_attn(attn)
-    batched = attn.dim() == 3
-    A3 = attn if batched else attn.unsqueeze(0)
-    B, T = A3.shape[0], A3.shape[-1]
-    mshape = A3.shape[:-1] if batched else A3.shape[-1:]
-    dev = attn.device
-    src = check_mask(source_mask, "source_mask", mshape, dev)
-    ans = check_mask(answer_mask, "answer_mask", mshape, dev)
-    val = check_mask(valid_mask, "valid_mask", mshape, dev)
-    if not batched:
-        src, ans = src.unsqueeze(0), ans.unsqueeze(0)
-        val = None if val is None else val.unsqueeze(0)
-    if val is None:
-        val = torch.ones(B, T, dtype=torch.bool, device=dev)
-    if not (isinstance(edge_eps, (int, float)) and edge_eps >= 0 and edge_eps < float("inf")):
-        raise ValueError(f"edge_eps must be a finite number >= 0, got {edge_eps!r}")
-    src, ans = src & val, ans & val
-    empty = ~ans.any(dim=-1)
-    if bool(empty.any()):
-        b = int(empty.nonzero()[0])
-        where = f"sequence {b} of the batch has" if batched else "the sequence has"
-        raise ValueError(f"empty answer set: {where} no valid answer token (answer_mask & valid_mask)")
-
+    A3, src, ans, val, batched = _inputs(attn, source_mask, answer_mask, valid_mask, edge_eps)
     G = build_capacity(A3, val, ans, float(edge_eps), batched)  # G[b, k, i] = W[b, i, k]
     f64 = G.dtype
 
@@ -168,18 +146,7 @@ def trace_flow(
     alive = h > H_TINY
     reached = (src & alive).any(dim=-1)
 
-    if condition_on_answer and conserve:
-        # W'[i,k] = W[i,k] h(k) / h(i): scale row k of G by h(k), column i by 1/h(i) (0 if dead).
-        # W[i,k] h(k) <= h(i), so the product stays <= 1 and cannot overflow.
-        inv_h = torch.where(alive, 1.0 / torch.where(alive, h, 1.0), 0.0)
-        G.mul_(h.unsqueeze(-1)).mul_(inv_h.unsqueeze(-2))
-    elif condition_on_answer:
-        G.masked_fill_(~alive.unsqueeze(-1), 0.0)  # drop edges into dead tokens
-    elif conserve:
-        out = G.sum(dim=-2)  # out-weight of each token (answer tokens: 0, their sink edge is implicit)
-        live = out > H_TINY  # a subnormal total would make 1/out infinite
-        G.mul_(torch.where(live, 1.0 / torch.where(live, out, 1.0), 0.0).unsqueeze(-2))
-
+    _reweight(G, h, alive, condition_on_answer, conserve)
     inj_set = (src & alive) if condition_on_answer else src
     inject = inj_set.to(f64) / inj_set.sum(dim=-1, keepdim=True).clamp_min(1)
     inject = inject * reached.unsqueeze(-1)
@@ -208,3 +175,44 @@ def trace_flow(
                      "answer_mask", "valid_mask"):
             setattr(res, name, getattr(res, name).squeeze(0))
     return res
+
+def _inputs(attn, source_mask, answer_mask, valid_mask, edge_eps):
+    """Checked (B, T, T) attention and (B, T) masks (sources and answers restricted to valid tokens)."""
+    check_attn(attn)
+    batched = attn.dim() == 3
+    A3 = attn if batched else attn.unsqueeze(0)
+    B, T = A3.shape[0], A3.shape[-1]
+    mshape = A3.shape[:-1] if batched else A3.shape[-1:]
+    dev = attn.device
+    src = check_mask(source_mask, "source_mask", mshape, dev)
+    ans = check_mask(answer_mask, "answer_mask", mshape, dev)
+    val = check_mask(valid_mask, "valid_mask", mshape, dev)
+    if not batched:
+        src, ans = src.unsqueeze(0), ans.unsqueeze(0)
+        val = None if val is None else val.unsqueeze(0)
+    if val is None:
+        val = torch.ones(B, T, dtype=torch.bool, device=dev)
+    if not (isinstance(edge_eps, (int, float)) and edge_eps >= 0 and edge_eps < float("inf")):
+        raise ValueError(f"edge_eps must be a finite number >= 0, got {edge_eps!r}")
+    src, ans = src & val, ans & val
+    empty = ~ans.any(dim=-1)
+    if bool(empty.any()):
+        b = int(empty.nonzero()[0])
+        where = f"sequence {b} of the batch has" if batched else "the sequence has"
+        raise ValueError(f"empty answer set: {where} no valid answer token (answer_mask & valid_mask)")
+    return A3, src, ans, val, batched
+
+
+def _reweight(G: Tensor, h: Tensor, alive: Tensor, condition_on_answer: bool, conserve: bool) -> None:
+    """Turn the capacities G (G[b, k, i] = W[i, k]) into W' in place, per the two switches."""
+    if condition_on_answer and conserve:
+        # W'[i,k] = W[i,k] h(k) / h(i): scale row k of G by h(k), column i by 1/h(i) (0 if dead).
+        # W[i,k] h(k) <= h(i), so the product stays <= 1 and cannot overflow.
+        inv_h = torch.where(alive, 1.0 / torch.where(alive, h, 1.0), 0.0)
+        G.mul_(h.unsqueeze(-1)).mul_(inv_h.unsqueeze(-2))
+    elif condition_on_answer:
+        G.masked_fill_(~alive.unsqueeze(-1), 0.0)  # drop edges into dead tokens
+    elif conserve:
+        out = G.sum(dim=-2)  # out-weight of each token (answer tokens: 0, their sink edge is implicit)
+        live = out > H_TINY  # a subnormal total would make 1/out infinite
+        G.mul_(torch.where(live, 1.0 / torch.where(live, out, 1.0), 0.0).unsqueeze(-2))

@@ -16,11 +16,15 @@ class Score:
     answer_span: [start, end) character offsets into the response of the parsed final answer (the
         flow sink), or None when no answer was found (truncated or unparsable response).
     parsed: the answer text that was checked; ``response[start:end] == parsed`` whenever both are set.
+    fallback: the answer was found by a fallback extractor (``last_number``, ``last_line``), not by
+        an explicit answer marker; the trainer does not accept such an answer from a truncated
+        response (flowtracer.step.score).
     """
 
     reward: float
     answer_span: tuple[int, int] | None = None
     parsed: str | None = None
+    fallback: bool = False
 
 
 class Verifier(Protocol):
@@ -48,5 +52,5 @@ def safe_score(verifier: Any, response: str, reference: Any) -> tuple[Score, str
     if not math.isfinite(float(reward)):
         return Score(0.0), f"reward is not finite: {reward!r}"
     if isinstance(out, Score):
-        return Score(float(reward), out.answer_span, out.parsed), None
+        return Score(float(reward), out.answer_span, out.parsed, out.fallback), None
     return Score(float(reward)), None

@@ -96,6 +96,11 @@ EXTRACTORS: dict[str, Callable[[str], Extracted | None]] = {
 }
 
 
+# Extractors that find an answer without an explicit answer marker: in a truncated response they
+# would name an arbitrary intermediate value as the answer.
+FALLBACK_EXTRACTORS = frozenset({"last_number", "last_line"})
+
+
 def check_extraction(names: tuple[str, ...] | list[str]) -> tuple[str, ...]:
     """Validate extractor names early (config errors should fail at construction, not mid-run)."""
     names = tuple(names)

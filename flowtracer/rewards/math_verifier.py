@@ -7,7 +7,7 @@ import threading
 from typing import Any
 
 from flowtracer.rewards.base import Score
-from flowtracer.rewards.extract import boxed, check_extraction, extract_answer
+from flowtracer.rewards.extract import FALLBACK_EXTRACTORS, boxed, check_extraction, extract_answer
 
 _TEXT = re.compile(r"\\(?:text|mathrm|textbf)\{([^{}]*)\}")
 _NUMBER = re.compile(r"^\s*[-+]?(\d[\d,]*\.?\d*|\.\d+)(e[-+]?\d+)?\s*$", re.IGNORECASE)
@@ -94,7 +94,7 @@ class MathVerifier:
         if isinstance(reference, dict):  # a dataset row: {"answer": ..., ...}
             reference = reference["answer"]
         reward = 1.0 if self.equal(str(reference), parsed) else 0.0
-        return Score(reward, (start, end), parsed)
+        return Score(reward, (start, end), parsed, fallback=name in FALLBACK_EXTRACTORS)
 
     def check_reference(self, reference: Any) -> str | None:
         """Why `reference` cannot be checked (empty, or math-verify parses no expression), else None."""

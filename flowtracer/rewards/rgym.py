@@ -6,7 +6,7 @@ import json
 from typing import Any, Callable
 
 from flowtracer.rewards.base import Score
-from flowtracer.rewards.extract import check_extraction, extract_answer
+from flowtracer.rewards.extract import FALLBACK_EXTRACTORS, check_extraction, extract_answer
 
 
 def _registered() -> dict:
@@ -67,8 +67,8 @@ class ReasoningGymVerifier:
             raise ValueError(
                 "reasoning-gym entry has no metadata.source_dataset; pass task=... to the verifier"
             )
-        _, found = extract_answer(response, self.extraction)
+        how, found = extract_answer(response, self.extraction)
         if found is None:
             return Score(0.0, None, None)
         parsed, span = found
-        return Score(float(self._scorer(name)(parsed, entry)), span, parsed)
+        return Score(float(self._scorer(name)(parsed, entry)), span, parsed, fallback=how in FALLBACK_EXTRACTORS)

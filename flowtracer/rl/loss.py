@@ -84,28 +84,36 @@ def policy_loss(
 
     per_token = per_token * maskf
     n_tokens = maskf.sum(-1)
-    if aggregation == "seq-mean-token-mean":
-        loss = (per_token.sum(-1) / n_tokens.clamp(min=1.0)).mean()
-    elif aggregation == "token-mean":
-        loss = per_token.sum() / n_tokens.sum().clamp(min=1.0)
-    else:
-        denom = float(max_len if max_len is not None else logprobs.shape[-1])
-        loss = (per_token.sum(-1) / max(denom, 1.0)).mean()
-
+    loss = _aggregate(per_token, n_tokens, aggregation, max_len)
     with torch.no_grad():
-        total = n_tokens.sum().clamp(min=1.0)
-
-        def masked_mean(x: Tensor) -> Tensor:
-            return (x * maskf).sum() / total
-
-        low = ((ratio < 1.0 - eps_low) & (adv < 0)).to(maskf.dtype)
-        high = ((ratio > 1.0 + eps_high) & (adv > 0)).to(maskf.dtype)
-        metrics = {
-            "clip_frac_low": masked_mean(low),
-            "clip_frac_high": masked_mean(high),
-            "clip_frac": masked_mean(low + high),
-            "ratio_mean": masked_mean(ratio),
-            "policy_kl": masked_mean(-log_ratio),
-            "ref_kl": masked_mean(ref_kl) if ref_kl is not None else logprobs.new_zeros(()),
-        }
+        metrics = _diagnostics(ratio, log_ratio, adv, maskf, n_tokens, eps_low, eps_high, ref_kl)
     return loss, {k: v.detach() for k, v in metrics.items()}
+
+
+def _aggregate(per_token: Tensor, n_tokens: Tensor, aggregation: str, max_len: int | None) -> Tensor:
+    """The scalar loss from masked per-token losses (see `policy_loss` for the three rules)."""
+    if aggregation == "seq-mean-token-mean":
+        return (per_token.sum(-1) / n_tokens.clamp(min=1.0)).mean()
+    if aggregation == "token-mean":
+        return per_token.sum() / n_tokens.sum().clamp(min=1.0)
+    denom = float(max_len if max_len is not None else per_token.shape[-1])
+    return (per_token.sum(-1) / max(denom, 1.0)).mean()
+
+
+def _diagnostics(ratio, log_ratio, adv, maskf, n_tokens, eps_low, eps_high, ref_kl) -> dict[str, Tensor]:
+    """Token means over the response of the clip fractions, the ratio and the KL estimates."""
+    total = n_tokens.sum().clamp(min=1.0)
+
+    def masked_mean(x: Tensor) -> Tensor:
+        return (x * maskf).sum() / total
+
+    low = ((ratio < 1.0 - eps_low) & (adv < 0)).to(maskf.dtype)
+    high = ((ratio > 1.0 + eps_high) & (adv > 0)).to(maskf.dtype)
+    return {
+        "clip_frac_low": masked_mean(low),
+        "clip_frac_high": masked_mean(high),
+        "clip_frac": masked_mean(low + high),
+        "ratio_mean": masked_mean(ratio),
+        "policy_kl": masked_mean(-log_ratio),
+        "ref_kl": masked_mean(ref_kl) if ref_kl is not None else ratio.new_zeros(()),
+    }

@@ -1,8 +1,7 @@
 """Shared plumbing of the analysis tools (trace, probe): prompts -> scored RolloutBatch -> arm scores.
 
-Outside training there is no Trainer or GRPOModule, so this rebuilds the few steps of the module's
-RL step the tools need: format prompts, verify responses (answer spans as token masks), run the
-teacher-forced pass with the attention capture, and score every token with each credit arm.
+Outside training there is no Trainer or GRPOModule; the tools use the trainer's own Lightning-free
+pieces (flowtracer.step: scoring, the teacher-forced pass) and the arms' scores.
 """
 
 from __future__ import annotations
@@ -11,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from flowtracer.attention import teacher_forced_pass
+from flowtracer.step.forward import teacher_forced_pass
 from flowtracer.credit import FlowCredit
 from flowtracer.credit.attention import received_attention
 from flowtracer.data.datamodule import DEFAULT_INSTRUCTION  # the quickstart's instruction
@@ -19,8 +18,9 @@ from flowtracer.data.prompts import format_prompt
 from flowtracer.data.sources import load_rows
 from flowtracer.rewards import VerifierCache
 from flowtracer.rewards.base import safe_score
-from flowtracer.rewards.spans import char_span_to_token_mask
-from flowtracer.rollout import Generated, RolloutBatch, _question_mask, response_token_offsets
+from flowtracer.rollout import Generated, RolloutBatch, question_token_mask
+from flowtracer.step.score import rollout_batch as build_rollout_batch
+from flowtracer.step.score import score_responses
 
 QUICKSTART_SOURCES = ("data/arith_train.jsonl", "data/arith_val.jsonl")  # 80 + 20 = 100 problems
 
@@ -43,21 +43,6 @@ def format_prompts(tokenizer, questions: list[str], *, instruction: str | None =
 Verifiers = VerifierCache  # the module's cache of verifier instances, by (name, kwargs)
 
 
-def verify(tokenizer, verifiers: Verifiers, rows: list[dict], texts: list[str], input_ids: Tensor,
-           response_mask: Tensor) -> tuple[Tensor, Tensor, list[str | None]]:
-    """(rewards (B,), answer_mask (B, T) bool, parsed answers) of one response per row."""
-    answer_mask = torch.zeros_like(response_mask, dtype=torch.bool)
-    scores = judge(verifiers, rows, texts)
-    for i, (score, text) in enumerate(zip(scores, texts)):
-        if score.answer_span is None:
-            continue
-        cols = response_mask[i].nonzero().squeeze(-1)
-        ids = input_ids[i, cols].tolist()
-        tok_mask = char_span_to_token_mask(response_token_offsets(tokenizer, ids, text), score.answer_span, len(ids))
-        answer_mask[i, cols] = tok_mask.to(answer_mask.device).bool()
-    return torch.tensor([s.reward for s in scores], dtype=torch.float32), answer_mask, [s.parsed for s in scores]
-
-
 def judge(verifiers: Verifiers, rows: list[dict], texts: list[str]) -> list:
     """The verifier's Score of each text against its row's answer (never raises)."""
     return [safe_score(verifiers(row), text, row.get("answer"))[0] for row, text in zip(rows, texts)]
@@ -65,17 +50,12 @@ def judge(verifiers: Verifiers, rows: list[dict], texts: list[str]) -> list:
 
 def rollout_batch(tokenizer, verifiers: Verifiers, rows: list[dict], gen: Generated,
                   prompts: list[str]) -> tuple[RolloutBatch, list[str | None]]:
-    """A RolloutBatch of one response per row (each its own group) and the parsed answers."""
-    rewards, answer_mask, parsed = verify(tokenizer, verifiers, rows, gen.responses, gen.input_ids,
-                                          gen.response_mask)
-    b = len(rows)
-    rb = RolloutBatch(
-        input_ids=gen.input_ids, attention_mask=gen.attention_mask, prompt_mask=gen.prompt_mask,
-        response_mask=gen.response_mask, question_mask=gen.question_mask,
-        answer_mask=answer_mask.to(gen.input_ids.device), rewards=rewards, advantages=torch.zeros(b),
-        group_ids=torch.arange(b), prompts=prompts, responses=gen.responses,
-        answers=[str(r.get("answer")) for r in rows])
-    return rb, parsed
+    """A RolloutBatch of one response per row (each its own group, zero advantages) and the parsed
+    answers, scored exactly as the trainer scores (flowtracer.step.score)."""
+    scored = score_responses(tokenizer, verifiers, rows, gen)
+    rb = build_rollout_batch(gen, scored, prompts=prompts, answers=[str(r.get("answer")) for r in rows],
+                             group_size=1, advantage=None)
+    return rb, [s.parsed for s in scored.scores]
 
 
 @torch.no_grad()
@@ -125,5 +105,5 @@ def given_responses(tokenizer, prompts: list[str], spans, responses: list[str]) 
     return Generated(
         input_ids=torch.cat([enc["input_ids"], r], 1), attention_mask=torch.cat([p_attn, resp], 1).long(),
         prompt_mask=torch.cat([p_attn, no], 1), response_mask=torch.cat([torch.zeros_like(p_attn), resp], 1),
-        question_mask=torch.cat([_question_mask(enc["offset_mapping"], enc["attention_mask"], spans), no], 1),
+        question_mask=torch.cat([question_token_mask(enc["offset_mapping"], enc["attention_mask"], spans), no], 1),
         responses=list(responses), truncated=torch.zeros(len(toks), dtype=torch.bool), prompt_len=p_attn.shape[1])

@@ -234,6 +234,7 @@ class TraceCallback(RolloutCallback):
             raise ValueError("TraceCallback: every_n_steps and num_rollouts must be >= 1")
         self.every_n_steps, self.num_rollouts, self.capture_layers = every_n_steps, num_rollouts, layers
         self._step = 0
+        self._written = -1  # the step whose pages exist: it runs once per micro-batch, writes once
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         # Read by the module's old-policy pass of this step: capture only on steps we write.
@@ -241,8 +242,9 @@ class TraceCallback(RolloutCallback):
         self.needs_attention = self._step % self.every_n_steps == 0
 
     def on_rollout_batch(self, trainer, pl_module, rollouts: RolloutBatch) -> None:
-        if not self.needs_attention or rollouts.attn is None:
+        if not self.needs_attention or rollouts.attn is None or self._written == self._step:
             return
+        self._written = self._step
         order = sorted(range(rollouts.batch_size), key=lambda b: not bool(rollouts.answer_mask[b].any()))
         out = Path(trainer.log_dir or ".") / "traces"
         for i, b in enumerate(order[: self.num_rollouts]):
