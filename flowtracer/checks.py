@@ -10,6 +10,8 @@ context, the chat template and the credit arm's attention layers. Each failure r
 from __future__ import annotations
 
 from flowtracer.data.sources import DataError
+from flowtracer.layers import resolve_layers
+
 
 class ConfigError(ValueError):
     """A setting or input that cannot work; the message names the fix."""
@@ -101,10 +103,8 @@ def check_prompts(module, datamodule, rows: list[dict], where: str) -> None:
                 "model.sampling.max_new_tokens, shorten data.instruction/system_prompt, or drop long rows")
 
 
-def check_layers(module, callbacks) -> None:
+def check_capture_layers(module, callbacks) -> None:
     """Attention layers a credit arm asks for must exist in the model."""
-    from flowtracer.attention import resolve_layers
-
     n = _num_layers(module.policy)
     for cb in callbacks:
         if not getattr(cb, "needs_attention", False) or n is None:
@@ -112,8 +112,7 @@ def check_layers(module, callbacks) -> None:
         try:
             resolve_layers(cb.capture_layers, n)
         except ValueError as exc:
-            raise ConfigError(f"trainer.callbacks {type(cb).__name__}.layers = {cb.capture_layers!r}: {exc}; "
-                              f"use 'middle' or indices in 0..{n - 1}") from exc
+            raise ConfigError(f"trainer.callbacks {type(cb).__name__}: {exc}") from exc
 
 
 def preflight(module, datamodule, world_size: int = 1, callbacks=()) -> None:
@@ -125,7 +124,7 @@ def preflight(module, datamodule, world_size: int = 1, callbacks=()) -> None:
         src = datamodule.train_source if split.startswith("training") else (datamodule.val_source or datamodule.train_source)
         check_references(module, rows, f"{split} {src}")
         check_prompts(module, datamodule, rows, f"{split} {src}")
-    check_layers(module, callbacks)
+    check_capture_layers(module, callbacks)
 
 
 def _config(model):

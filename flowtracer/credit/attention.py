@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from flowtracer.credit.base import ScoreCredit, check_layers
+from flowtracer.credit.base import ScoreCredit
+from flowtracer.layers import check_layers
 from flowtracer.rollout import RolloutBatch
 
 VARIANTS = ("mean", "max")

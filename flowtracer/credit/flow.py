@@ -7,8 +7,9 @@ import time
 import torch
 from torch import Tensor
 
-from flowtracer.credit.base import ScoreCredit, check_layers
+from flowtracer.credit.base import ScoreCredit
 from flowtracer.flow import trace_flow
+from flowtracer.layers import check_layers
 from flowtracer.rollout import RolloutBatch
 
 SOURCES = ("question", "prompt")

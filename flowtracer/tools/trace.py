@@ -25,6 +25,7 @@ from flowtracer.tools.analysis import (DEFAULT_INSTRUCTION, Verifiers, format_pr
 from flowtracer.credit import RolloutCallback
 from flowtracer.credit.select import select_mask
 from flowtracer.flow import trace_flow
+from flowtracer.layers import check_layers
 from flowtracer.rollout import RolloutBatch, SamplingConfig, generate
 
 
@@ -232,7 +233,8 @@ class TraceCallback(RolloutCallback):
     def __init__(self, every_n_steps: int = 10, num_rollouts: int = 2, layers: str | list[int] = "middle"):
         if every_n_steps < 1 or num_rollouts < 1:
             raise ValueError("TraceCallback: every_n_steps and num_rollouts must be >= 1")
-        self.every_n_steps, self.num_rollouts, self.capture_layers = every_n_steps, num_rollouts, layers
+        self.every_n_steps, self.num_rollouts = every_n_steps, num_rollouts
+        self.capture_layers = check_layers(layers)
         self._step = 0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
