@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import pickle
 import shutil
 import uuid
 from contextlib import contextmanager
@@ -197,10 +198,45 @@ def _load_pretrained(source: str, dtype: Any, attn_implementation: str, revision
     return model, tokenizer
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+def _load_folder(path: Path, dtype: Any, attn_implementation: str, bundled: bool = False):
+    """A save_pretrained folder. A missing or broken tokenizer or weight file gets one message
+    naming the folder (transformers would blame sentencepiece or show a safetensors traceback)."""
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    def fix(what: str) -> str:
+        if bundled:
+            return f"delete {path}; the bundled model is converted again on the next load"
+        return f"write them with {what}.save_pretrained({str(path)!r}) or copy them from the model's source"
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except Exception as exc:  # no vocabulary surfaces as ValueError (sentencepiece), OSError or TypeError
+        if not (any(path.glob("tokenizer*")) or any(path.glob("vocab*")) or any(path.glob("*.model"))):
+            raise PolicyError(f"model folder {path} has no tokenizer files (tokenizer.json, "
+                              f"tokenizer_config.json); {fix('tokenizer')}") from exc
+        raise PolicyError(f"model folder {path}: the tokenizer files could not be loaded ({_first_line(exc)}); "
+                          f"{fix('tokenizer')}") from exc
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=dtype, attn_implementation=attn_implementation
+        )
+    except (OSError, EOFError, SafetensorError, pickle.UnpicklingError) as exc:
+        raise PolicyError(f"model folder {path}: the weights could not be read ({_first_line(exc)}); "
+                          f"{fix('model')}") from exc
+    return model, tokenizer
+
+
 def _load_base(name_or_path: str, dtype: Any, attn_implementation: str, revision: str | None):
     key = name_or_path.strip().lower()
     if key in BUNDLED:
-        return _load_pretrained(str(bundled_model_dir(key)), dtype, attn_implementation, None)
+        folder = bundled_model_dir(key)
+        return _load_folder(folder, dtype, attn_implementation, bundled=True)
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -208,7 +244,7 @@ def _load_base(name_or_path: str, dtype: Any, attn_implementation: str, revision
                 f"folder {path} has no config.json; point to a folder written by save_pretrained "
                 "(config.json, weights and tokenizer files)."
             )
-        return _load_pretrained(str(path), dtype, attn_implementation, None)
+        return _load_folder(path, dtype, attn_implementation)
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise PolicyError(f"{path} is a file but not a .gguf; pass its folder or a .gguf file.")
@@ -228,8 +264,8 @@ def _load_base(name_or_path: str, dtype: Any, attn_implementation: str, revision
                 f"or pass a local folder / .gguf file / bundled name ({', '.join(BUNDLED)})."
             ) from exc
         raise PolicyError(
-            f"could not load '{name_or_path}' from the Hugging Face hub ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}); check the id and the network, or "
+            f"could not load '{name_or_path}' from the Hugging Face hub ({_first_line(exc)}); "
+            "check the id and the network, or "
             f"pass a local folder / .gguf file / bundled name ({', '.join(BUNDLED)})."
         ) from exc
 

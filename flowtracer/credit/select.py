@@ -23,13 +23,15 @@ MAPPINGS = ("hard", "linear", "rank")
 def check_options(top_frac: float, gamma: float, select: str, mapping: str) -> None:
     """Raise ValueError for an option outside its range (called by the arms' __init__)."""
     if not 0.0 <= top_frac <= 1.0:
-        raise ValueError(f"top_frac must be in [0, 1], got {top_frac}")
+        raise ValueError(f"top_frac = {top_frac} is outside [0, 1]; set it to the share of each response's "
+                         "tokens that get gamma (default 0.4)")
     if not (math.isfinite(gamma) and gamma >= 0):
-        raise ValueError(f"gamma must be a finite number >= 0, got {gamma}")
+        raise ValueError(f"gamma = {gamma} must be a finite number >= 0; set it to the weight of the selected "
+                         "tokens (default 1.5; 1 = uniform credit)")
     if select not in SELECTS:
-        raise ValueError(f"select must be one of {SELECTS}, got {select!r}")
+        raise ValueError(f"select = {select!r} is not one of {SELECTS}; use 'top' (default) or 'bottom'")
     if mapping not in MAPPINGS:
-        raise ValueError(f"mapping must be one of {MAPPINGS}, got {mapping!r}")
+        raise ValueError(f"mapping = {mapping!r} is not one of {MAPPINGS}; use 'hard' (default), 'linear' or 'rank'")
 
 
 def num_selected(n: Tensor, top_frac: float) -> Tensor:
