@@ -335,11 +335,6 @@ def is_lora(model) -> bool:
     return isinstance(model, PeftModel)
 
 
-def trainable_parameters(model) -> list[torch.nn.Parameter]:
-    """The parameters the optimizer should update (adapters under LoRA, all weights otherwise)."""
-    return [p for p in model.parameters() if p.requires_grad]
-
-
 @contextmanager
 def reference_mode(model) -> Iterator[None]:
     """Inside this block `model` computes the reference policy: the base model, adapters off.
@@ -391,40 +386,3 @@ def merged_lora(model) -> Iterator[None]:
         for layer, base, weight in swaps:
             base.weight = weight
             layer.merged_adapters = []
-
-
-def save_trainable_state(model) -> dict[str, torch.Tensor]:
-    """The weights a checkpoint must hold: adapter weights under LoRA, the full state otherwise.
-
-    Tensors are detached CPU copies, so later training steps cannot change a saved state.
-    """
-    if is_lora(model):
-        from peft import get_peft_model_state_dict
-
-        state = get_peft_model_state_dict(model)
-    else:
-        state = model.state_dict()
-    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
-
-
-def load_trainable_state(model, state: dict[str, torch.Tensor]) -> None:
-    """Restore what `save_trainable_state` returned, into a model loaded the same way."""
-    if is_lora(model):
-        from peft import get_peft_model_state_dict, set_peft_model_state_dict
-
-        expected = set(get_peft_model_state_dict(model))
-        if set(state) != expected:
-            raise PolicyError(
-                "the saved state does not match this model's LoRA adapters "
-                f"({len(set(state) - expected)} unexpected, {len(expected - set(state))} missing keys); "
-                "load it with the same model and lora settings it was saved with."
-            )
-        set_peft_model_state_dict(model, state)
-        return
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise PolicyError(
-            "the saved state does not match this model "
-            f"(missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}); a LoRA "
-            "checkpoint needs lora enabled with the same settings, a full one needs lora disabled."
-        )
