@@ -56,6 +56,26 @@ def test_probe_runs_on_tiny_model(tiny_model_dir):
     assert "| flow_top |" in result.markdown()
 
 
+def test_none_arm_changes_no_greedy_answer(tiny_model_dir):
+    """Nothing masked: regenerating each greedy response from its cut gives back its answer (0 changed,
+    0 flipped). The same probe on those responses with the answer swapped reports every one changed,
+    so the 0 is a measurement and not a constant."""
+    model, tok = load_policy(tiny_model_dir, lora=None)
+    model.eval()
+    # the 5th character is the answer: a random tiny model's greedy text then always has one
+    rows = [{**r, "verifier": "faulty_rewards:fifth_char"} for r in load_problems([str(ROOT / "data/arith_train.jsonl")], 6)]
+    greedy = ProbeResult(frac=0.2)
+    probe_batch(model, tok, rows, greedy, verifiers=Verifiers(), max_new_tokens=8)
+    assert greedy.n_problems == greedy.n_eligible == 6
+    assert greedy.changed["none"] == 0 and greedy.flipped["none"] == 0
+    originals = [r["original"] for r in greedy.records if r["arm"] == "random"]
+    assert len(originals) == 6 and all(len(o) >= 5 for o in originals)
+    swapped = [o[:4] + ("1" if o[4] == "0" else "0") + o[5:] for o in originals]
+    given = ProbeResult(frac=0.2)
+    probe_batch(model, tok, rows, given, verifiers=Verifiers(), max_new_tokens=8, responses=swapped)
+    assert given.n_eligible == 6 and given.changed["none"] == 6
+
+
 def test_regenerate_matches_generate_and_masking_changes_logits(tiny_model_dir):
     """Shared-prefill greedy decoding with nothing blocked = HF generate on each unpadded context;
     blocking a token changes the continuation's logits (the mask reaches the model)."""
