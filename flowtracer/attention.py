@@ -59,7 +59,7 @@ import torch.utils.checkpoint
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from flowtracer.layers import LAYER_PRESETS, resolve_layers  # one home of the layer presets
+from flowtracer.layers import LAYER_PRESETS, resolve_layers
 
 try:  # optional fused kernels on CUDA; ships with CUDA builds of torch
     import triton

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+from typing import NoReturn
 
 from lightning.pytorch.cli import LightningCLI
 
@@ -206,12 +207,17 @@ def _run_tool(name: str, argv: list[str]) -> None:
     try:
         code = importlib.import_module(TOOLS[name]).main(argv)
     except USER_ERRORS as err:
-        if os.environ.get("FLOWTRACER_DEBUG"):
-            raise
-        print(f"flowtracer {name}: error: {err}", file=sys.stderr)
-        code = 2
+        _fail(f"flowtracer {name}", err, str(err))
     if code:
         sys.exit(code)
+
+
+def _fail(prog: str, err: BaseException, message: str) -> NoReturn:
+    """One `<prog>: error:` line and exit 2; FLOWTRACER_DEBUG=1 re-raises `err` (the traceback)."""
+    if os.environ.get("FLOWTRACER_DEBUG"):
+        raise err
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def main(args: list[str] | None = None) -> None:
@@ -228,6 +234,7 @@ def main(args: list[str] | None = None) -> None:
     # pacing dataloader, so resuming mid-epoch is exact.
     warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
     from jsonargparse import ArgumentError
+
     from flowtracer.data import PromptDataModule
     from flowtracer.module import GRPOModule
 
@@ -245,15 +252,9 @@ def main(args: list[str] | None = None) -> None:
                       save_config_kwargs={"overwrite": True},
                       parser_kwargs={**no_exit, **{c: no_exit for c in ("fit", "validate", "test", "predict")}})
     except ArgumentError as err:
-        if os.environ.get("FLOWTRACER_DEBUG"):
-            raise
-        print(f"flowtracer: error: config: {_config_message(str(err))}", file=sys.stderr)
-        sys.exit(2)
+        _fail("flowtracer", err, f"config: {_config_message(str(err))}")
     except USER_ERRORS as err:
-        if os.environ.get("FLOWTRACER_DEBUG"):
-            raise
-        print(f"flowtracer: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        _fail("flowtracer", err, str(err))
 
 
 if __name__ == "__main__":

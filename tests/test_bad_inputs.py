@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from flowtracer.cli import main
 from test_cli import read_metrics, write_config
 from tiny import tiny_model, tiny_tokenizer
+
+from flowtracer.cli import main
 
 
 def broken_model_dirs(root: Path, good: str) -> dict[str, str]:

@@ -11,7 +11,13 @@ import pytest
 import torch
 
 from flowtracer import policy
-from flowtracer.policy import LoraSpec, PolicyError, load_policy, merged_lora, reference_mode
+from flowtracer.policy import (
+    LoraSpec,
+    PolicyError,
+    load_policy,
+    merged_lora,
+    reference_mode,
+)
 from tests.tiny import tiny_model, tiny_tokenizer
 
 LORA = LoraSpec(r=4, alpha=8)
@@ -40,9 +46,8 @@ def test_local_folder_full_finetune(tiny_dir):
     assert tok.padding_side == "left" and tok.pad_token == tok.eos_token == "<|im_end|>"
     assert all(p.requires_grad for p in model.parameters())
     assert not policy.is_lora(model) and model.training
-    with pytest.raises(PolicyError, match="beta=0"):
-        with reference_mode(model):
-            pass
+    with pytest.raises(PolicyError, match="beta=0"), reference_mode(model):
+        pass
     disabled, _ = load_policy(str(tiny_dir), lora=LoraSpec(enabled=False))
     assert not policy.is_lora(disabled) and all(p.requires_grad for p in disabled.parameters())
 
@@ -90,8 +95,8 @@ def test_merged_lora_is_exact_and_restores_the_weights(tiny_dir):
     assert out.shape == (1, IDS.shape[1] + 3)
     after = dict(model.named_parameters())
     assert after.keys() == before.keys()
-    for n in before:
-        assert after[n] is params[n] and torch.equal(after[n], before[n]), n  # same tensors, bit-exact
+    for n, value in before.items():
+        assert after[n] is params[n] and torch.equal(after[n], value), n  # same tensors, bit-exact
     assert not layer.merged and torch.equal(_logits(model, IDS), expected)
 
 

@@ -9,10 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from flowtracer.tools.analysis import Verifiers, load_problems
 from flowtracer.credit.select import num_selected
 from flowtracer.policy import load_policy
-from flowtracer.tools.probe import ProbeResult, probe_batch, probe_masks, regenerate, run_probe
+from flowtracer.tools.analysis import Verifiers, load_problems
+from flowtracer.tools.probe import (
+    ProbeResult,
+    probe_batch,
+    probe_masks,
+    regenerate,
+    run_probe,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -28,10 +28,15 @@ def check_options(top_frac: float, gamma: float, select: str, mapping: str) -> N
     if not (math.isfinite(gamma) and gamma >= 0):
         raise ValueError(f"gamma = {gamma} must be a finite number >= 0; set it to the weight of the selected "
                          "tokens (default 1.5; 1 = uniform credit)")
-    if select not in SELECTS:
-        raise ValueError(f"select = {select!r} is not one of {SELECTS}; use 'top' (default) or 'bottom'")
-    if mapping not in MAPPINGS:
-        raise ValueError(f"mapping = {mapping!r} is not one of {MAPPINGS}; use 'hard' (default), 'linear' or 'rank'")
+    check_choice("select", select, SELECTS)
+    check_choice("mapping", mapping, MAPPINGS)
+
+
+def check_choice(name: str, value, choices: tuple) -> None:
+    """Raise ValueError naming the option, its value and the valid ones (the first is the default)."""
+    if value not in choices:
+        raise ValueError(f"{name} = {value!r} is not an option; use one of {', '.join(map(repr, choices))} "
+                         f"(default {choices[0]!r})")
 
 
 def num_selected(n: Tensor, top_frac: float) -> Tensor:

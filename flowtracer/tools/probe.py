@@ -33,10 +33,20 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from flowtracer.tools.analysis import (ARMS, QUICKSTART_SOURCES, Verifiers, arm_scores, format_prompts, given_responses,
-                                 judge, load_problems, rollout_batch, teacher_force)
 from flowtracer.credit.select import select_mask
 from flowtracer.rollout import SamplingConfig, _eos_ids, generate
+from flowtracer.tools.analysis import (
+    ARMS,
+    QUICKSTART_SOURCES,
+    Verifiers,
+    arm_scores,
+    format_prompts,
+    given_responses,
+    judge,
+    load_problems,
+    rollout_batch,
+    teacher_force,
+)
 
 
 @dataclass
@@ -57,9 +67,9 @@ class ProbeResult:
                 for arm in ("none", *ARMS)]
 
     def markdown(self) -> str:
-        lines = [f"{self.n_eligible}/{self.n_problems} problems eligible; {self.frac:.0%} of the reasoning "
-                 "tokens masked per arm", "", "| arm | answer changed | correctness flipped | masked share |",
-                 "|---|---|---|---|"]
+        head = (f"{self.n_eligible}/{self.n_problems} problems eligible; {self.frac:.0%} of the reasoning "
+                "tokens masked per arm")
+        lines = [head, "", "| arm | answer changed | correctness flipped | masked share |", "|---|---|---|---|"]
         lines += [f"| {r['arm']} | {r['changed']:.1%} | {r['flipped']:.1%} | {r['masked_share']:.1%} |"
                   for r in self.table()]
         return "\n".join(lines)
@@ -111,7 +121,7 @@ def regenerate(model, prompt_ids: Tensor, prompt_valid: Tensor, seg_ids: Tensor,
     cache = model(input_ids=prompt_ids, attention_mask=prompt_valid.long(), position_ids=pos, use_cache=True,
                   logits_to_keep=1).cache
     cache.batch_repeat_interleave(A)
-    rep = lambda t: t.repeat_interleave(A, 0)  # noqa: E731
+    rep = lambda t: t.repeat_interleave(A, 0)
     seg_keys = rep(seg_valid) & ~blocked.transpose(0, 1).flatten(0, 1)
     keys = torch.cat([rep(prompt_valid), seg_keys], 1).long()
     seg_pos = pos[:, -1:] + seg_valid.long().cumsum(-1)

@@ -20,13 +20,19 @@ from pathlib import Path
 
 import torch
 
-from flowtracer.tools.analysis import (DEFAULT_INSTRUCTION, Verifiers, format_prompts, given_responses, rollout_batch,
-                                 teacher_force)
 from flowtracer.credit import RolloutCallback
 from flowtracer.credit.select import select_mask
 from flowtracer.flow import trace_flow
 from flowtracer.layers import check_layers
 from flowtracer.rollout import RolloutBatch, SamplingConfig, generate
+from flowtracer.tools.analysis import (
+    DEFAULT_INSTRUCTION,
+    Verifiers,
+    format_prompts,
+    given_responses,
+    rollout_batch,
+    teacher_force,
+)
 
 
 @dataclass
