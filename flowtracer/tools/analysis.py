@@ -7,6 +7,7 @@ teacher-forced pass with the attention capture, and score every token with each 
 
 from __future__ import annotations
 
+import argparse
 
 import torch
 from torch import Tensor
@@ -23,6 +24,13 @@ from flowtracer.rewards.spans import char_span_to_token_mask
 from flowtracer.rollout import Generated, RolloutBatch, _question_mask, response_token_offsets
 
 QUICKSTART_SOURCES = ("data/arith_train.jsonl", "data/arith_val.jsonl")  # 80 + 20 = 100 problems
+
+
+def tool_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
+    """The command line every analysis tool starts from: its docstring as help, and --model."""
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m-instruct", help="bundled name, HF folder, .gguf or hub id")
+    return p
 
 
 def load_problems(sources: list[str], n: int | None = None) -> list[dict]:

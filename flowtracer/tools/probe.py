@@ -25,7 +25,6 @@ Greedy decoding on both sides makes every change an effect of the mask, not of s
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import dataclass, field
@@ -46,6 +45,7 @@ from flowtracer.tools.analysis import (
     load_problems,
     rollout_batch,
     teacher_force,
+    tool_parser,
 )
 
 
@@ -220,9 +220,7 @@ def run_probe(model, tokenizer, rows: list[dict], *, frac: float = 0.2, max_new_
 def main(argv: list[str]) -> int:
     from flowtracer.policy import load_policy
 
-    p = argparse.ArgumentParser(prog="flowtracer probe", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m-instruct", help="bundled name, HF folder, .gguf or hub id")
+    p = tool_parser("flowtracer probe", __doc__)
     p.add_argument("--data", nargs="+", default=list(QUICKSTART_SOURCES), help="problem sources (load_rows grammar)")
     p.add_argument("--n", type=int, default=100, help="problems (the first n of --data)")
     p.add_argument("--frac", type=float, default=0.2, help="share of the reasoning tokens masked")

@@ -12,7 +12,6 @@ N steps of a `fit` into <run>/traces/.
 
 from __future__ import annotations
 
-import argparse
 import html
 import json
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from flowtracer.tools.analysis import (
     given_responses,
     rollout_batch,
     teacher_force,
+    tool_parser,
 )
 
 
@@ -261,9 +261,7 @@ class TraceCallback(RolloutCallback):
 def main(argv: list[str]) -> int:
     from flowtracer.policy import load_policy
 
-    p = argparse.ArgumentParser(prog="flowtracer trace", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m-instruct", help="bundled name, HF folder, .gguf or hub id")
+    p = tool_parser("flowtracer trace", __doc__)
     p.add_argument("--prompt", required=True, help="the question")
     p.add_argument("--response", help="the response to trace (default: generate one)")
     p.add_argument("--answer", help="reference answer (for the reward; the answer span is parsed either way)")
