@@ -26,7 +26,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from flowtracer.attention import resolve_layers, teacher_forced_pass  # noqa: E402
+from flowtracer.attention import teacher_forced_pass  # noqa: E402
+from flowtracer.layers import resolve_layers  # noqa: E402
 
 
 def build_model(tiny: bool, device: str, dtype: torch.dtype):

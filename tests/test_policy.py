@@ -1,4 +1,4 @@
-"""Model loading, LoRA, reference mode and trainable-state round trips on tiny local models."""
+"""Model loading, LoRA, reference mode, merged adapters and clear errors on tiny local models."""
 
 from __future__ import annotations
 
