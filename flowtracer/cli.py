@@ -29,6 +29,8 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, K
 # Config loggers of these classes get flowtracer's crash-safe drop-in (same arguments).
 _CSV_LOGGERS = ("lightning.pytorch.loggers.CSVLogger", "lightning.pytorch.loggers.csv_logs.CSVLogger", "CSVLogger")
 _SAFE_CSV = "flowtracer.csvlog.CSVLogger"
+# --ckpt_path values that name no file: ours ("last" = newest of this run name) and Lightning's
+_CKPT_KEYWORDS = ("last", "best", "hpc")
 
 
 def _default_loggers(name: str = "run") -> list[dict]:
@@ -67,8 +69,9 @@ class FlowtracerCLI(LightningCLI):
         from flowtracer.checks import check_checkpoint
 
         sub = self.config.get(self.config.get("subcommand") or "")
-        if sub is not None and sub.get("ckpt_path") not in (None, "last"):
-            check_checkpoint(str(sub["ckpt_path"]))
+        path = sub.get("ckpt_path") if sub is not None else None
+        if path is not None and path not in _CKPT_KEYWORDS and not str(path).startswith("registry"):
+            check_checkpoint(str(path))
 
     def before_instantiate_classes(self) -> None:
         # `--ckpt_path last` resumes the newest checkpoint of this run name.
@@ -92,7 +95,7 @@ class FlowtracerCLI(LightningCLI):
         try:
             super().instantiate_classes()
         except ValueError as err:
-            raise init_error(err) from err
+            raise _init_error(err) from err
 
     def before_fit(self) -> None:
         # Every input check runs here, before Lightning writes config.yaml or opens a log folder.
@@ -103,7 +106,7 @@ class FlowtracerCLI(LightningCLI):
         self.model.preflight_done = True
 
 
-def init_error(err: BaseException) -> BaseException:
+def _init_error(err: BaseException) -> BaseException:
     """The innermost cause of a jsonargparse instantiation error, prefixed with the config key and
     class whose __init__ raised it; `err` itself when the cause is jsonargparse's own."""
     from flowtracer.checks import ConfigError

@@ -49,7 +49,8 @@ def main() -> None:
                     code = done.code
             lines = [ln for ln in err.getvalue().splitlines() if ln.startswith("flowtracer: error:")]
             message = lines[-1].removeprefix("flowtracer: error:").strip() if lines else "(no error line)"
-            message = message.replace(str(work), "<tmp>").replace(str(tmp), "<models>").replace("|", "\\|")
+            message = message.replace(str(work), "<tmp>").replace(str(tmp), "<models>").replace(str(ROOT), "<repo>")
+            message = message.replace("|", "\\|")
             print(f"| {case} | {code} | {message} |")
 
 
