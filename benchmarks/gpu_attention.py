@@ -26,7 +26,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from flowtracer.attention import resolve_layers  # noqa: E402
+from flowtracer.layers import resolve_layers  # noqa: E402
 from flowtracer.step.forward import teacher_forced_pass  # noqa: E402
 
 

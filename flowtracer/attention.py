@@ -54,10 +54,10 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from flowtracer import kernels
+from flowtracer.layers import LAYER_PRESETS, resolve_layers
 
 __all__ = ["LAYER_PRESETS", "AttentionCapture", "capture_attention", "resolve_layers"]
 
-LAYER_PRESETS = ("early", "middle", "late", "all")
 BACKENDS = ("auto", "torch", "triton")
 # Working-memory budgets of the chunked loops. Left as None they are 1/4 (attention) and 1/2
 # (vocabulary) of the (B, T, vocab) logits a plain forward materialises, clamped to [MIN, MAX]; the
@@ -67,35 +67,6 @@ MAX_CHUNK_BYTES = 256 * 2**20
 MIN_CHUNK_BYTES = 4 * 2**20
 _PREFIX = "flowtracer_"
 _STATE_ATTR = "_flowtracer_capture"
-
-
-# --------------------------------------------------------------------------- layer selection
-def resolve_layers(spec: str | Sequence[int] | range, num_layers: int) -> list[int]:
-    """Turn a layer selection into a sorted list of layer indices.
-
-    ``"middle"`` = [floor(L/3), floor(2L/3)) (the paper's default), ``"early"`` = [0, floor(L/3)),
-    ``"late"`` = [floor(2L/3), L), ``"all"`` = [0, L), or an explicit list/range of indices in
-    [0, L). Duplicates count once (a layer is never averaged in twice).
-    """
-    L = int(num_layers)
-    if isinstance(spec, str):
-        bounds = {"early": (0, L // 3), "middle": (L // 3, 2 * L // 3), "late": (2 * L // 3, L), "all": (0, L)}
-        if spec not in bounds:
-            raise ValueError(f"capture_layers={spec!r} is not one of {LAYER_PRESETS} or a list of layer indices")
-        layers = list(range(*bounds[spec]))
-        if not layers:
-            raise ValueError(f"capture_layers={spec!r} selects no layer of a {L}-layer model; pass explicit indices")
-        return layers
-    try:
-        layers = sorted({int(i) for i in spec})
-    except TypeError:
-        raise ValueError(f"capture_layers must be a preset name {LAYER_PRESETS} or a list of ints, got {spec!r}") from None
-    if not layers:
-        raise ValueError("capture_layers is an empty list; pass None to skip the attention capture")
-    bad = [i for i in layers if not 0 <= i < L]
-    if bad:
-        raise ValueError(f"capture_layers {bad} out of range: this model has {L} layers, valid indices are 0..{L - 1}")
-    return layers
 
 
 # --------------------------------------------------------------------------- model plumbing

@@ -9,7 +9,11 @@ context, the chat template and the credit arm's attention layers. Each failure r
 
 from __future__ import annotations
 
+import os
+
 from flowtracer.data.sources import DataError
+from flowtracer.layers import resolve_layers
+
 
 class ConfigError(ValueError):
     """A setting or input that cannot work; the message names the fix."""
@@ -101,10 +105,8 @@ def check_prompts(module, datamodule, rows: list[dict], where: str) -> None:
                 "model.sampling.max_new_tokens, shorten data.instruction/system_prompt, or drop long rows")
 
 
-def check_layers(module, callbacks) -> None:
+def check_capture_layers(module, callbacks) -> None:
     """Attention layers a credit arm asks for must exist in the model."""
-    from flowtracer.attention import resolve_layers
-
     n = _num_layers(module.policy)
     for cb in callbacks:
         if not getattr(cb, "needs_attention", False) or n is None:
@@ -112,8 +114,24 @@ def check_layers(module, callbacks) -> None:
         try:
             resolve_layers(cb.capture_layers, n)
         except ValueError as exc:
-            raise ConfigError(f"trainer.callbacks {type(cb).__name__}.layers = {cb.capture_layers!r}: {exc}; "
-                              f"use 'middle' or indices in 0..{n - 1}") from exc
+            raise ConfigError(f"trainer.callbacks {type(cb).__name__}: {exc}") from exc
+
+
+def check_checkpoint(path: str) -> None:
+    """`--ckpt_path` must be a Lightning checkpoint file. Checked before LightningCLI reads its
+    hyper-parameters (a torch.load traceback otherwise) and before a run folder is opened."""
+    import torch
+
+    fix = ("pass a checkpoint a run wrote (<save_dir>/<name>/version_N/checkpoints/last.ckpt), "
+           "--ckpt_path last for the newest one of this run name, or no --ckpt_path to start fresh")
+    if not os.path.isfile(path):
+        raise ConfigError(f"--ckpt_path {path} {'is a folder' if os.path.isdir(path) else 'does not exist'}; {fix}")
+    try:  # mmap: the tensors are not read, so a large checkpoint costs nothing here
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # a text file, a truncated zip, a pickle of other objects...
+        raise ConfigError(f"--ckpt_path {path} is not a checkpoint (torch.load: {type(exc).__name__}); {fix}") from exc
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise ConfigError(f"--ckpt_path {path} is a torch file but not a Lightning checkpoint (no state_dict); {fix}")
 
 
 def check_credit_callbacks(callbacks) -> None:
@@ -136,7 +154,7 @@ def preflight(module, datamodule, world_size: int = 1, callbacks=()) -> None:
         src = datamodule.train_source if split.startswith("training") else (datamodule.val_source or datamodule.train_source)
         check_references(module, rows, f"{split} {src}")
         check_prompts(module, datamodule, rows, f"{split} {src}")
-    check_layers(module, callbacks)
+    check_capture_layers(module, callbacks)
 
 
 def _config(model):

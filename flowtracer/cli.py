@@ -19,7 +19,9 @@ shows the traceback).
 from __future__ import annotations
 
 import os
+import re
 import sys
+from typing import NoReturn
 
 from lightning.pytorch.cli import LightningCLI
 
@@ -27,6 +29,8 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, K
 # Config loggers of these classes get flowtracer's crash-safe drop-in (same arguments).
 _CSV_LOGGERS = ("lightning.pytorch.loggers.CSVLogger", "lightning.pytorch.loggers.csv_logs.CSVLogger", "CSVLogger")
 _SAFE_CSV = "flowtracer.csvlog.CSVLogger"
+# --ckpt_path values that name no file: ours ("last" = newest of this run name) and Lightning's
+_CKPT_KEYWORDS = ("last", "best", "hpc")
 
 
 def _default_loggers(name: str = "run") -> list[dict]:
@@ -58,18 +62,40 @@ class FlowtracerCLI(LightningCLI):
                              "checkpoint.save_top_k": 0})
         parser.add_lightning_class_args(RichProgressBar, "progress_bar")
 
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        # Before LightningCLI torch.loads the checkpoint for its hyper-parameters and before the
+        # trainer opens a run folder; `last` is resolved (and checked) in before_instantiate_classes.
+        from flowtracer.checks import check_checkpoint
+
+        sub = self.config.get(self.config.get("subcommand") or "")
+        path = sub.get("ckpt_path") if sub is not None else None
+        if path is not None and path not in _CKPT_KEYWORDS and not str(path).startswith("registry"):
+            check_checkpoint(str(path))
+
     def before_instantiate_classes(self) -> None:
         # `--ckpt_path last` resumes the newest checkpoint of this run name.
+        from flowtracer.checks import check_checkpoint
+
         sub = self.config.get(self.subcommand) if self.subcommand else None
         if sub is None:
             return
         if sub.get("ckpt_path") == "last":
             sub["ckpt_path"] = _latest_checkpoint(sub)
+            check_checkpoint(sub["ckpt_path"])
         for lg in _loggers(sub):
             if lg.get("class_path") in _CSV_LOGGERS:
                 lg["class_path"] = _SAFE_CSV
         if sub.get("ckpt_path"):
             _continue_run_folder(sub)
+
+    def instantiate_classes(self) -> None:
+        # An arm's (or the model's) own ValueError reaches us wrapped in jsonargparse's union report
+        # (every subtype it tried, the whole value); show the one line of the class that raised it.
+        try:
+            super().instantiate_classes()
+        except ValueError as err:
+            raise _init_error(err) from err
 
     def before_fit(self) -> None:
         # Every input check runs here, before Lightning writes config.yaml or opens a log folder.
@@ -78,6 +104,60 @@ class FlowtracerCLI(LightningCLI):
         cbs = [cb for cb in self.trainer.callbacks]
         preflight(self.model, self.datamodule, self.trainer.world_size, _rollout_callbacks(cbs))
         self.model.preflight_done = True
+
+
+def _init_error(err: BaseException) -> BaseException:
+    """The innermost cause of a jsonargparse instantiation error, prefixed with the config key and
+    class whose __init__ raised it; `err` itself when the cause is jsonargparse's own."""
+    from flowtracer.checks import ConfigError
+
+    inner = err
+    while inner.__cause__ is not None:
+        inner = inner.__cause__
+    frames = []
+    tb = inner.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    if inner is err or not frames or "jsonargparse" in frames[-1].f_code.co_filename:
+        return err
+    owner = next((f.f_locals["self"] for f in frames if f.f_code.co_name == "__init__" and "self" in f.f_locals), None)
+    return ConfigError(f"{_config_key(owner)}: {inner}")
+
+
+def _config_key(obj) -> str:
+    from lightning.pytorch import Callback, LightningDataModule, LightningModule
+
+    name = type(obj).__name__
+    for cls, key in ((Callback, "trainer.callbacks"), (LightningModule, "model"), (LightningDataModule, "data")):
+        if isinstance(obj, cls):
+            return f"{key} {name}"
+    return name if obj is not None else "config"
+
+
+def _config_message(text: str) -> str:
+    """One line for a jsonargparse error. For a class given by class_path (a credit arm), its
+    union report (every subtype tried, the whole value) shrinks to the reason that class gave."""
+    lines = text.splitlines()
+    at = next((i for i, ln in enumerate(lines) if "Problem with given class_path" in ln), None)
+    if at is None:
+        return (" ".join(text.split()) + " (run `flowtracer fit --help` or --print_config to see every key "
+                "and its type)")
+    key = re.search(r'Parser key "([^"]+)"', text)
+    class_path = re.search(r"class_path '([^']+)'", lines[at]).group(1)
+    depth = len(lines[at]) - len(lines[at].lstrip())
+    reason = []
+    for ln in lines[at + 1:]:
+        if len(ln) - len(ln.lstrip()) <= depth:
+            break
+        reason.append(ln.strip())
+    where, reason = key.group(1) if key else "config", " ".join(reason)
+    if "has no attribute" in reason or "No module named" in reason:
+        from flowtracer import credit
+
+        arms = ", ".join(n for n in credit.__all__ if n.endswith("Credit") and n != "ScoreCredit")
+        return f"{where} {class_path}: {reason}; check the class_path (credit arms: flowtracer.credit.{{{arms}}})"
+    return f"{where} {class_path}: {reason} (its options: `flowtracer fit --{where}.help {class_path}`)"
 
 
 def _rollout_callbacks(callbacks):
@@ -130,12 +210,17 @@ def _run_tool(name: str, argv: list[str]) -> None:
     try:
         code = importlib.import_module(TOOLS[name]).main(argv)
     except USER_ERRORS as err:
-        if os.environ.get("FLOWTRACER_DEBUG"):
-            raise
-        print(f"flowtracer {name}: error: {err}", file=sys.stderr)
-        code = 2
+        _fail(f"flowtracer {name}", err, str(err))
     if code:
         sys.exit(code)
+
+
+def _fail(prog: str, err: BaseException, message: str) -> NoReturn:
+    """One `<prog>: error:` line and exit 2; FLOWTRACER_DEBUG=1 re-raises `err` (the traceback)."""
+    if os.environ.get("FLOWTRACER_DEBUG"):
+        raise err
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def main(args: list[str] | None = None) -> None:
@@ -152,6 +237,7 @@ def main(args: list[str] | None = None) -> None:
     # pacing dataloader, so resuming mid-epoch is exact.
     warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
     from jsonargparse import ArgumentError
+
     from flowtracer.data import PromptDataModule
     from flowtracer.module import GRPOModule
 
@@ -169,17 +255,9 @@ def main(args: list[str] | None = None) -> None:
                       save_config_kwargs={"overwrite": True},
                       parser_kwargs={**no_exit, **{c: no_exit for c in ("fit", "validate", "test", "predict")}})
     except ArgumentError as err:
-        if os.environ.get("FLOWTRACER_DEBUG"):
-            raise
-        msg = " ".join(str(err).split())
-        print(f"flowtracer: error: config: {msg} (run `flowtracer fit --help` or --print_config to see "
-              "every key and its type)", file=sys.stderr)
-        sys.exit(2)
+        _fail("flowtracer", err, f"config: {_config_message(str(err))}")
     except USER_ERRORS as err:
-        if os.environ.get("FLOWTRACER_DEBUG"):
-            raise
-        print(f"flowtracer: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        _fail("flowtracer", err, str(err))
 
 
 if __name__ == "__main__":

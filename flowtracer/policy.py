@@ -21,12 +21,14 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import pickle
 import shutil
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -197,10 +199,45 @@ def _load_pretrained(source: str, dtype: Any, attn_implementation: str, revision
     return model, tokenizer
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+def _load_folder(path: Path, dtype: Any, attn_implementation: str, bundled: bool = False):
+    """A save_pretrained folder. A missing or broken tokenizer or weight file gets one message
+    naming the folder (transformers would blame sentencepiece or show a safetensors traceback)."""
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    def fix(what: str) -> str:
+        if bundled:
+            return f"delete {path}; the bundled model is converted again on the next load"
+        return f"write them with {what}.save_pretrained({str(path)!r}) or copy them from the model's source"
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except Exception as exc:  # no vocabulary surfaces as ValueError (sentencepiece), OSError or TypeError
+        if not (any(path.glob("tokenizer*")) or any(path.glob("vocab*")) or any(path.glob("*.model"))):
+            raise PolicyError(f"model folder {path} has no tokenizer files (tokenizer.json, "
+                              f"tokenizer_config.json); {fix('tokenizer')}") from exc
+        raise PolicyError(f"model folder {path}: the tokenizer files could not be loaded ({_first_line(exc)}); "
+                          f"{fix('tokenizer')}") from exc
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=dtype, attn_implementation=attn_implementation
+        )
+    except (OSError, EOFError, SafetensorError, pickle.UnpicklingError) as exc:
+        raise PolicyError(f"model folder {path}: the weights could not be read ({_first_line(exc)}); "
+                          f"{fix('model')}") from exc
+    return model, tokenizer
+
+
 def _load_base(name_or_path: str, dtype: Any, attn_implementation: str, revision: str | None):
     key = name_or_path.strip().lower()
     if key in BUNDLED:
-        return _load_pretrained(str(bundled_model_dir(key)), dtype, attn_implementation, None)
+        folder = bundled_model_dir(key)
+        return _load_folder(folder, dtype, attn_implementation, bundled=True)
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -208,7 +245,7 @@ def _load_base(name_or_path: str, dtype: Any, attn_implementation: str, revision
                 f"folder {path} has no config.json; point to a folder written by save_pretrained "
                 "(config.json, weights and tokenizer files)."
             )
-        return _load_pretrained(str(path), dtype, attn_implementation, None)
+        return _load_folder(path, dtype, attn_implementation)
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise PolicyError(f"{path} is a file but not a .gguf; pass its folder or a .gguf file.")
@@ -228,8 +265,8 @@ def _load_base(name_or_path: str, dtype: Any, attn_implementation: str, revision
                 f"or pass a local folder / .gguf file / bundled name ({', '.join(BUNDLED)})."
             ) from exc
         raise PolicyError(
-            f"could not load '{name_or_path}' from the Hugging Face hub ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}); check the id and the network, or "
+            f"could not load '{name_or_path}' from the Hugging Face hub ({_first_line(exc)}); "
+            "check the id and the network, or "
             f"pass a local folder / .gguf file / bundled name ({', '.join(BUNDLED)})."
         ) from exc
 
@@ -299,11 +336,6 @@ def is_lora(model) -> bool:
     return isinstance(model, PeftModel)
 
 
-def trainable_parameters(model) -> list[torch.nn.Parameter]:
-    """The parameters the optimizer should update (adapters under LoRA, all weights otherwise)."""
-    return [p for p in model.parameters() if p.requires_grad]
-
-
 @contextmanager
 def reference_mode(model) -> Iterator[None]:
     """Inside this block `model` computes the reference policy: the base model, adapters off.
@@ -355,40 +387,3 @@ def merged_lora(model) -> Iterator[None]:
         for layer, base, weight in swaps:
             base.weight = weight
             layer.merged_adapters = []
-
-
-def save_trainable_state(model) -> dict[str, torch.Tensor]:
-    """The weights a checkpoint must hold: adapter weights under LoRA, the full state otherwise.
-
-    Tensors are detached CPU copies, so later training steps cannot change a saved state.
-    """
-    if is_lora(model):
-        from peft import get_peft_model_state_dict
-
-        state = get_peft_model_state_dict(model)
-    else:
-        state = model.state_dict()
-    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
-
-
-def load_trainable_state(model, state: dict[str, torch.Tensor]) -> None:
-    """Restore what `save_trainable_state` returned, into a model loaded the same way."""
-    if is_lora(model):
-        from peft import get_peft_model_state_dict, set_peft_model_state_dict
-
-        expected = set(get_peft_model_state_dict(model))
-        if set(state) != expected:
-            raise PolicyError(
-                "the saved state does not match this model's LoRA adapters "
-                f"({len(set(state) - expected)} unexpected, {len(expected - set(state))} missing keys); "
-                "load it with the same model and lora settings it was saved with."
-            )
-        set_peft_model_state_dict(model, state)
-        return
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise PolicyError(
-            "the saved state does not match this model "
-            f"(missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}); a LoRA "
-            "checkpoint needs lora enabled with the same settings, a full one needs lora disabled."
-        )

@@ -15,11 +15,12 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+# this checkout (not an installed flowtracer) and the test helpers
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 
 def main() -> None:
-    from test_bad_inputs import CASES
+    from test_bad_inputs import CASES, broken_model_dirs
     from test_cli import write_config
     from tiny import tiny_model, tiny_tokenizer
 
@@ -27,15 +28,12 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        dirs = {"tiny": tmp / "tiny", "no_template": tmp / "no_template"}
         model, tok = tiny_model("llama"), tiny_tokenizer()
         model.generation_config.eos_token_id = tok.eos_token_id
         model.generation_config.pad_token_id = tok.pad_token_id
-        model.save_pretrained(dirs["tiny"])
-        tok.save_pretrained(dirs["tiny"])
-        model.save_pretrained(dirs["no_template"])
-        tiny_tokenizer(chat_template=False).save_pretrained(dirs["no_template"])
-        dirs = {k: str(v) for k, v in dirs.items()}
+        model.save_pretrained(tmp / "tiny")
+        tok.save_pretrained(tmp / "tiny")
+        dirs = broken_model_dirs(tmp, str(tmp / "tiny"))
 
         print("| case | exit | message |")
         print("| --- | --- | --- |")
@@ -51,7 +49,8 @@ def main() -> None:
                     code = done.code
             lines = [ln for ln in err.getvalue().splitlines() if ln.startswith("flowtracer: error:")]
             message = lines[-1].removeprefix("flowtracer: error:").strip() if lines else "(no error line)"
-            message = message.replace(str(work), "<tmp>").replace(dirs["tiny"], "<model>").replace("|", "\\|")
+            message = message.replace(str(work), "<tmp>").replace(str(tmp), "<models>").replace(str(ROOT), "<repo>")
+            message = message.replace("|", "\\|")
             print(f"| {case} | {code} | {message} |")
 
 

@@ -7,28 +7,43 @@ counted) and an answer span that cannot be located (uniform fallback, counted).
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import yaml
+from test_cli import read_metrics, write_config
+from tiny import tiny_model, tiny_tokenizer
 
 from flowtracer.cli import main
-from test_cli import ROOT, read_metrics, write_config
-from tiny import tiny_model, tiny_tokenizer
+
+
+def broken_model_dirs(root: Path, good: str) -> dict[str, str]:
+    """Model folders a user can get wrong, next to the good tiny one: no chat template, corrupted
+    weights, no tokenizer files."""
+    dirs = {"tiny": good, **{k: root / k for k in ("no_template", "bad_weights", "no_tokenizer")}}
+    model = tiny_model("llama")
+    model.save_pretrained(dirs["no_template"])
+    tiny_tokenizer(chat_template=False).save_pretrained(dirs["no_template"])
+    shutil.copytree(good, dirs["bad_weights"])
+    (dirs["bad_weights"] / "model.safetensors").write_bytes(b"not safetensors" * 8)
+    model.save_pretrained(dirs["no_tokenizer"])
+    return {k: str(v) for k, v in dirs.items()}
 
 
 @pytest.fixture(scope="module")
-def no_template_model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_no_template")
-    tiny_model("llama").save_pretrained(path)
-    tiny_tokenizer(chat_template=False).save_pretrained(path)
-    return str(path)
+def model_dirs(tmp_path_factory, tiny_model_dir):
+    return broken_model_dirs(tmp_path_factory.mktemp("model_dirs"), tiny_model_dir)
 
 
 def _file(tmp: Path, name: str, text: str) -> str:
     p = tmp / name
     p.write_text(text)
     return str(p)
+
+
+def _arm(name: str, **init_args) -> list[str]:
+    return ["--trainer.callbacks", json.dumps([{"class_path": f"flowtracer.credit.{name}", "init_args": init_args}])]
 
 
 FLOW_LAYERS_99 = json.dumps([{"class_path": "flowtracer.credit.FlowCredit", "init_args": {"layers": [0, 99]}}])
@@ -64,25 +79,36 @@ CASES = {
     "KL without LoRA": (lambda t, m: ["--model.loss.beta", "0.1", "--model.lora", "null"], ["beta", "LoRA"]),
     "resume with no checkpoint": (lambda t, m: ["--ckpt_path", "last"], ["last.ckpt", "without --ckpt_path"]),
     "zero skip budget": (lambda t, m: ["--model.optim.max_consecutive_skips", "0"], ["max_consecutive_skips", ">= 1"]),
+    "credit arm: top_frac above 1": (lambda t, m: _arm("FlowCredit", top_frac=1.5), ["FlowCredit", "top_frac = 1.5", "[0, 1]"]),
+    "credit arm: negative gamma": (lambda t, m: _arm("RandomCredit", gamma=-1), ["RandomCredit", "gamma = -1", ">= 0"]),
+    "credit arm: unknown layer preset": (lambda t, m: _arm("FlowCredit", layers="middlish"), ["FlowCredit", "'middlish'", "'middle'"]),
+    "attention arm: unknown layer preset": (lambda t, m: _arm("AttentionCredit", layers="middlish"), ["AttentionCredit", "'middlish'", "'middle'"]),
+    "credit arm: unknown option": (lambda t, m: _arm("FlowCredit", top_fraction=0.5), ["top_fraction", "not accepted", "--trainer.callbacks.help"]),
+    "credit arm: unknown class": (lambda t, m: _arm("FlowCrdit"), ["FlowCrdit", "FlowCredit"]),
+    "ckpt_path is a text file": (lambda t, m: ["--ckpt_path", _file(t, "notes.ckpt", "step 3 looked good\n")], ["notes.ckpt", "not a checkpoint", "last.ckpt"]),
+    "ckpt_path does not exist": (lambda t, m: ["--ckpt_path", str(t / "logs/tiny/version_0/checkpoints/last.ckpt")], ["last.ckpt", "does not exist", "--ckpt_path last"]),
+    "model folder with corrupted weights": (lambda t, m: ["--model.model", m["bad_weights"]], ["bad_weights", "weights could not be read", "save_pretrained"]),
+    "model folder without tokenizer files": (lambda t, m: ["--model.model", m["no_tokenizer"]], ["no_tokenizer", "no tokenizer files", "tokenizer.save_pretrained"]),
 }
 
 
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_is_one_clear_error(case, tmp_path, tiny_model_dir, no_template_model_dir, capsys):
+def test_bad_input_is_one_clear_error(case, tmp_path, model_dirs, capsys, monkeypatch):
     extra, words = CASES[case]
-    cfg = write_config(tmp_path, tiny_model_dir, steps=1)
-    args = ["fit", "--config", str(cfg), *extra(tmp_path, {"tiny": tiny_model_dir, "no_template": no_template_model_dir})]
+    cfg = write_config(tmp_path, model_dirs["tiny"], steps=1)
+    monkeypatch.chdir(tmp_path)  # Lightning's default folders (lightning_logs/) would land here
     with pytest.raises(SystemExit) as done:
-        main(args)
+        main(["fit", "--config", str(cfg), *extra(tmp_path, model_dirs)])
     assert done.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err and err[-1].startswith("flowtracer: error:"), err[-3:]
     assert not any(line.startswith("Traceback") for line in err)
     for word in words:
         assert word in err[-1], (word, err[-1])
-    assert not (tmp_path / "logs").exists()  # nothing written: no run folder, config, metrics or checkpoint
+    # nothing written: no run folder, config, metrics or checkpoint, in the save_dir or the cwd
+    assert not (tmp_path / "logs").exists() and not (tmp_path / "lightning_logs").exists()
 
 
 def test_faulty_reward_and_unlocatable_span_are_counted_and_the_run_goes_on(tmp_path, tiny_model_dir):

@@ -1,9 +1,10 @@
-"""Model loading, LoRA, reference mode and trainable-state round trips on tiny local models."""
+"""Model loading, LoRA, reference mode, merged adapters and clear errors on tiny local models."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import time
 
 import pytest
@@ -11,7 +12,11 @@ import torch
 
 from flowtracer import policy
 from flowtracer.policy import (
-    LoraSpec, PolicyError, load_policy, load_trainable_state, merged_lora, reference_mode, save_trainable_state,
+    LoraSpec,
+    PolicyError,
+    load_policy,
+    merged_lora,
+    reference_mode,
 )
 from tests.tiny import tiny_model, tiny_tokenizer
 
@@ -41,21 +46,19 @@ def test_local_folder_full_finetune(tiny_dir):
     assert tok.padding_side == "left" and tok.pad_token == tok.eos_token == "<|im_end|>"
     assert all(p.requires_grad for p in model.parameters())
     assert not policy.is_lora(model) and model.training
-    with pytest.raises(PolicyError, match="beta=0"):
-        with reference_mode(model):
-            pass
+    with pytest.raises(PolicyError, match="beta=0"), reference_mode(model):
+        pass
+    disabled, _ = load_policy(str(tiny_dir), lora=LoraSpec(enabled=False))
+    assert not policy.is_lora(disabled) and all(p.requires_grad for p in disabled.parameters())
 
 
 def test_lora_trains_only_adapters(tiny_dir):
     model, _ = load_policy(str(tiny_dir), lora=LORA, gradient_checkpointing=True)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
-    assert {p for p in policy.trainable_parameters(model)} == {
-        p for n, p in model.named_parameters() if n in trainable
-    }
     # gradients reach the adapters through checkpointed layers
     model(input_ids=IDS, labels=IDS).loss.backward()
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.trainable_parameters(model))
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
 
 
 def test_reference_mode_is_the_base_model(tiny_dir):
@@ -92,36 +95,30 @@ def test_merged_lora_is_exact_and_restores_the_weights(tiny_dir):
     assert out.shape == (1, IDS.shape[1] + 3)
     after = dict(model.named_parameters())
     assert after.keys() == before.keys()
-    for n in before:
-        assert after[n] is params[n] and torch.equal(after[n], before[n]), n  # same tensors, bit-exact
+    for n, value in before.items():
+        assert after[n] is params[n] and torch.equal(after[n], value), n  # same tensors, bit-exact
     assert not layer.merged and torch.equal(_logits(model, IDS), expected)
 
 
-@pytest.mark.parametrize("lora", [LORA, None])
-def test_trainable_state_round_trip(tiny_dir, lora):
-    model, _ = load_policy(str(tiny_dir), lora=lora)
-    with torch.no_grad():
-        for p in policy.trainable_parameters(model):
-            p.add_(torch.randn_like(p))
-    state = save_trainable_state(model)
-    if lora is not None:
-        assert state and all("lora_" in k for k in state)
-    model.eval()
-    expected = _logits(model, IDS)
-    fresh, _ = load_policy(str(tiny_dir), lora=lora)
-    fresh.eval()
-    load_trainable_state(fresh, state)
-    assert torch.allclose(_logits(fresh, IDS), expected, atol=1e-6)
-
-
-def test_state_mismatch_is_clear(tiny_dir):
-    lora_model, _ = load_policy(str(tiny_dir), lora=LORA)
-    full_model, _ = load_policy(str(tiny_dir), lora=LoraSpec(enabled=False))
-    assert not policy.is_lora(full_model)
-    with pytest.raises(PolicyError, match="same"):
-        load_trainable_state(lora_model, save_trainable_state(full_model))
-    with pytest.raises(PolicyError, match="lora"):
-        load_trainable_state(full_model, save_trainable_state(lora_model))
+def test_broken_model_folders_are_named(tiny_dir, tmp_path):
+    """Missing or corrupted parts of a save_pretrained folder: one message naming the folder and the fix."""
+    no_tok = tmp_path / "no_tok"
+    tiny_model("llama").save_pretrained(no_tok)
+    with pytest.raises(PolicyError, match=r"no_tok has no tokenizer files.*tokenizer\.save_pretrained"):
+        load_policy(str(no_tok))
+    bad_tok = tmp_path / "bad_tok"
+    shutil.copytree(tiny_dir, bad_tok)
+    (bad_tok / "tokenizer.json").write_text("{not json")
+    with pytest.raises(PolicyError, match="bad_tok: the tokenizer files could not be loaded"):
+        load_policy(str(bad_tok))
+    bad_weights = tmp_path / "bad_weights"
+    shutil.copytree(tiny_dir, bad_weights)
+    (bad_weights / "model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(PolicyError, match=r"bad_weights: the weights could not be read.*model\.save_pretrained"):
+        load_policy(str(bad_weights))
+    (bad_weights / "model.safetensors").unlink()
+    with pytest.raises(PolicyError, match="weights could not be read"):
+        load_policy(str(bad_weights))
 
 
 def test_missing_path_error(tmp_path):

@@ -9,10 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from flowtracer.tools.analysis import Verifiers, load_problems
 from flowtracer.credit.select import num_selected
 from flowtracer.policy import load_policy
-from flowtracer.tools.probe import ProbeResult, probe_batch, probe_masks, regenerate, run_probe
+from flowtracer.tools.analysis import Verifiers, load_problems
+from flowtracer.tools.probe import (
+    ProbeResult,
+    probe_batch,
+    probe_masks,
+    regenerate,
+    run_probe,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,6 +60,26 @@ def test_probe_runs_on_tiny_model(tiny_model_dir):
     assert set(table) == {"none", "flow_top", "flow_bottom", "random", "entropy", "attention"}
     assert all(0.0 <= r["changed"] <= 1.0 and 0.0 <= r["flipped"] <= 1.0 for r in table.values())
     assert "| flow_top |" in result.markdown()
+
+
+def test_none_arm_changes_no_greedy_answer(tiny_model_dir):
+    """Nothing masked: regenerating each greedy response from its cut gives back its answer (0 changed,
+    0 flipped). The same probe on those responses with the answer swapped reports every one changed,
+    so the 0 is a measurement and not a constant."""
+    model, tok = load_policy(tiny_model_dir, lora=None)
+    model.eval()
+    # the 5th character is the answer: a random tiny model's greedy text then always has one
+    rows = [{**r, "verifier": "faulty_rewards:fifth_char"} for r in load_problems([str(ROOT / "data/arith_train.jsonl")], 6)]
+    greedy = ProbeResult(frac=0.2)
+    probe_batch(model, tok, rows, greedy, verifiers=Verifiers(), max_new_tokens=8)
+    assert greedy.n_problems == greedy.n_eligible == 6
+    assert greedy.changed["none"] == 0 and greedy.flipped["none"] == 0
+    originals = [r["original"] for r in greedy.records if r["arm"] == "random"]
+    assert len(originals) == 6 and all(len(o) >= 5 for o in originals)
+    swapped = [o[:4] + ("1" if o[4] == "0" else "0") + o[5:] for o in originals]
+    given = ProbeResult(frac=0.2)
+    probe_batch(model, tok, rows, given, verifiers=Verifiers(), max_new_tokens=8, responses=swapped)
+    assert given.n_eligible == 6 and given.changed["none"] == 6
 
 
 def test_regenerate_matches_generate_and_masking_changes_logits(tiny_model_dir):

@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from flowtracer.credit.base import ScoreCredit, check_layers
+from flowtracer.credit.base import ScoreCredit
+from flowtracer.credit.select import check_choice
+from flowtracer.layers import check_layers
 from flowtracer.rollout import RolloutBatch
 
 VARIANTS = ("mean", "max")
@@ -48,8 +50,7 @@ class AttentionCredit(ScoreCredit):
     def __init__(self, variant: str = "mean", layers: str | list[int] = "middle", top_frac: float = 0.4,
                  gamma: float = 1.5, select: str = "top", mapping: str = "hard", normalize: bool = False):
         super().__init__(top_frac=top_frac, gamma=gamma, select=select, mapping=mapping, normalize=normalize)
-        if variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        check_choice("variant", variant, VARIANTS)
         self.variant = variant
         self.capture_layers = check_layers(layers)
 

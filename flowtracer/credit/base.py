@@ -16,9 +16,6 @@ from flowtracer.credit.select import check_options, select_mask, select_weights,
 from flowtracer.credit.stats import class_shares
 from flowtracer.rollout import RolloutBatch
 
-LAYER_PRESETS = ("early", "middle", "late", "all")
-
-
 class RolloutCallback(Callback):
     """Base class for anything that enriches a RolloutBatch before the policy update.
 
@@ -53,18 +50,6 @@ class UniformCredit(RolloutCallback):
     def on_rollout_batch(self, trainer, pl_module, rollouts: RolloutBatch) -> None:
         rollouts.token_weights = rollouts.response_mask.to(rollouts.advantages.dtype)
         rollouts.metrics["credit/fallback_frac"] = 0.0
-
-
-def check_layers(layers: str | list[int]) -> str | list[int]:
-    """Validate a `layers` knob: a preset name or a list of layer indices."""
-    if isinstance(layers, str):
-        if layers not in LAYER_PRESETS:
-            raise ValueError(f"layers must be one of {LAYER_PRESETS} or a list of layer indices, got {layers!r}")
-        return layers
-    layers = list(layers)
-    if not layers or not all(isinstance(i, int) for i in layers):
-        raise ValueError(f"layers must be a preset name or a non-empty list of ints, got {layers!r}")
-    return layers
 
 
 class ScoreCredit(RolloutCallback):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from flowtracer.credit.base import ScoreCredit
-from flowtracer.credit.select import batch_top_mask
+from flowtracer.credit.select import batch_top_mask, check_choice
 from flowtracer.rollout import RolloutBatch
 
 VARIANTS = ("topk", "80/20")
@@ -39,8 +39,7 @@ class EntropyCredit(ScoreCredit):
     def __init__(self, variant: str = "topk", top_frac: float = 0.4, gamma: float = 1.5, select: str = "top",
                  mapping: str = "hard", normalize: bool = False, keep_frac: float = 0.2):
         super().__init__(top_frac=top_frac, gamma=gamma, select=select, mapping=mapping, normalize=normalize)
-        if variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        check_choice("variant", variant, VARIANTS)
         if not 0.0 <= keep_frac <= 1.0:
             raise ValueError(f"keep_frac must be in [0, 1], got {keep_frac}")
         if variant == "80/20" and normalize:

@@ -7,8 +7,10 @@ import time
 import torch
 from torch import Tensor
 
-from flowtracer.credit.base import ScoreCredit, check_layers
+from flowtracer.credit.base import ScoreCredit
+from flowtracer.credit.select import check_choice
 from flowtracer.flow import trace_flow
+from flowtracer.layers import check_layers
 from flowtracer.rollout import RolloutBatch
 
 SOURCES = ("question", "prompt")
@@ -56,10 +58,8 @@ class FlowCredit(ScoreCredit):
                  condition_on_answer: bool = True, conserve: bool = True, edge_eps: float = 0.0,
                  source: str = "question", fallback: str = "uniform"):
         super().__init__(top_frac=top_frac, gamma=gamma, select=select, mapping=mapping, normalize=normalize)
-        if source not in SOURCES:
-            raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
-        if fallback not in FALLBACKS:
-            raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
+        check_choice("source", source, SOURCES)
+        check_choice("fallback", fallback, FALLBACKS)
         if not edge_eps >= 0:
             raise ValueError(f"edge_eps must be >= 0, got {edge_eps}")
         self.capture_layers = check_layers(layers)

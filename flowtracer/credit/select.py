@@ -23,13 +23,20 @@ MAPPINGS = ("hard", "linear", "rank")
 def check_options(top_frac: float, gamma: float, select: str, mapping: str) -> None:
     """Raise ValueError for an option outside its range (called by the arms' __init__)."""
     if not 0.0 <= top_frac <= 1.0:
-        raise ValueError(f"top_frac must be in [0, 1], got {top_frac}")
+        raise ValueError(f"top_frac = {top_frac} is outside [0, 1]; set it to the share of each response's "
+                         "tokens that get gamma (default 0.4)")
     if not (math.isfinite(gamma) and gamma >= 0):
-        raise ValueError(f"gamma must be a finite number >= 0, got {gamma}")
-    if select not in SELECTS:
-        raise ValueError(f"select must be one of {SELECTS}, got {select!r}")
-    if mapping not in MAPPINGS:
-        raise ValueError(f"mapping must be one of {MAPPINGS}, got {mapping!r}")
+        raise ValueError(f"gamma = {gamma} must be a finite number >= 0; set it to the weight of the selected "
+                         "tokens (default 1.5; 1 = uniform credit)")
+    check_choice("select", select, SELECTS)
+    check_choice("mapping", mapping, MAPPINGS)
+
+
+def check_choice(name: str, value, choices: tuple) -> None:
+    """Raise ValueError naming the option, its value and the valid ones (the first is the default)."""
+    if value not in choices:
+        raise ValueError(f"{name} = {value!r} is not an option; use one of {', '.join(map(repr, choices))} "
+                         f"(default {choices[0]!r})")
 
 
 def num_selected(n: Tensor, top_frac: float) -> Tensor:

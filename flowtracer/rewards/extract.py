@@ -7,7 +7,7 @@ that span is what becomes the flow sink (the answer tokens).
 from __future__ import annotations
 
 import re
-from typing import Callable
+from collections.abc import Callable
 
 Extracted = tuple[str, tuple[int, int]]
 
@@ -27,13 +27,17 @@ def _trimmed(text: str, start: int, end: int, trailing: str = "") -> Extracted |
     return (text[start:end], (start, end)) if end > start else None
 
 
-def answer_tag(text: str) -> Extracted | None:
-    """Content of the last complete ``<answer>...</answer>`` (an unclosed tag does not count)."""
-    matches = list(_ANSWER_TAG.finditer(text))
+def _last_group(pattern: re.Pattern, text: str) -> Extracted | None:
+    """Group 1 of the last match of `pattern`, trimmed (a trailing period dropped)."""
+    matches = list(pattern.finditer(text))
     if not matches:
         return None
-    m = matches[-1]
-    return _trimmed(text, m.start(1), m.end(1), trailing=".")
+    return _trimmed(text, matches[-1].start(1), matches[-1].end(1), trailing=".")
+
+
+def answer_tag(text: str) -> Extracted | None:
+    """Content of the last complete ``<answer>...</answer>`` (an unclosed tag does not count)."""
+    return _last_group(_ANSWER_TAG, text)
 
 
 def boxed(text: str) -> Extracted | None:
@@ -59,11 +63,7 @@ def boxed(text: str) -> Extracted | None:
 
 def hash_answer(text: str) -> Extracted | None:
     """The rest of the line after the last ``####`` (GSM8K style), trailing period dropped."""
-    matches = list(_HASH.finditer(text))
-    if not matches:
-        return None
-    m = matches[-1]
-    return _trimmed(text, m.start(1), m.end(1), trailing=".")
+    return _last_group(_HASH, text)
 
 
 def last_number(text: str) -> Extracted | None:

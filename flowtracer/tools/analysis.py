@@ -6,6 +6,7 @@ pieces (flowtracer.step: scoring, the teacher-forced pass) and the arms' scores.
 
 from __future__ import annotations
 
+import argparse
 
 import torch
 from torch import Tensor
@@ -23,6 +24,13 @@ from flowtracer.step.score import rollout_batch as build_rollout_batch
 from flowtracer.step.score import score_responses
 
 QUICKSTART_SOURCES = ("data/arith_train.jsonl", "data/arith_val.jsonl")  # 80 + 20 = 100 problems
+
+
+def tool_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
+    """The command line every analysis tool starts from: its docstring as help, and --model."""
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m-instruct", help="bundled name, HF folder, .gguf or hub id")
+    return p
 
 
 def load_problems(sources: list[str], n: int | None = None) -> list[dict]:

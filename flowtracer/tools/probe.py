@@ -25,7 +25,6 @@ Greedy decoding on both sides makes every change an effect of the mask, not of s
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import dataclass, field
@@ -33,10 +32,21 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from flowtracer.tools.analysis import (ARMS, QUICKSTART_SOURCES, Verifiers, arm_scores, format_prompts, given_responses,
-                                 judge, load_problems, rollout_batch, teacher_force)
 from flowtracer.credit.select import select_mask
 from flowtracer.rollout import SamplingConfig, _eos_ids, generate
+from flowtracer.tools.analysis import (
+    ARMS,
+    QUICKSTART_SOURCES,
+    Verifiers,
+    arm_scores,
+    format_prompts,
+    given_responses,
+    judge,
+    load_problems,
+    rollout_batch,
+    teacher_force,
+    tool_parser,
+)
 
 
 @dataclass
@@ -57,9 +67,9 @@ class ProbeResult:
                 for arm in ("none", *ARMS)]
 
     def markdown(self) -> str:
-        lines = [f"{self.n_eligible}/{self.n_problems} problems eligible; {self.frac:.0%} of the reasoning "
-                 "tokens masked per arm", "", "| arm | answer changed | correctness flipped | masked share |",
-                 "|---|---|---|---|"]
+        head = (f"{self.n_eligible}/{self.n_problems} problems eligible; {self.frac:.0%} of the reasoning "
+                "tokens masked per arm")
+        lines = [head, "", "| arm | answer changed | correctness flipped | masked share |", "|---|---|---|---|"]
         lines += [f"| {r['arm']} | {r['changed']:.1%} | {r['flipped']:.1%} | {r['masked_share']:.1%} |"
                   for r in self.table()]
         return "\n".join(lines)
@@ -111,7 +121,7 @@ def regenerate(model, prompt_ids: Tensor, prompt_valid: Tensor, seg_ids: Tensor,
     cache = model(input_ids=prompt_ids, attention_mask=prompt_valid.long(), position_ids=pos, use_cache=True,
                   logits_to_keep=1).cache
     cache.batch_repeat_interleave(A)
-    rep = lambda t: t.repeat_interleave(A, 0)  # noqa: E731
+    rep = lambda t: t.repeat_interleave(A, 0)
     seg_keys = rep(seg_valid) & ~blocked.transpose(0, 1).flatten(0, 1)
     keys = torch.cat([rep(prompt_valid), seg_keys], 1).long()
     seg_pos = pos[:, -1:] + seg_valid.long().cumsum(-1)
@@ -210,9 +220,7 @@ def run_probe(model, tokenizer, rows: list[dict], *, frac: float = 0.2, max_new_
 def main(argv: list[str]) -> int:
     from flowtracer.policy import load_policy
 
-    p = argparse.ArgumentParser(prog="flowtracer probe", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m-instruct", help="bundled name, HF folder, .gguf or hub id")
+    p = tool_parser("flowtracer probe", __doc__)
     p.add_argument("--data", nargs="+", default=list(QUICKSTART_SOURCES), help="problem sources (load_rows grammar)")
     p.add_argument("--n", type=int, default=100, help="problems (the first n of --data)")
     p.add_argument("--frac", type=float, default=0.2, help="share of the reasoning tokens masked")

@@ -12,7 +12,6 @@ N steps of a `fit` into <run>/traces/.
 
 from __future__ import annotations
 
-import argparse
 import html
 import json
 from dataclasses import dataclass
@@ -20,12 +19,20 @@ from pathlib import Path
 
 import torch
 
-from flowtracer.tools.analysis import (DEFAULT_INSTRUCTION, Verifiers, format_prompts, given_responses, rollout_batch,
-                                 teacher_force)
 from flowtracer.credit import RolloutCallback
 from flowtracer.credit.select import select_mask
 from flowtracer.flow import trace_flow
+from flowtracer.layers import check_layers
 from flowtracer.rollout import RolloutBatch, SamplingConfig, generate
+from flowtracer.tools.analysis import (
+    DEFAULT_INSTRUCTION,
+    Verifiers,
+    format_prompts,
+    given_responses,
+    rollout_batch,
+    teacher_force,
+    tool_parser,
+)
 
 
 @dataclass
@@ -232,7 +239,8 @@ class TraceCallback(RolloutCallback):
     def __init__(self, every_n_steps: int = 10, num_rollouts: int = 2, layers: str | list[int] = "middle"):
         if every_n_steps < 1 or num_rollouts < 1:
             raise ValueError("TraceCallback: every_n_steps and num_rollouts must be >= 1")
-        self.every_n_steps, self.num_rollouts, self.capture_layers = every_n_steps, num_rollouts, layers
+        self.every_n_steps, self.num_rollouts = every_n_steps, num_rollouts
+        self.capture_layers = check_layers(layers)
         self._step = 0
         self._written = -1  # the step whose pages exist: it runs once per micro-batch, writes once
 
@@ -255,9 +263,7 @@ class TraceCallback(RolloutCallback):
 def main(argv: list[str]) -> int:
     from flowtracer.policy import load_policy
 
-    p = argparse.ArgumentParser(prog="flowtracer trace", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m-instruct", help="bundled name, HF folder, .gguf or hub id")
+    p = tool_parser("flowtracer trace", __doc__)
     p.add_argument("--prompt", required=True, help="the question")
     p.add_argument("--response", help="the response to trace (default: generate one)")
     p.add_argument("--answer", help="reference answer (for the reward; the answer span is parsed either way)")
