@@ -46,6 +46,7 @@ def _arm(name: str, **init_args) -> list[str]:
     return ["--trainer.callbacks", json.dumps([{"class_path": f"flowtracer.credit.{name}", "init_args": init_args}])]
 
 
+TWO_ARMS = json.dumps([{"class_path": "flowtracer.credit.FlowCredit"}, {"class_path": "flowtracer.credit.EntropyCredit"}])
 FLOW_LAYERS_99 = json.dumps([{"class_path": "flowtracer.credit.FlowCredit", "init_args": {"layers": [0, 99]}}])
 
 # case id -> (extra CLI args (a callable of tmp_path, model dirs), words the message must contain)
@@ -70,6 +71,7 @@ CASES = {
     "prompt longer than the context": (lambda t, m: ["--model.sampling.max_new_tokens", "600"], ["context of 512", "max_new_tokens"]),
     "G = 1": (lambda t, m: ["--model.sampling.num_generations", "1"], ["num_generations", ">= 2"]),
     "mini-batches do not divide the batch": (lambda t, m: ["--model.optim.mini_batches", "3"], ["mini_batches", "divisor"]),
+    "two arms that set weights": (lambda t, m: ["--trainer.callbacks", TWO_ARMS], ["FlowCredit, EntropyCredit", "keep one"]),
     "layer range outside the model": (lambda t, m: ["--trainer.callbacks", FLOW_LAYERS_99], ["layers", "out of range", "0..5"]),
     "negative learning rate": (lambda t, m: ["--model.optim.lr", "-0.1"], ["optim.lr", "> 0"]),
     "negative temperature": (lambda t, m: ["--model.sampling.temperature", "-1"], ["temperature", ">= 0"]),
