@@ -35,9 +35,9 @@ import torch
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
-from flowtracer.step.forward import teacher_forced_pass  # noqa: E402
 from flowtracer.credit.select import select_weights  # noqa: E402
 from flowtracer.flow import trace_flow  # noqa: E402
+from flowtracer.step.forward import teacher_forced_pass  # noqa: E402
 
 QWEN15 = dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
               intermediate_size=8960, vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6,
@@ -168,7 +168,7 @@ def cpu_arms(model, tok, x, step_s, device, reps):
             ("attention max", AttentionCredit(variant="max")), ("flow", FlowCredit())]
     rows = []
     for name, arm in arms:
-        s, _ = timed(lambda: arm.on_rollout_batch(None, module, rb), device, reps)
+        s, _ = timed(lambda arm=arm: arm.on_rollout_batch(None, module, rb), device, reps)
         rows.append((name, s))
     rows.append(("  of which flow engine", rb.metrics["credit/flow_seconds"]))
     return rows

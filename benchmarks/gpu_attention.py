@@ -123,11 +123,11 @@ def bench(model, shapes, device, reps, padded_too, layers, backend="auto", compa
             ids, mask = make_batch(B, T, vocab, device, padded)
             tag = f"{B}x{T}" + (" pad" if padded else "")
 
-            def sdpa():
+            def sdpa(ids=ids, mask=mask):
                 with torch.no_grad():
                     return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
 
-            def eager():
+            def eager(ids=ids, mask=mask):
                 set_attn(model, "eager")
                 try:
                     with torch.no_grad():
@@ -136,13 +136,13 @@ def bench(model, shapes, device, reps, padded_too, layers, backend="auto", compa
                 finally:
                     set_attn(model, "sdpa")
 
-            def tf_only():
+            def tf_only(ids=ids, mask=mask):
                 return teacher_forced_pass(model, ids, mask, capture_layers=None, backend=backend)
 
-            def capture():
+            def capture(ids=ids, mask=mask):
                 return teacher_forced_pass(model, ids, mask, capture_layers=layers, backend=backend)
 
-            def capture_torch():
+            def capture_torch(ids=ids, mask=mask):
                 return teacher_forced_pass(model, ids, mask, capture_layers=layers, backend="torch")
 
             modes = [("sdpa", sdpa), ("eager+attn", eager), ("tf (no map)", tf_only), ("capture", capture)]
@@ -236,7 +236,8 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=None, help="timed repetitions after one warm-up (default 3)")
     p.add_argument("--no-check", action="store_true", help="skip the correctness lines")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],
-                   help="flowtracer backend for the 'tf' and 'capture' rows (auto: Triton kernels on CUDA when available)")
+                   help="flowtracer backend for the 'tf' and 'capture' rows "
+                        "(auto: Triton kernels on CUDA when available)")
     a = p.parse_args()
     device = a.device
     reps = a.reps or (2 if a.quick else 3)

@@ -159,7 +159,8 @@ def worker_trl(steps: int, checkpointing: bool = True) -> None:
             _emit("result", r)
 
     rows = _rows(steps)
-    data = Dataset.from_list([{"prompt": [{"role": "user", "content": user_message(r["question"], DEFAULT_INSTRUCTION)}],
+    data = Dataset.from_list([{"prompt": [{"role": "user",
+                                           "content": user_message(r["question"], DEFAULT_INSTRUCTION)}],
                                "answer": str(r["answer"])} for r in rows])
     args = GRPOConfig(
         output_dir=tempfile.mkdtemp(), per_device_train_batch_size=G, num_generations=G, max_completion_length=MAX_NEW,
@@ -255,11 +256,13 @@ def report(results: dict[str, list[dict]], steps: int) -> None:
     base = med.get("trl", {}).get("step")
     for s, m in med.items():
         ratio = f"{m['step'] / base:>7.2f}" if base else f"{'-':>7}"
-        print(f"{SIDES[s]:<18}{m['step']:>7.2f}" + "".join(f"{m[k]:>10.3f}" for k in PHASES) + f"{m['tok_s']:>10.1f}" + ratio)
+        print(f"{SIDES[s]:<18}{m['step']:>7.2f}" + "".join(f"{m[k]:>10.3f}" for k in PHASES)
+              + f"{m['tok_s']:>10.1f}" + ratio)
     if base:
         print("\nours / TRL per phase: " + ", ".join(
-            f"{SIDES[s]}: " + " ".join(f"{k} {med[s][k] / med['trl'][k]:.2f}" for k in ("generate", "forward", "backward")
-                                       if med["trl"][k] > 0) for s in med if s != "trl"))
+            f"{SIDES[s]}: " + " ".join(f"{k} {med[s][k] / med['trl'][k]:.2f}"
+                                       for k in ("generate", "forward", "backward") if med["trl"][k] > 0)
+            for s in med if s != "trl"))
     checks = []
     if base and "flow" in med:
         checks.append(("FlowCredit step <= 0.80 x TRL", med["flow"]["step"] / base, 0.80))

@@ -46,7 +46,6 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -329,7 +328,8 @@ class AttentionCapture:
                 # that this recompute does not model, so refuse rather than drop it silently.
                 masked = allowed <= torch.finfo(allowed.dtype).min / 2
                 if not bool(((allowed == 0) | masked).all()):
-                    raise ValueError(f"{self.model_name}: additive attention biases are not supported by flowtracer.attention")
+                    raise ValueError(
+                        f"{self.model_name}: additive attention biases are not supported by flowtracer.attention")
                 allowed = ~masked
         else:
             # sdpa's is_causal shortcut (mask None) or a flash 2D padding mask: build causal (+ window).

@@ -151,7 +151,9 @@ def preflight(module, datamodule, world_size: int = 1, callbacks=()) -> None:
     datamodule.setup("fit")
     module.configure_model()
     for split, rows in (("training data", datamodule.train_rows), ("validation data", datamodule.val_rows)):
-        src = datamodule.train_source if split.startswith("training") else (datamodule.val_source or datamodule.train_source)
+        src = datamodule.train_source
+        if not split.startswith("training"):
+            src = datamodule.val_source or datamodule.train_source
         check_references(module, rows, f"{split} {src}")
         check_prompts(module, datamodule, rows, f"{split} {src}")
     check_capture_layers(module, callbacks)

@@ -41,8 +41,7 @@ from flowtracer.policy import LoraSpec, load_policy, merged_lora
 from flowtracer.rewards import VerifierCache, safe_score
 from flowtracer.rl import policy_loss
 from flowtracer.rollout import Generated, RolloutBatch, SamplingConfig, generate
-from flowtracer.step import LossConfig, OptimConfig, PhaseTimer, Placement, logprob_temperature, plan_credit
-from flowtracer.step import micro
+from flowtracer.step import LossConfig, OptimConfig, PhaseTimer, Placement, logprob_temperature, micro, plan_credit
 from flowtracer.step.records import rollout_metrics, rollout_records, seed_step
 from flowtracer.step.score import rollout_batch, score_responses
 
@@ -277,7 +276,8 @@ class GRPOModule(LightningModule):
                         continue
                     loss, m = found
                     tok_share = mb.view.response_mask.sum().float() / mb_tokens * world
-                    share = tok_share if self.loss_cfg.aggregation == "token-mean" else torch.tensor(len(idx) / len(rows))
+                    share = (tok_share if self.loss_cfg.aggregation == "token-mean"
+                             else torch.tensor(len(idx) / len(rows)))
                     self._loss_finite &= bool(torch.isfinite(loss))
                     with timer("backward"):
                         self.manual_backward(loss * share.to(loss.device))
@@ -354,7 +354,8 @@ class GRPOModule(LightningModule):
         else:
             self._record_skip(f"non-finite {', '.join(bad) or 'inputs on another process'}", self.rl_step)
             out = {}
-        return {**out, "guard/skipped_updates": float(self._step_skips), "guard/skipped_total": float(self._skips.total)}
+        return {**out, "guard/skipped_updates": float(self._step_skips),
+                "guard/skipped_total": float(self._skips.total)}
 
     def _optimizer_step(self, opt, sched) -> None:
         """Clip and step, unless the loss, a gradient or a map is NaN/inf: then drop the gradients."""
@@ -424,7 +425,8 @@ class GRPOModule(LightningModule):
         self.val_pass1.reset(), self.val_passk.reset()
         if not self.trainer.sanity_checking:
             self.val_history.append((self.rl_step, float(p1)))
-            rank_zero_info(f"[flowtracer] step {self.rl_step}: validation pass@1 = {float(p1):.3f}, pass@{k} = {float(pk):.3f}")
+            rank_zero_info(f"[flowtracer] step {self.rl_step}: validation pass@1 = {float(p1):.3f}, "
+                           f"pass@{k} = {float(pk):.3f}")
 
     test_step = validation_step
     on_test_epoch_end = on_validation_epoch_end

@@ -43,9 +43,9 @@ def slope(points: list[tuple[float, float]]) -> float:
 
 def soak(steps: int, workdir: str, max_new_tokens: int = 16) -> dict:
     import yaml
+    from tiny import tiny_model, tiny_tokenizer
 
     from flowtracer.cli import main
-    from tiny import tiny_model, tiny_tokenizer
 
     model_dir = os.path.join(workdir, "model")
     model, tok = tiny_model("llama"), tiny_tokenizer()
@@ -60,7 +60,8 @@ def soak(steps: int, workdir: str, max_new_tokens: int = 16) -> dict:
                     "enable_model_summary": False,
                     "logger": {"class_path": "flowtracer.csvlog.CSVLogger",
                                "init_args": {"save_dir": os.path.join(workdir, "logs"), "name": "soak"}},
-                    "callbacks": [{"class_path": "flowtracer.credit.FlowCredit", "init_args": {"fallback": "last_token"}},
+                    "callbacks": [{"class_path": "flowtracer.credit.FlowCredit",
+                                   "init_args": {"fallback": "last_token"}},
                                   {"class_path": "soaking.RSSRecorder", "init_args": {"path": rss_file}}]},
         "model": {"model": model_dir, "lora": {"r": 4, "alpha": 8}, "val_before_training": False,
                   "sampling": {"num_generations": 4, "max_new_tokens": max_new_tokens},

@@ -257,7 +257,8 @@ def test_config_restored_after_error_and_unsupported_models():
         saved = attn.config._attn_implementation_internal
         attn.config._attn_implementation_internal = "sdpa"
         try:
-            return original(hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask, **kwargs)
+            return original(hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask,
+                            **kwargs)
         finally:
             attn.config._attn_implementation_internal = saved
 

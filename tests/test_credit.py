@@ -10,8 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from flowtracer.credit import (AttentionCredit, EntropyCredit, FlowCredit, RandomCredit, RolloutCallback,
-                               UniformCredit)
+from flowtracer.credit import AttentionCredit, EntropyCredit, FlowCredit, RandomCredit, RolloutCallback, UniformCredit
 from flowtracer.credit.attention import received_attention
 from flowtracer.credit.select import batch_top_mask, select_mask, select_weights
 from flowtracer.credit.stats import CLASSES, class_shares, token_class
@@ -38,7 +37,7 @@ def ref_hard(scores, resp, frac, gamma, select="top"):
     out = []
     for srow, mrow in zip(scores.tolist(), resp.tolist()):
         pos = [t for t in range(len(mrow)) if mrow[t]]
-        key = (lambda t: (-srow[t], t)) if select == "top" else (lambda t: (srow[t], t))
+        key = (lambda t, srow=srow: (-srow[t], t)) if select == "top" else (lambda t, srow=srow: (srow[t], t))
         chosen = set(sorted(pos, key=key)[: k_of(len(pos), frac)])
         out.append([(gamma if t in chosen else 1.0) if mrow[t] else 0.0 for t in range(len(mrow))])
     return torch.tensor(out)
@@ -62,7 +61,7 @@ def ref_rank(scores, resp, gamma, select="top"):
     out = []
     for srow, mrow in zip(scores.tolist(), resp.tolist()):
         pos = [t for t in range(len(mrow)) if mrow[t]]
-        key = (lambda t: (-srow[t], t)) if select == "top" else (lambda t: (srow[t], t))
+        key = (lambda t, srow=srow: (-srow[t], t)) if select == "top" else (lambda t, srow=srow: (srow[t], t))
         order = sorted(pos, key=key)
         n = len(pos)
         row = [0.0] * len(mrow)
@@ -118,7 +117,8 @@ def flow_tau_loop(rb: RolloutBatch, **kw):
         if not rb.answer_mask[b].any():
             out.append(None)
             continue
-        res = trace_flow(rb.attn[b], rb.question_mask[b], rb.answer_mask[b], valid_mask=rb.attention_mask[b].bool(), **kw)
+        res = trace_flow(rb.attn[b], rb.question_mask[b], rb.answer_mask[b], valid_mask=rb.attention_mask[b].bool(),
+                         **kw)
         out.append((res.throughput, bool(res.reached), float(res.sink_flow.sum())))
     return out
 
@@ -147,7 +147,8 @@ def test_select_weights_continuous_and_normalize_match_loop(select, normalize):
     resp[2] = False
     resp[3] = False
     resp[3, 4] = True  # a one-token response
-    for mapping, ref in (("linear", ref_linear(scores, resp, 3.0, select)), ("rank", ref_rank(scores, resp, 3.0, select)),
+    for mapping, ref in (("linear", ref_linear(scores, resp, 3.0, select)),
+                         ("rank", ref_rank(scores, resp, 3.0, select)),
                          ("hard", ref_hard(scores, resp, 0.4, 3.0, select))):
         ref = ref_normalize(ref, resp) if normalize else ref
         got = select_weights(scores, resp, top_frac=0.4, gamma=3.0, select=select, mapping=mapping, normalize=normalize)
@@ -226,7 +227,8 @@ def test_flow_credit_unreached_and_prompt_source():
     FlowCredit(source="prompt").on_rollout_batch(None, stand_in(), rb)
     assert rb.metrics["credit/fallback_frac"] == pytest.approx(0.25)
     res = trace_flow(rb.attn[0], rb.prompt_mask[0], rb.answer_mask[0], valid_mask=rb.attention_mask[0].bool())
-    torch.testing.assert_close(rb.token_weights[:1], ref_hard(res.throughput[None], rb.response_mask[:1], 0.4, 1.5).float())
+    torch.testing.assert_close(rb.token_weights[:1],
+                               ref_hard(res.throughput[None], rb.response_mask[:1], 0.4, 1.5).float())
 
 
 def test_flow_credit_last_token_fallback():
@@ -235,7 +237,8 @@ def test_flow_credit_last_token_fallback():
     ans = torch.zeros(T, dtype=torch.bool)
     ans[int(rb.response_mask[2].nonzero().max())] = True
     res = trace_flow(rb.attn[2], rb.question_mask[2], ans, valid_mask=rb.attention_mask[2].bool())
-    torch.testing.assert_close(rb.token_weights[2:3], ref_hard(res.throughput[None], rb.response_mask[2:3], 0.4, 1.5).float())
+    torch.testing.assert_close(rb.token_weights[2:3],
+                               ref_hard(res.throughput[None], rb.response_mask[2:3], 0.4, 1.5).float())
     assert rb.metrics["credit/fallback_frac"] == 0.0
     assert rb.metrics["credit/no_answer_frac"] == pytest.approx(0.25)
 

@@ -125,8 +125,8 @@ def test_train_batch_deterministic_covers_epochs_and_wraps(tmp_path):
 
 def test_val_carve_and_dataloader(tmp_path):
     path = _write_jsonl(tmp_path / "d.jsonl", _rows(10))
-    dm = PromptDataModule(str(path), val_source=None, val_size=4, val_batch_size=3, question_field="q", answer_field="a",
-                          verifier_kwargs={"extraction": ["last_number"]})
+    dm = PromptDataModule(str(path), val_source=None, val_size=4, val_batch_size=3, question_field="q",
+                          answer_field="a", verifier_kwargs={"extraction": ["last_number"]})
     dm.setup("fit")
     train_q = {r["question"] for r in dm.train_rows}
     val_q = [r["question"] for r in dm.val_rows]

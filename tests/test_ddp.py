@@ -9,7 +9,6 @@ import sys
 
 import pytest
 import yaml
-
 from test_cli import ROOT, read_metrics, write_config
 
 # Timings differ between runs; everything else a step logs must match.
@@ -17,8 +16,8 @@ VOLATILE = ("time/", "throughput/", "credit/flow_seconds")
 
 
 def _fit(cfg, *args):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}",
-           "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
     res = subprocess.run([sys.executable, "-m", "flowtracer.cli", "fit", "--config", str(cfg), *args],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -54,5 +53,6 @@ def test_ddp_two_processes_equal_one_process(tmp_path, tiny_model_dir):
     # rank 0 wrote every process's rollouts, in prompt order
     a = [json.loads(x) for x in open(runs["single"] / "rollouts.jsonl")]
     b = [json.loads(x) for x in open(runs["ddp"] / "rollouts.jsonl")]
-    assert [(r["prompt"], r["response"], r["reward"]) for r in a] == [(r["prompt"], r["response"], r["reward"]) for r in b]
+    assert ([(r["prompt"], r["response"], r["reward"]) for r in a]
+            == [(r["prompt"], r["response"], r["reward"]) for r in b])
     assert not list(runs["ddp"].parent.glob("version_1"))  # one run folder, written by rank 0

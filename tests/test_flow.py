@@ -96,7 +96,7 @@ def _check_against(res: FlowResult, ref: dict, T: int):
 def test_matches_path_enumeration(cond, cons):
     rng = random.Random(1234 + 10 * cond + cons)
     n_unreached = 0
-    for case in range(40):
+    for _ in range(40):
         T = rng.randint(1, 8)
         B = 3
         eps = rng.choice([0.0, 0.0, 0.3])

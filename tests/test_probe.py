@@ -69,7 +69,8 @@ def test_none_arm_changes_no_greedy_answer(tiny_model_dir):
     model, tok = load_policy(tiny_model_dir, lora=None)
     model.eval()
     # the 5th character is the answer: a random tiny model's greedy text then always has one
-    rows = [{**r, "verifier": "faulty_rewards:fifth_char"} for r in load_problems([str(ROOT / "data/arith_train.jsonl")], 6)]
+    rows = [{**r, "verifier": "faulty_rewards:fifth_char"}
+            for r in load_problems([str(ROOT / "data/arith_train.jsonl")], 6)]
     greedy = ProbeResult(frac=0.2)
     probe_batch(model, tok, rows, greedy, verifiers=Verifiers(), max_new_tokens=8)
     assert greedy.n_problems == greedy.n_eligible == 6

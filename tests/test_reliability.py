@@ -14,11 +14,11 @@ import time
 import pytest
 import torch
 import yaml
+from test_cli import ROOT, read_metrics, write_config
 
 from flowtracer.ckpt import AtomicCheckpointIO, rewind_run_dir
 from flowtracer.cli import main
 from flowtracer.csvlog import CSVLogger
-from test_cli import ROOT, read_metrics, write_config
 
 
 def _with_callbacks(cfg, callbacks):

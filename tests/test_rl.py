@@ -31,7 +31,7 @@ def _reference_loss(
     logprobs, old, ref, mask, adv, weights, aggregation, beta, eps_low=0.2, eps_high=0.2, max_len=None
 ):
     """The loss written out token by token, straight from the formula in METHOD.md."""
-    seq_terms, all_tokens, n_total = [], [], 0
+    seq_terms, all_tokens = [], []
     for b in range(B):
         tok_losses = []
         for t in range(T):

@@ -6,10 +6,10 @@ import dataclasses
 
 import pytest
 import torch
+from tiny import tiny_model, tiny_tokenizer
 
 from flowtracer.rollout import SamplingConfig, generate
 from flowtracer.sampling import row_seeds
-from tiny import tiny_model, tiny_tokenizer
 
 # different lengths, so the batch is left-padded and the shared cache must line up with the padding
 PROMPTS = ["What is 2 + 3?", "Add 17 and 5, then tell me the sum please.", "1+1"]
@@ -38,7 +38,8 @@ def test_shared_prefill_calls_the_model_once_per_prompt_for_the_prompt():
     rows_seen = []
     hook = model.model.embed_tokens.register_forward_hook(lambda m, i, o: rows_seen.append(tuple(i[0].shape)))
     try:
-        generate(model, tok, PROMPTS[:2], [None, None], SamplingConfig(num_generations=4, max_new_tokens=2, temperature=0))
+        generate(model, tok, PROMPTS[:2], [None, None],
+                 SamplingConfig(num_generations=4, max_new_tokens=2, temperature=0))
     finally:
         hook.remove()
     prefill, first = rows_seen[0], rows_seen[1]

@@ -284,10 +284,11 @@ def test_kl_and_ppo_epochs_move_the_weights(tmp_path, tiny_model_dir, monkeypatc
 # ----------------------------------------------------------------------------- defect 3: answer spans
 def test_a_truncated_response_gets_no_fallback_answer_span():
     """The last number of a cut-off derivation is no answer: no reward, no flow sink, counted."""
+    from tiny import tiny_tokenizer
+
     from flowtracer.rewards import VerifierCache
     from flowtracer.step.score import rollout_batch, score_responses
     from flowtracer.tools.analysis import given_responses
-    from tiny import tiny_tokenizer
 
     tok = tiny_tokenizer()
     texts = ["3 + 4 = 7, then 7 +", "3 + 4 = 7, then 7 +", "The sum is \\boxed{7} and", "<answer>7</answer>"]

@@ -16,6 +16,7 @@ from flowtracer.credit.select import check_options, select_mask, select_weights,
 from flowtracer.credit.stats import class_shares
 from flowtracer.rollout import RolloutBatch
 
+
 class RolloutCallback(Callback):
     """Base class for anything that enriches a RolloutBatch before the policy update.
 

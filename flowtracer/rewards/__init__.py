@@ -16,6 +16,7 @@ __all__ = [
     "ReasoningGymVerifier",
     "Score",
     "Verifier",
+    "VerifierCache",
     "char_span_to_token_mask",
     "extract_answer",
     "get_verifier",

@@ -93,8 +93,8 @@ class PrePassResult:
     ref_logprobs: Tensor | None
     token_weights: Tensor | None  # set by per-row callbacks that ran on its micro-batches
     metrics: dict[str, float]
-    nonfinite_attention: int
-    credit_seconds: float  # of the pass's time: the map's recompute and the callbacks  # micro-batches whose map held NaN/inf (their callbacks did not run)
+    nonfinite_attention: int  # micro-batches whose map held NaN/inf (their callbacks did not run)
+    credit_seconds: float  # of the pass's time: the map's recompute and the callbacks
 
 
 @torch.no_grad()
@@ -134,8 +134,8 @@ def pre_pass(policy, rollouts: RolloutBatch, *, micro_batch_size: int, temperatu
             merge_metrics(metrics, mb.view.metrics, len(idx) / rollouts.batch_size)
     finally:
         policy.train(was_training)
-    return PrePassResult(acc.get("old"), acc.get("entropy"), acc.get("ref"), acc.get("weights", default=rollouts.response_mask),
-                         metrics, bad_maps, credit_seconds)
+    weights = acc.get("weights", default=rollouts.response_mask)  # rows no callback weighted: ones
+    return PrePassResult(acc.get("old"), acc.get("entropy"), acc.get("ref"), weights, metrics, bad_maps, credit_seconds)
 
 
 def merge_metrics(total: dict[str, float], part: dict[str, float], share: float) -> None:

@@ -11,7 +11,6 @@ import argparse
 import torch
 from torch import Tensor
 
-from flowtracer.step.forward import teacher_forced_pass
 from flowtracer.credit import FlowCredit
 from flowtracer.credit.attention import received_attention
 from flowtracer.data.datamodule import DEFAULT_INSTRUCTION  # the quickstart's instruction
@@ -20,6 +19,7 @@ from flowtracer.data.sources import load_rows
 from flowtracer.rewards import VerifierCache
 from flowtracer.rewards.base import safe_score
 from flowtracer.rollout import Generated, RolloutBatch, question_token_mask
+from flowtracer.step.forward import teacher_forced_pass
 from flowtracer.step.score import rollout_batch as build_rollout_batch
 from flowtracer.step.score import score_responses
 

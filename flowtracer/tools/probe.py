@@ -121,7 +121,10 @@ def regenerate(model, prompt_ids: Tensor, prompt_valid: Tensor, seg_ids: Tensor,
     cache = model(input_ids=prompt_ids, attention_mask=prompt_valid.long(), position_ids=pos, use_cache=True,
                   logits_to_keep=1).cache
     cache.batch_repeat_interleave(A)
-    rep = lambda t: t.repeat_interleave(A, 0)
+
+    def rep(t):
+        return t.repeat_interleave(A, 0)
+
     seg_keys = rep(seg_valid) & ~blocked.transpose(0, 1).flatten(0, 1)
     keys = torch.cat([rep(prompt_valid), seg_keys], 1).long()
     seg_pos = pos[:, -1:] + seg_valid.long().cumsum(-1)
