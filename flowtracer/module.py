@@ -45,9 +45,9 @@ from dataclasses import dataclass
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
-from torchmetrics import MeanMetric
 
 from flowtracer import distributed as dist
+from flowtracer import validation
 from flowtracer.attention import teacher_forced_pass
 from flowtracer.ckpt import install_atomic_io, rewind_run_dir
 from flowtracer.csvlog import append_lines
@@ -164,7 +164,6 @@ class GRPOModule(LightningModule):
         self.tokenizer = None
         self.rl_step = 0
         self._verifier = VerifierCache()  # row -> its verifier, built once per kind
-        self.val_pass1, self.val_passk = MeanMetric(), MeanMetric()
         self.val_history: list[tuple[int, float]] = []
         self._skips = SkipCounter(optim.max_consecutive_skips)
         self._step_skips = 0
@@ -210,9 +209,9 @@ class GRPOModule(LightningModule):
                 # steps after the checkpoint may have been logged before a crash; they run again now
                 rewind_run_dir(log_dir, self._resumed_steps)
         if self.val_before_training and self.rl_step == 0:
-            acc = self._evaluate_split()
-            if acc is not None and self.logger is not None:
-                self.logger.log_metrics({"val/pass@1": acc[0], f"val/pass@{acc[2]}": acc[1]}, step=0)
+            metrics = validation.before_training(self)  # issue 16: the evaluation engine
+            if metrics and self.logger is not None:
+                self.logger.log_metrics(metrics, step=0)
 
     # ----------------------------------------------------------------------------- the RL step
     def training_step(self, batch, batch_idx):
@@ -540,51 +539,16 @@ class GRPOModule(LightningModule):
         append_lines(path, "\n".join(lines) + "\n")
 
     # ----------------------------------------------------------------------------- validation
-    @torch.no_grad()
-    def _correctness(self, rows) -> torch.Tensor:
-        """(prompts, k) bool: which of k sampled answers per prompt are correct."""
-        gen = self._generate(rows, self.val_sampling)
-        k = len(gen.responses) // len(rows)
-        rewards = [safe_score(self._verifier(rows[i // k]), t, rows[i // k]["answer"])[0].reward
-                   for i, t in enumerate(gen.responses)]
-        return (torch.tensor(rewards) >= self.loss_cfg.correct_threshold).view(len(rows), k)
-
+    # issue 16: validation runs on the evaluation engine (flowtracer.validation): per-set avg@k,
+    # pass@k', maj@k, math_avg; val/pass@1 kept.
     def validation_step(self, rows, batch_idx):
-        self._seed_everything(10**6 + batch_idx)  # validation samples do not depend on the step
-        correct = self._correctness(rows).float()
-        self.val_pass1.update(correct.mean(1))
-        self.val_passk.update(correct.max(1).values)
+        validation.validation_step(self, rows)
 
     def on_validation_epoch_end(self):
-        k = self.val_sampling.num_generations
-        p1, pk = self.val_pass1.compute(), self.val_passk.compute()
-        self.log_dict({"val/pass@1": p1, f"val/pass@{k}": pk}, prog_bar=False)
-        self.log("val_acc", p1, prog_bar=True, logger=False)
-        self.val_pass1.reset(), self.val_passk.reset()
-        if not self.trainer.sanity_checking:
-            self.val_history.append((self.rl_step, float(p1)))
-            rank_zero_info(f"[flowtracer] step {self.rl_step}: validation pass@1 = {float(p1):.3f}, pass@{k} = {float(pk):.3f}")
+        validation.on_validation_epoch_end(self)
 
     test_step = validation_step
     on_test_epoch_end = on_validation_epoch_end
-
-    def _evaluate_split(self):
-        """Validation outside Lightning's loop (before training): (pass@1, pass@k, k) or None."""
-        loader = self.trainer.datamodule.val_dataloader()
-        if loader is None:
-            return None
-        p1, pk = [], []
-        for i, rows in enumerate(loader):
-            self._seed_everything(10**6 + i)
-            c = self._correctness(rows).float()
-            p1.append(c.mean(1)), pk.append(c.max(1).values)
-        if not p1:
-            return None
-        a1, ak = torch.cat(p1).mean().item(), torch.cat(pk).mean().item()
-        self.val_history.append((0, a1))
-        rank_zero_info(f"[flowtracer] before training: validation pass@1 = {a1:.3f}, "
-                       f"pass@{self.val_sampling.num_generations} = {ak:.3f}")
-        return a1, ak, self.val_sampling.num_generations
 
     def on_train_end(self) -> None:
         if len(self.val_history) >= 2:
