@@ -547,9 +547,6 @@ class GRPOModule(LightningModule):
     def on_validation_epoch_end(self):
         validation.on_validation_epoch_end(self)
 
-    test_step = validation_step
-    on_test_epoch_end = on_validation_epoch_end
-
     def on_train_end(self) -> None:
         if len(self.val_history) >= 2:
             (s0, a0), (s1, a1) = self.val_history[0], self.val_history[-1]

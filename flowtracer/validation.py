@@ -29,7 +29,9 @@ def run_batch(module, rows: list[dict]) -> list[dict]:
 def validation_step(module, rows: list[dict]) -> None:
     if not hasattr(module, "_val_records"):
         module._val_records = []
-    module._val_records.extend(run_batch(module, rows))
+    # only what the metrics need crosses processes at the epoch end (no response texts)
+    keep = ("set", "index", "correct", "keys")
+    module._val_records.extend({k: r[k] for k in keep} for r in run_batch(module, rows))
 
 
 def epoch_metrics(module, records: list[dict]) -> dict[str, float]:

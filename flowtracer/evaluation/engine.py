@@ -132,7 +132,8 @@ def eval_batch(policy, tokenizer, rows: list[dict], sampling, format_prompt: Cal
                verifiers, threshold: float = 1.0) -> list[dict]:
     """k answers for each row (all rows of one set), scored: one record per row.
 
-    A record is ``{"set", "index", "correct": [k bool], "keys": [k normalised answers or None]}``.
+    A record is ``{"set", "index", "question", "responses": [k texts], "correct": [k bool],
+    "keys": [k normalised answers or None]}``.
     `format_prompt(row) -> (text, question span)`; `verifiers(row)` -> the row's verifier.
     """
     import torch
@@ -150,11 +151,13 @@ def eval_batch(policy, tokenizer, rows: list[dict], sampling, format_prompt: Cal
     records = []
     for i, row in enumerate(rows):
         correct, keys = [], []
-        for text in gen.responses[i * k:(i + 1) * k]:
+        texts = gen.responses[i * k:(i + 1) * k]
+        for text in texts:
             score, _ = safe_score(verifiers(row), text, row["answer"])
             correct.append(bool(score.reward >= threshold))
             keys.append(answer_key(score.parsed))
-        records.append({"set": name, "index": int(row["eval_index"]), "correct": correct, "keys": keys})
+        records.append({"set": name, "index": int(row["eval_index"]), "question": row["question"],
+                        "responses": list(texts), "correct": correct, "keys": keys})
     return records
 
 
@@ -189,7 +192,7 @@ def evaluate(policy, tokenizer, sets: dict[str, tuple[EvalSet, list[dict]]], bas
     """Evaluate `policy` on every set: `sets` maps name -> (spec, rows from `load_set_rows`).
 
     `format_prompt(row, spec) -> (text, span)`; `on_batch(name, n_rows)` reports progress.
-    Returns `summarize`'s dict.
+    Returns `summarize`'s dict plus "records" (every `eval_batch` record, in set and row order).
     """
     from flowtracer.rewards import VerifierCache
 
@@ -202,4 +205,4 @@ def evaluate(policy, tokenizer, sets: dict[str, tuple[EvalSet, list[dict]]], bas
                                   seed=seed, verifiers=verifiers, threshold=threshold)
             if on_batch is not None:
                 on_batch(name, len(chunk))
-    return summarize(records, {n: s for n, (s, _) in sets.items()})
+    return {**summarize(records, {n: s for n, (s, _) in sets.items()}), "records": records}

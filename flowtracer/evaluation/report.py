@@ -18,16 +18,18 @@ def _columns(result: dict[str, Any]) -> list[str]:
 
 
 def rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """Header and body of the results table (percentages), with the macro average last."""
-    cols = _columns(result)
-    header = ["set", "n", "k", *cols]
+    """Header and body of the summary table (percent): avg@k and maj@k at each set's own k, then
+    the pass@k' columns of all sets (blank where a set has no such k'); the macro average last."""
+    passes = [c for c in _columns(result) if c.startswith("pass@")]
+    header = ["set", "n", "k", "avg@k", "maj@k", *passes]
     body = []
     for name, m in result["sets"].items():
-        body.append([name, str(m["n"]), str(m["k"]), *(f"{100 * m[c]:.1f}" if c in m else "" for c in cols)])
+        k = m["k"]
+        body.append([name, str(m["n"]), str(k), f"{100 * m[f'avg@{k}']:.1f}", f"{100 * m[f'maj@{k}']:.1f}",
+                     *(f"{100 * m[c]:.1f}" if c in m else "" for c in passes)])
     if result.get("math_avg") is not None:
-        label = f"math average ({len(result['math_sets'])} sets, mean avg@k)"
-        body.append([label, "", "", *("" for _ in cols)])
-        body[-1][3] = f"{100 * result['math_avg']:.1f}"
+        body.append([f"math average ({', '.join(result['math_sets'])})", "", "",
+                     f"{100 * result['math_avg']:.1f}", "", *("" for _ in passes)])
     return header, body
 
 
@@ -51,7 +53,7 @@ def print_table(result: dict[str, Any], title: str = "evaluation", console=None)
 
 def markdown(result: dict[str, Any], title: str = "evaluation") -> str:
     header, body = rows(result)
-    lines = [f"# {title}", "", "Accuracy in percent.", "",
+    lines = [f"# {title}", "", "Accuracy in percent; math average = mean avg@k over the math sets.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in body]
     return "\n".join(lines) + "\n"
