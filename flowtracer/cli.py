@@ -122,7 +122,7 @@ def _ensure_csv_logger(cfg) -> None:
         return
     first = next((lg.get("init_args") for lg in listed if hasattr(lg, "get") and lg.get("init_args")), None) or {}
     args = {"save_dir": first.get("save_dir") or "lightning_logs", "name": first.get("name") or "run"}
-    if first.get("version") is not None:
+    if isinstance(first.get("version"), int):  # a folder version (W&B's is a run id string)
         args["version"] = first["version"]
     cfg["trainer"]["logger"] = [{"class_path": _SAFE_CSV, "init_args": args}, *listed]
 
@@ -139,7 +139,8 @@ def _share_version(cfg) -> None:
     groups: dict[str, list] = {}
     for lg in _loggers(cfg):
         args = lg["init_args"]
-        if "save_dir" in args and "name" in args:
+        # only folder-versioned loggers: W&B's `version` is a run id, MLflow has none
+        if str(lg.get("class_path")).endswith(("CSVLogger", "TensorBoardLogger")) and "save_dir" in args:
             root = os.path.join(str(args.get("save_dir") or "lightning_logs"), str(args.get("name") or ""))
             groups.setdefault(os.path.realpath(root), []).append(args)
     for root, members in groups.items():

@@ -20,7 +20,8 @@ logits fit `logits_budget_mb` (with grad, chunks beyond one are recomputed in th
 
 Features: LoRA or full fine-tuning; reference = adapters off (KL k3 only when beta > 0); PPO epochs,
 mini-batches and micro-batches (gradient accumulation); AdamW with linear warm-up and gradient
-clipping; validation pass@1 / pass@k before training and every `trainer.val_check_interval` steps.
+clipping; validation on the eval sets (flowtracer.validation: avg@k, pass@k', maj@k per set,
+math_avg, val/pass@1) before training and every `trainer.val_check_interval` steps.
 Precisions: float32 (default, CPU) and bfloat16 (`model_dtype: bfloat16`, GPU).
 Resume: `--ckpt_path` restores adapters (or full weights), optimizer, scheduler, step and RNG; the
 prompts of step s and the sampling seed are functions of (seed, s), so a resumed run logs the same

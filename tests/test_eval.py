@@ -31,7 +31,8 @@ EVAL_SETS = {
 def eval_config(tmp_path: Path, model_dir: str) -> Path:
     cfg = {"model": {"model": model_dir, "val_sampling": {"num_generations": 2, "max_new_tokens": 8,
                                                           "temperature": 1.0}},
-           "data": {"train_source": str(FIX / "gsm_mini.jsonl"), "val_batch_size": 3, "eval_sets": EVAL_SETS}}
+           # eval never reads the training data (this id would need the network)
+           "data": {"train_source": "hf:not-needed/by-eval", "val_batch_size": 3, "eval_sets": EVAL_SETS}}
     path = tmp_path / "eval.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

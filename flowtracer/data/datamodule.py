@@ -148,6 +148,18 @@ class PromptDataModule(L.LightningDataModule):
         self.train_rows, self.val_rows = train, val
         self._setup_eval_sets()
 
+    def setup_eval(self) -> None:
+        """Only the validation / eval sets (what `flowtracer eval` needs): the training data is
+        read only when the validation set is carved out of it (val_source: null, no eval_sets)."""
+        if self.train_rows is not None or self.eval_rows:
+            return
+        if self.legacy_validation and self.val_source is None:
+            return self.setup()
+        if self.legacy_validation and self.val_size:
+            val = self._load(self.val_source, self.val_size, self.seed + 1)
+            self.val_rows = [{**r, "verifier_kwargs": self.verifier_kwargs} for r in val] if self.verifier_kwargs else val
+        self._setup_eval_sets()
+
     def _setup_eval_sets(self) -> None:
         """Rows of every eval set, tagged with set name and index; val_rows = all of them."""
         from flowtracer.evaluation.engine import LEGACY_SET, load_set_rows

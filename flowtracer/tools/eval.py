@@ -58,7 +58,7 @@ def _policy(args, settings):
 
 
 def _selected(data, sets_arg: str | None, limit: int | None) -> dict:
-    data.setup("validate")
+    data.setup_eval()  # the eval sets only, not the training data
     names = list(data.eval_rows)
     if sets_arg:
         wanted = [s.strip() for s in sets_arg.split(",") if s.strip()]
