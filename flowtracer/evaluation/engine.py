@@ -4,9 +4,12 @@ Lightning-free: `flowtracer eval` calls `evaluate` directly, and validation duri
 same `eval_batch` on every validation batch and `summarize` at the end of the epoch
 (flowtracer.validation), so both report the same numbers for the same policy and seeds.
 
-Sampling: every response is drawn from its own seed, a function of (seed, set name, problem
-index, sample index) (flowtracer.sampling), so a set's numbers depend neither on the batch size,
-on the generation chunking, nor on the number of processes; greedy (temperature 0) needs none.
+Sampling: with ``val_sampling.seed_per_prompt: true`` every response is drawn from its own seed,
+a function of (seed, set name, problem index, sample index) (flowtracer.sampling), so a set's
+numbers depend neither on the batch size, the generation chunking nor the number of processes.
+Otherwise (the default; per-row seeding costs a hash over the vocabulary per token) HF's sampler
+is seeded per batch from (seed, set name, first problem index): the same numbers for the same
+batch size. Greedy (temperature 0) needs no seed.
 Generation goes through `generate_responses`, the one call into the trainer's
 `flowtracer.rollout.generate` (and whatever chunking its SamplingConfig asks for).
 """
@@ -145,7 +148,11 @@ def eval_batch(policy, tokenizer, rows: list[dict], sampling, format_prompt: Cal
     prompts, spans = zip(*(format_prompt(r) for r in rows))
     k = sampling.num_generations
     device = next(policy.parameters()).device
-    seeds = row_seeds(seed, set_seed_offset(name), [r["eval_index"] for r in rows], k, device=device)
+    seeds = None
+    if sampling.seed_per_prompt:  # each response from its own seed: independent of batching
+        seeds = row_seeds(seed, set_seed_offset(name), [r["eval_index"] for r in rows], k, device=device)
+    else:  # HF's sampler, seeded per batch: reproducible for the same batch size (and faster)
+        torch.manual_seed((seed * 1_000_003 + set_seed_offset(name) * 7919 + rows[0]["eval_index"]) % 2**31)
     with torch.no_grad():
         gen = generate_responses(policy, tokenizer, list(prompts), list(spans), sampling, row_seeds=seeds)
     records = []
