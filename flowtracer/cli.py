@@ -1,4 +1,4 @@
-"""`flowtracer` entry point: LightningCLI (fit / validate / test) over GRPOModule and PromptDataModule.
+"""`flowtracer` entry point: LightningCLI (fit / validate) over GRPOModule and PromptDataModule, plus tools.
 
     flowtracer fit --config experiments/quickstart.yaml
     flowtracer fit --config experiments/quickstart.yaml --trainer.max_steps 4 --model.seed 1
@@ -7,6 +7,9 @@
     flowtracer grid --config experiments/grid_quickstart.yaml   # ablation grid + report (flowtracer.tools.grid)
     flowtracer trace --model smollm2-135m-instruct --prompt "What is 3 + 4?"   (flowtracer.tools.trace)
     flowtracer probe --n 100                                    # causal masking probe (flowtracer.tools.probe)
+    flowtracer eval --ckpt_path <run>/checkpoints/last.ckpt     # per-benchmark eval (flowtracer.tools.eval)
+    flowtracer export --ckpt_path <run>/checkpoints/last.ckpt --out DIR [--merge]   (flowtracer.tools.export)
+`flowtracer test` is `flowtracer eval`; Lightning's test/predict subcommands are not offered.
 
 A run writes under lightning_logs/<name>/version_N/: config.yaml (resolved), metrics.csv,
 rollouts.jsonl and checkpoints/. A resumed run (`--ckpt_path last`, or a path inside a run folder)
@@ -25,7 +28,8 @@ from typing import NoReturn
 
 from lightning.pytorch.cli import LightningCLI
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, KeyError, RuntimeError)
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError, KeyError,
+                                                RuntimeError)
 # Config loggers of these classes get flowtracer's crash-safe drop-in (same arguments).
 _CSV_LOGGERS = ("lightning.pytorch.loggers.CSVLogger", "lightning.pytorch.loggers.csv_logs.CSVLogger", "CSVLogger")
 _SAFE_CSV = "flowtracer.csvlog.CSVLogger"
@@ -48,6 +52,13 @@ def _default_loggers(name: str = "run") -> list[dict]:
 
 class FlowtracerCLI(LightningCLI):
     """LightningCLI with flowtracer's defaults: CSV (+TensorBoard) logs, last.ckpt, rich progress."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # test/predict are not offered: `flowtracer test` is `flowtracer eval` (per-benchmark
+        # evaluation of a checkpoint or model folder), and a policy has nothing to "predict".
+        full = LightningCLI.subcommands()
+        return {k: full[k] for k in ("fit", "validate")}
 
     def add_arguments_to_parser(self, parser) -> None:
         # Always on, configurable under `checkpoint.*` / `progress_bar.*`; `trainer.callbacks` stays
@@ -86,8 +97,10 @@ class FlowtracerCLI(LightningCLI):
         for lg in _loggers(sub):
             if lg.get("class_path") in _CSV_LOGGERS:
                 lg["class_path"] = _SAFE_CSV
+        _ensure_csv_logger(sub)
         if sub.get("ckpt_path"):
             _continue_run_folder(sub)
+        _share_version(sub)
 
     def instantiate_classes(self) -> None:
         # An arm's (or the model's) own ValueError reaches us wrapped in jsonargparse's union report
@@ -160,6 +173,11 @@ def _config_message(text: str) -> str:
     return f"{where} {class_path}: {reason} (its options: `flowtracer fit --{where}.help {class_path}`)"
 
 
+HELP = ("flowtracer: RLVR with FlowTracer token credit. Lightning subcommands: fit, validate. Tools (each "
+        "with --help): eval (alias test: per-benchmark avg@k / pass@k / maj@k of a checkpoint or model), "
+        "export (checkpoint -> PEFT adapter or merged HF model), grid, trace, probe.")
+
+
 def _rollout_callbacks(callbacks):
     from flowtracer.credit.base import RolloutCallback
 
@@ -170,6 +188,48 @@ def _loggers(cfg) -> list:
     loggers = cfg["trainer"].get("logger") or []
     loggers = loggers if isinstance(loggers, list) else [loggers]
     return [lg for lg in loggers if hasattr(lg, "get") and lg.get("init_args") is not None]
+
+
+def _ensure_csv_logger(cfg) -> None:
+    """metrics.csv in every run: a config whose loggers (TensorBoard, W&B, MLflow, ...) include no
+    CSV logger gets the crash-safe one first, in the first logger's save_dir/name (so the run folder,
+    rollouts.jsonl and checkpoints stay where that logger puts them). `logger: false` stays off."""
+    loggers = cfg["trainer"].get("logger")
+    if loggers in (None, True, False) or (isinstance(loggers, list) and not loggers):
+        return  # the defaults (which include it), or logging switched off
+    listed = loggers if isinstance(loggers, list) else [loggers]
+    if any(hasattr(lg, "get") and lg.get("class_path") == _SAFE_CSV for lg in listed):
+        return
+    first = next((lg.get("init_args") for lg in listed if hasattr(lg, "get") and lg.get("init_args")), None) or {}
+    args = {"save_dir": first.get("save_dir") or "lightning_logs", "name": first.get("name") or "run"}
+    if isinstance(first.get("version"), int):  # a folder version (W&B's is a run id string)
+        args["version"] = first["version"]
+    cfg["trainer"]["logger"] = [{"class_path": _SAFE_CSV, "init_args": args}, *listed]
+
+
+def _share_version(cfg) -> None:
+    """Loggers with the same save_dir/name (CSV + TensorBoard) write into one version_N folder.
+
+    Each logger would otherwise pick "the next free version" on its own, and the second one to
+    look finds the first one's folder already made (CSV in version_0, TensorBoard in version_1).
+    Only the launching process pins it; DDP's other ranks do not write logs.
+    """
+    if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0":
+        return
+    groups: dict[str, list] = {}
+    for lg in _loggers(cfg):
+        args = lg["init_args"]
+        # only folder-versioned loggers: W&B's `version` is a run id, MLflow has none
+        if str(lg.get("class_path")).endswith(("CSVLogger", "TensorBoardLogger")) and "save_dir" in args:
+            root = os.path.join(str(args.get("save_dir") or "lightning_logs"), str(args.get("name") or ""))
+            groups.setdefault(os.path.realpath(root), []).append(args)
+    for root, members in groups.items():
+        if len(members) < 2 or any(a.get("version") is not None for a in members):
+            continue
+        used = [int(d[len("version_"):]) for d in (os.listdir(root) if os.path.isdir(root) else [])
+                if d.startswith("version_") and d[len("version_"):].isdigit()]
+        for a in members:
+            a["version"] = max(used, default=-1) + 1
 
 
 def _continue_run_folder(cfg) -> None:
@@ -200,7 +260,9 @@ def _latest_checkpoint(cfg) -> str:
     return found[-1]
 
 
-TOOLS = {"grid": "flowtracer.tools.grid", "trace": "flowtracer.tools.trace", "probe": "flowtracer.tools.probe"}
+TOOLS = {"grid": "flowtracer.tools.grid", "trace": "flowtracer.tools.trace", "probe": "flowtracer.tools.probe",
+         "eval": "flowtracer.tools.eval", "export": "flowtracer.tools.export",
+         "test": "flowtracer.tools.eval"}  # `flowtracer test` = eval (Lightning's test/predict are not offered)
 
 
 def _run_tool(name: str, argv: list[str]) -> None:
@@ -253,7 +315,8 @@ def main(args: list[str] | None = None) -> None:
         no_exit = {"exit_on_error": False}
         FlowtracerCLI(GRPOModule, PromptDataModule, args=args, trainer_defaults=trainer_defaults,
                       save_config_kwargs={"overwrite": True},
-                      parser_kwargs={**no_exit, **{c: no_exit for c in ("fit", "validate", "test", "predict")}})
+                      parser_kwargs={**no_exit, "description": HELP,
+                                     **{c: no_exit for c in ("fit", "validate")}})
     except ArgumentError as err:
         _fail("flowtracer", err, f"config: {_config_message(str(err))}")
     except USER_ERRORS as err:

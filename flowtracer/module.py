@@ -11,7 +11,8 @@ The pieces are Lightning-free (flowtracer.step); this module orchestrates them.
 
 Features: LoRA or full fine-tuning; reference = adapters off (KL k3 only when beta > 0); PPO epochs,
 mini-batches and micro-batches (gradient accumulation); AdamW with linear warm-up and gradient
-clipping; validation pass@1 / pass@k before training and every `trainer.val_check_interval` steps.
+clipping; validation on the eval sets (flowtracer.validation: avg@k, pass@k', maj@k per set,
+math_avg, val/pass@1) before training and every `trainer.val_check_interval` steps.
 Precisions: float32 (default, CPU) and bfloat16 (`model_dtype: bfloat16`, GPU).
 Resume: `--ckpt_path` restores adapters (or full weights), optimizer, scheduler, step and RNG; the
 prompts and samples of step s are functions of (seed, s), so a resumed run logs the metrics of an
@@ -30,9 +31,9 @@ import os
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
-from torchmetrics import MeanMetric
 
 from flowtracer import distributed as dist
+from flowtracer import validation
 from flowtracer.ckpt import install_atomic_io, rewind_run_dir
 from flowtracer.credit.base import RolloutCallback
 from flowtracer.csvlog import append_lines
@@ -106,7 +107,6 @@ class GRPOModule(LightningModule):
         self.tokenizer = None
         self.rl_step = 0
         self._verifier = VerifierCache()  # row -> its verifier, built once per kind
-        self.val_pass1, self.val_passk = MeanMetric(), MeanMetric()
         self.val_history: list[tuple[int, float]] = []
         self._skips = SkipCounter(optim.max_consecutive_skips)
         self._step_skips = 0
@@ -153,9 +153,9 @@ class GRPOModule(LightningModule):
                 # steps after the checkpoint may have been logged before a crash; they run again now
                 rewind_run_dir(log_dir, self._resumed_steps)
         if self.val_before_training and self.rl_step == 0:
-            acc = self._evaluate_split()
-            if acc is not None and self.logger is not None:
-                self.logger.log_metrics({"val/pass@1": acc[0], f"val/pass@{acc[2]}": acc[1]}, step=0)
+            metrics = validation.before_training(self)  # issue 16: the evaluation engine
+            if metrics and self.logger is not None:
+                self.logger.log_metrics(metrics, step=0)
 
     # ----------------------------------------------------------------------------- the RL step
     def training_step(self, batch, batch_idx):
@@ -402,52 +402,13 @@ class GRPOModule(LightningModule):
             append_lines(os.path.join(log_dir, "rollouts.jsonl"), "\n".join(lines) + "\n")
 
     # ----------------------------------------------------------------------------- validation
-    @torch.no_grad()
-    def _correctness(self, rows) -> torch.Tensor:
-        """(prompts, k) bool: which of k sampled answers per prompt are correct."""
-        gen = self._generate(rows, self.val_sampling)
-        k = len(gen.responses) // len(rows)
-        rewards = [safe_score(self._verifier(rows[i // k]), t, rows[i // k]["answer"])[0].reward
-                   for i, t in enumerate(gen.responses)]
-        return (torch.tensor(rewards) >= self.loss_cfg.correct_threshold).view(len(rows), k)
-
+    # issue 16: validation runs on the evaluation engine (flowtracer.validation): per-set avg@k,
+    # pass@k', maj@k, math_avg; val/pass@1 kept.
     def validation_step(self, rows, batch_idx):
-        self._seed_everything(10**6 + batch_idx)  # validation samples do not depend on the step
-        correct = self._correctness(rows).float()
-        self.val_pass1.update(correct.mean(1))
-        self.val_passk.update(correct.max(1).values)
+        validation.validation_step(self, rows)
 
     def on_validation_epoch_end(self):
-        k = self.val_sampling.num_generations
-        p1, pk = self.val_pass1.compute(), self.val_passk.compute()
-        self.log_dict({"val/pass@1": p1, f"val/pass@{k}": pk}, prog_bar=False)
-        self.log("val_acc", p1, prog_bar=True, logger=False)
-        self.val_pass1.reset(), self.val_passk.reset()
-        if not self.trainer.sanity_checking:
-            self.val_history.append((self.rl_step, float(p1)))
-            rank_zero_info(f"[flowtracer] step {self.rl_step}: validation pass@1 = {float(p1):.3f}, "
-                           f"pass@{k} = {float(pk):.3f}")
-
-    test_step = validation_step
-    on_test_epoch_end = on_validation_epoch_end
-
-    def _evaluate_split(self):
-        """Validation outside Lightning's loop (before training): (pass@1, pass@k, k) or None."""
-        loader = self.trainer.datamodule.val_dataloader()
-        if loader is None:
-            return None
-        p1, pk = [], []
-        for i, rows in enumerate(loader):
-            self._seed_everything(10**6 + i)
-            c = self._correctness(rows).float()
-            p1.append(c.mean(1)), pk.append(c.max(1).values)
-        if not p1:
-            return None
-        a1, ak = torch.cat(p1).mean().item(), torch.cat(pk).mean().item()
-        self.val_history.append((0, a1))
-        rank_zero_info(f"[flowtracer] before training: validation pass@1 = {a1:.3f}, "
-                       f"pass@{self.val_sampling.num_generations} = {ak:.3f}")
-        return a1, ak, self.val_sampling.num_generations
+        validation.on_validation_epoch_end(self)
 
     def on_train_end(self) -> None:
         if len(self.val_history) >= 2:

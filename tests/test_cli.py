@@ -168,7 +168,7 @@ def test_switching_the_credit_arm_is_a_yaml_change(tmp_path, tiny_model_dir):
 def test_every_experiment_config_parses(config, capsys):
     """Every shipped config resolves through the CLI (ablation arms on top of the quickstart)."""
     args = ["fit", "--config", str(ROOT / "experiments" / config), "--print_config"]
-    if config.startswith("ablation_") or config.endswith("_gpu.yaml"):  # overlays on a run config
+    if config.startswith(("ablation_", "eval_")) or config.endswith("_gpu.yaml"):  # overlays on a run config
         args[1:1] = ["--config", str(ROOT / "experiments" / "quickstart.yaml")]
     with pytest.raises(SystemExit) as done:
         main(args)

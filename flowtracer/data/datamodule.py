@@ -59,6 +59,12 @@ class PromptDataModule(L.LightningDataModule):
         use_chat_template (bool, default True): render prompts with the tokenizer's chat
             template; False for base models without one (plain text prompt).
         cache_dir (str, default "data/cache"): where generated reasoning-gym data are cached.
+        eval_sets (dict[str, dict] | None, default None): named evaluation sets for validation and
+            `flowtracer eval`, each ``{source, k, pass_ks, temperature, max_new_tokens, extraction,
+            verifier, ...}`` (flowtracer.evaluation.EvalSet; unset keys inherit model.val_sampling
+            and the settings above). None = one set, "default", from val_source / val_size (old
+            configs). With eval_sets, val_source no longer feeds validation (val_source: null
+            still carves val_size rows out of training: set val_size: 0 to keep them).
     """
 
     def __init__(
@@ -79,6 +85,7 @@ class PromptDataModule(L.LightningDataModule):
         system_prompt: str | None = None,
         use_chat_template: bool = True,
         cache_dir: str = "data/cache",
+        eval_sets: dict[str, dict[str, Any]] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()  # recorded in checkpoints and hparams.yaml
@@ -96,6 +103,9 @@ class PromptDataModule(L.LightningDataModule):
         self.use_chat_template, self.cache_dir = use_chat_template, cache_dir
         self.train_rows: list[dict] | None = None
         self.val_rows: list[dict] = []
+        self.eval_specs = _eval_specs(eval_sets, val_source)  # name -> EvalSet (validation sets)
+        self.legacy_validation = not eval_sets  # one set, "default", from val_source / the carve
+        self.eval_rows: dict[str, list[dict]] = {}
         self._perms: dict[int, list[int]] = {}
 
     # ---------------------------------------------------------------- loading
@@ -115,7 +125,8 @@ class PromptDataModule(L.LightningDataModule):
         if self.val_source is not None:
             train = self._load(self.train_source, self.train_size, self.seed)
             # a different seed, so a generated validation set is not the training set again
-            val = self._load(self.val_source, self.val_size, self.seed + 1) if self.val_size else []
+            val = (self._load(self.val_source, self.val_size, self.seed + 1)
+                   if self.val_size and self.legacy_validation else [])
         else:
             generated = self.train_source.strip().startswith("reasoning_gym:")
             size = (self.train_size or _DEFAULT_GENERATED_SIZE) + self.val_size if generated else None
@@ -135,6 +146,35 @@ class PromptDataModule(L.LightningDataModule):
             train = [{**r, "verifier_kwargs": self.verifier_kwargs} for r in train]
             val = [{**r, "verifier_kwargs": self.verifier_kwargs} for r in val]
         self.train_rows, self.val_rows = train, val
+        self._setup_eval_sets()
+
+    def setup_eval(self) -> None:
+        """Only the validation / eval sets (what `flowtracer eval` needs): the training data is
+        read only when the validation set is carved out of it (val_source: null, no eval_sets)."""
+        if self.train_rows is not None or self.eval_rows:
+            return
+        if self.legacy_validation and self.val_source is None:
+            return self.setup()
+        if self.legacy_validation and self.val_size:
+            val = self._load(self.val_source, self.val_size, self.seed + 1)
+            self.val_rows = [{**r, "verifier_kwargs": self.verifier_kwargs} for r in val] if self.verifier_kwargs else val
+        self._setup_eval_sets()
+
+    def _setup_eval_sets(self) -> None:
+        """Rows of every eval set, tagged with set name and index; val_rows = all of them."""
+        from flowtracer.evaluation.engine import LEGACY_SET, load_set_rows
+
+        if self.legacy_validation:
+            self.val_rows = [{**r, "eval_set": LEGACY_SET, "eval_index": i} for i, r in enumerate(self.val_rows)]
+            self.eval_rows = {LEGACY_SET: self.val_rows} if self.val_rows else {}
+            return
+        shared = {"verifier_kwargs": self.verifier_kwargs} if self.verifier_kwargs else {}
+        self.eval_rows = {}
+        for name, spec in self.eval_specs.items():
+            rows = load_set_rows(name, spec, seed=self.seed + 1, cache_dir=self.cache_dir,
+                                 default_verifier=self.verifier)
+            self.eval_rows[name] = [{**shared, **r} for r in rows]  # a set's own verifier_kwargs win
+        self.val_rows = [r for rows in self.eval_rows.values() for r in rows]
 
     # ---------------------------------------------------------------- training position
     @property
@@ -178,15 +218,25 @@ class PromptDataModule(L.LightningDataModule):
             instruction=self.instruction, use_chat_template=self.use_chat_template,
         )
 
+    def format_eval_prompt(self, tokenizer, row: dict) -> tuple[str, tuple[int, int] | None]:
+        """Prompt of an eval row: the row's set may override the instruction ("" = none)."""
+        spec = self.eval_specs.get(row.get("eval_set"))
+        instruction = self.instruction if spec is None or spec.instruction is None else (spec.instruction or None)
+        return prompts.format_prompt(tokenizer, row["question"], system_prompt=self.system_prompt,
+                                     instruction=instruction, use_chat_template=self.use_chat_template)
+
     # ---------------------------------------------------------------- Lightning hooks
     def train_dataloader(self) -> DataLoader:
         # paces Lightning's epoch loop only; the module asks train_batch(step) for the prompts
         return DataLoader(range(self.steps_per_epoch), batch_size=None, shuffle=False)
 
     def val_dataloader(self) -> DataLoader:
+        # Batches never mix sets (each has its own k and sampling); a batch is a list of rows.
+        from flowtracer.evaluation.engine import batches
+
         self.setup()
-        return DataLoader(self.val_rows, batch_size=self.val_batch_size, shuffle=False,
-                          collate_fn=list)
+        chunks = [b for rows in self.eval_rows.values() for b in batches(rows, self.val_batch_size)]
+        return DataLoader(chunks, batch_size=None, shuffle=False, collate_fn=list)
 
     def _fingerprint(self) -> str:
         questions = json.dumps([r["question"] for r in self.train_rows])
@@ -207,3 +257,13 @@ class PromptDataModule(L.LightningDataModule):
                 "resumed run would not see the prompts it would have seen; resume with the same "
                 "train_source, train_size, val_size, seed and prompts_per_step"
             )
+
+
+def _eval_specs(eval_sets: dict[str, dict[str, Any]] | None, val_source: str | None) -> dict:
+    from flowtracer.evaluation.engine import LEGACY_SET, EvalSet
+
+    if not eval_sets:  # an old config: one set from val_source (or the carve)
+        return {LEGACY_SET: EvalSet(source=val_source or "(carved from train_source)")}
+    if not isinstance(eval_sets, dict):
+        raise DataError("data.eval_sets must map set names to {source: ..., k: ...}")
+    return {str(name): EvalSet.from_config(str(name), dict(cfg or {})) for name, cfg in eval_sets.items()}

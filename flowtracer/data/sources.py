@@ -108,7 +108,10 @@ def _row(rec: Any, label: str, where: str, qf: str, af: str, verifier: str | Non
                 f"{where}: {label} has no field '{field}' (available: {', '.join(map(str, rec))}); "
                 f"set {knob} to the right name"
             )
-    answer = rec[af] if isinstance(rec[af], dict) else str(rec[af])
+    answer = rec[af]
+    if isinstance(answer, (list, tuple)):  # several final answers (OlympiadBench's final_answer)
+        answer = ", ".join(map(str, answer))
+    answer = answer if isinstance(answer, dict) else str(answer)
     meta = dict(rec["meta"]) if isinstance(rec.get("meta"), dict) else {}
     if isinstance(answer, str) and "####" in answer:
         # GSM8K convention: a worked solution ending in "#### <final answer>"; keep the final part
