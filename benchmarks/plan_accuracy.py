@@ -97,12 +97,24 @@ def warm_up(arch: str) -> None:
     trace_flow(res.attn, mask, mask & (torch.arange(out.shape[1]) == out.shape[1] - 1), valid_mask=mask)
 
 
-def run_case(name: str, model_name: str, over: dict) -> list[tuple]:
+def _train_step(policy, opt, ids, attn, resp, run):
+    """One micro-batch update as the trainer runs it; returns the captured attention map."""
     from flowtracer.attention import teacher_forced_pass
+    from flowtracer.rl import policy_loss
+
+    opt.zero_grad(set_to_none=True)
+    out = teacher_forced_pass(policy, ids, attn, capture_layers="middle", with_grad=True, stats_mask=resp,
+                              logits_chunk_bytes=int(run.logits_budget_mb * 2**20))
+    loss, _ = policy_loss(out.logprobs, out.logprobs.detach(), torch.randn(ids.shape[0]), resp)
+    loss.backward()
+    opt.step()
+    return out.attn
+
+
+def run_case(name: str, model_name: str, over: dict) -> list[tuple]:
     from flowtracer.flow import trace_flow
     from flowtracer.generation import register_engine
     from flowtracer.policy import merged_lora
-    from flowtracer.rl import policy_loss
     from flowtracer.rollout import SamplingConfig, generate
 
     register_engine("bench_fixed_length")(_fixed_length_engine)
@@ -119,27 +131,21 @@ def run_case(name: str, model_name: str, over: dict) -> list[tuple]:
     sampling = SamplingConfig(num_generations=g, max_new_tokens=run.max_new_tokens, engine="bench_fixed_length",
                               generation_batch_size=run.generation_batch_size)
     torch.manual_seed(0)
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-5)
+    m = run.micro
+    warm_ids = torch.randint(3, shape.vocab, (m, run.seq))
+    warm_resp = torch.zeros_like(warm_ids, dtype=torch.bool)
+    warm_resp[:, run.prompt_tokens:] = True
+    _train_step(policy, opt, warm_ids, torch.ones_like(warm_ids), warm_resp, run)  # AdamW states + grads exist
     policy.eval()
     with measure_peak() as pk, merged_lora(policy):
         gen = generate(policy, tok, prompts, [None] * n, sampling)
     measured = {"generate": pk.start + pk.bytes - baseline}
     policy.train()
-    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-5)
-    m = run.micro
     ids, attn, resp = gen.input_ids[:m], gen.attention_mask[:m], gen.response_mask[:m]
-    out = None
-    for _ in range(2):  # the second step has AdamW states resident, as in steady training
-        out = None
-        opt.zero_grad(set_to_none=True)
-        with measure_peak() as pk:
-            out = teacher_forced_pass(policy, ids, attn, capture_layers="middle", with_grad=True,
-                                      stats_mask=resp, logits_chunk_bytes=int(run.logits_budget_mb * 2**20))
-            loss, _ = policy_loss(out.logprobs, out.logprobs.detach(), torch.randn(m), resp)
-            loss.backward()
-            opt.step()
+    with measure_peak() as pk:
+        amap = _train_step(policy, opt, ids, attn, resp, run)
     measured["update"] = pk.start + pk.bytes - baseline
-    amap = out.attn
-    del out, loss
     with measure_peak() as pk:
         trace_flow(amap, gen.question_mask[:m], resp & (torch.arange(resp.shape[1]) == resp.shape[1] - 1),
                    valid_mask=attn.bool())

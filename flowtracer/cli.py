@@ -7,6 +7,7 @@
     flowtracer grid --config experiments/grid_quickstart.yaml   # ablation grid + report (flowtracer.tools.grid)
     flowtracer trace --model smollm2-135m-instruct --prompt "What is 3 + 4?"   (flowtracer.tools.trace)
     flowtracer probe --n 100                                    # causal masking probe (flowtracer.tools.probe)
+    flowtracer plan --config experiments/quickstart.yaml        # predicted peak memory per phase (flowtracer.tools.plan)
 
 A run writes under lightning_logs/<name>/version_N/: config.yaml (resolved), metrics.csv,
 rollouts.jsonl and checkpoints/. A resumed run (`--ckpt_path last`, or a path inside a run folder)
@@ -76,7 +77,8 @@ class FlowtracerCLI(LightningCLI):
         from flowtracer.checks import preflight
 
         cbs = [cb for cb in self.trainer.callbacks]
-        preflight(self.model, self.datamodule, self.trainer.world_size, _rollout_callbacks(cbs))
+        preflight(self.model, self.datamodule, self.trainer.world_size, _rollout_callbacks(cbs),
+                  device=self.trainer.strategy.root_device)
         self.model.preflight_done = True
 
 
@@ -120,7 +122,8 @@ def _latest_checkpoint(cfg) -> str:
     return found[-1]
 
 
-TOOLS = {"grid": "flowtracer.tools.grid", "trace": "flowtracer.tools.trace", "probe": "flowtracer.tools.probe"}
+TOOLS = {"grid": "flowtracer.tools.grid", "trace": "flowtracer.tools.trace", "probe": "flowtracer.tools.probe",
+         "plan": "flowtracer.tools.plan"}
 
 
 def _run_tool(name: str, argv: list[str]) -> None:
