@@ -56,6 +56,7 @@ from flowtracer.guards import SkipCounter, assert_finite_state, grads_finite, no
 from flowtracer.policy import LoraSpec, load_policy, merged_lora, reference_mode
 from flowtracer.rewards import VerifierCache, char_span_to_token_mask, safe_score
 from flowtracer.rl import group_advantages, policy_loss
+from flowtracer.rl.dapo import DapoConfig  # [issue 15] DAPO knobs
 from flowtracer.rollout import Generated, RolloutBatch, SamplingConfig, generate, response_token_offsets
 
 
@@ -127,6 +128,7 @@ class GRPOModule(LightningModule):
             no-grad pass first (same weights, one more forward).
         logits_budget_mb: MiB of float32 logits (plus log-softmax) the log-prob/entropy
             computation may hold at once; more response tokens than that are chunked.
+        dapo: DAPO's dynamic sampling and overlong handling, off by default (flowtracer.rl.dapo).
     """
 
     def __init__(
@@ -145,6 +147,7 @@ class GRPOModule(LightningModule):
         log_rollouts: bool = True,
         fuse_credit: bool = True,
         logits_budget_mb: float = 512.0,
+        dapo: DapoConfig = DapoConfig(),
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -158,6 +161,7 @@ class GRPOModule(LightningModule):
         if not logits_budget_mb > 0:
             raise ValueError(f"logits_budget_mb must be > 0, got {logits_budget_mb}: set model.logits_budget_mb: 512")
         self.fuse_credit, self.logits_budget_mb = bool(fuse_credit), float(logits_budget_mb)
+        self.dapo = dapo  # [issue 15]
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold only trainable weights (adapters under LoRA)
         self.policy = None
@@ -222,10 +226,10 @@ class GRPOModule(LightningModule):
         rows, positions = dist.shard(self.trainer.datamodule.train_batch(step), rank, world)
         timer = _PhaseTimer()
 
-        with timer("generate"):
-            gen = self._generate(rows, self.sampling, positions=positions, step=step)
-        with timer("score"):
-            rollouts = self._score(rows, gen)
+        # [issue 15] generate + score, with DAPO dynamic sampling / overlong handling when enabled
+        from flowtracer.dapo_sampling import sample_rollouts
+
+        gen, rollouts = sample_rollouts(self, rows, positions, step, timer)
         callbacks = self._rollout_callbacks()
         plan = self._credit_plan(callbacks, rollouts.batch_size)
         with timer("old_pass"):
