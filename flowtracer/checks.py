@@ -37,6 +37,7 @@ def check_settings(module, datamodule, world_size: int = 1) -> None:
                  "'static' (or 'offloaded', 'offloaded_static')")
         _require(cfg.top_k >= 0, f"model.{name}.top_k = {cfg.top_k}: must be >= 0 (0 = off)")
         check_generation(name, cfg)
+    check_dapo(module)
     g = s.num_generations
     _require(g >= 2, f"model.sampling.num_generations = {g}: GRPO needs >= 2 responses per prompt to "
                      "form a group (a group of 1 has no advantage); set model.sampling.num_generations: 8")
@@ -78,6 +79,20 @@ def check_generation(name: str, cfg) -> None:
     _require(not (cfg.engine == "hf_paged" and cfg.seed_per_prompt),
              f"model.{name}.engine = hf_paged samples with transformers' own sampler: set "
              f"model.{name}.seed_per_prompt: false or model.{name}.engine: hf")
+
+
+def check_dapo(module) -> None:
+    """DAPO knobs (flowtracer.rl.dapo)."""
+    from flowtracer.rl.dapo import OVERLONG_MODES
+
+    d = getattr(module, "dapo", None)
+    if d is None:
+        return
+    _require(d.overlong in OVERLONG_MODES, f"model.dapo.overlong = {d.overlong!r}: use one of {', '.join(OVERLONG_MODES)}")
+    _require(d.max_extra_rounds >= 0, f"model.dapo.max_extra_rounds = {d.max_extra_rounds}: must be >= 0")
+    _require(0 <= d.overlong_buffer < module.sampling.max_new_tokens,
+             f"model.dapo.overlong_buffer = {d.overlong_buffer}: must be in [0, max_new_tokens = "
+             f"{module.sampling.max_new_tokens})")
 
 
 def check_references(module, rows: list[dict], where: str) -> None:

@@ -63,6 +63,9 @@ CASES = {
     "unknown aggregation": (lambda t, m: ["--model.loss.aggregation", "sum"], ["aggregation", "token-mean"]),
     "KL without LoRA": (lambda t, m: ["--model.loss.beta", "0.1", "--model.lora", "null"], ["beta", "LoRA"]),
     "resume with no checkpoint": (lambda t, m: ["--ckpt_path", "last"], ["last.ckpt", "without --ckpt_path"]),
+    "unknown generation engine": (lambda t, m: ["--model.sampling.engine", "vllm"], ["sampling.engine", "hf"]),
+    "negative generation batch": (lambda t, m: ["--model.sampling.generation_batch_size", "-2"], ["generation_batch_size", "auto"]),
+    "unknown overlong mode": (lambda t, m: ["--model.dapo.overlong", "cut"], ["dapo.overlong", "penalty"]),
     "zero skip budget": (lambda t, m: ["--model.optim.max_consecutive_skips", "0"], ["max_consecutive_skips", ">= 1"]),
 }
 
