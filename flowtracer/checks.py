@@ -40,6 +40,8 @@ def check_settings(module, datamodule, world_size: int = 1) -> None:
                  f"model.{name}.cache_implementation = {cfg.cache_implementation!r}: use null (dynamic) or "
                  "'static' (or 'offloaded', 'offloaded_static')")
         _require(cfg.top_k >= 0, f"model.{name}.top_k = {cfg.top_k}: must be >= 0 (0 = off)")
+        check_generation(name, cfg)
+    check_dapo(module)
     g = s.num_generations
     _require(g >= 2, f"model.sampling.num_generations = {g}: GRPO needs >= 2 responses per prompt to "
                      "form a group (a group of 1 has no advantage); set model.sampling.num_generations: 8")
@@ -66,6 +68,35 @@ def check_settings(module, datamodule, world_size: int = 1) -> None:
     _require(opt.mini_batches >= 1 and local % opt.mini_batches == 0,
              f"model.optim.mini_batches = {opt.mini_batches} does not divide the {local} rollouts of a step "
              f"(per process: {p // world_size} prompts x G={g}); pick a divisor of {local}")
+
+
+def check_generation(name: str, cfg) -> None:
+    """The chunking and engine knobs of one SamplingConfig (flowtracer.generation)."""
+    from flowtracer.generation import ENGINES
+
+    size = cfg.generation_batch_size
+    _require(size == "auto" or (isinstance(size, int) and size >= 0),
+             f"model.{name}.generation_batch_size = {size!r}: use a row count >= 0 (0 = all rows) or auto")
+    _require(cfg.generation_token_budget >= 0,
+             f"model.{name}.generation_token_budget = {cfg.generation_token_budget}: must be >= 0 (0 = off)")
+    _require(cfg.engine in ENGINES, f"model.{name}.engine = {cfg.engine!r}: use one of {', '.join(ENGINES)}")
+    _require(not (cfg.engine == "hf_paged" and cfg.seed_per_prompt),
+             f"model.{name}.engine = hf_paged samples with transformers' own sampler: set "
+             f"model.{name}.seed_per_prompt: false or model.{name}.engine: hf")
+
+
+def check_dapo(module) -> None:
+    """DAPO knobs (flowtracer.rl.dapo)."""
+    from flowtracer.rl.dapo import OVERLONG_MODES
+
+    d = getattr(module, "dapo", None)
+    if d is None:
+        return
+    _require(d.overlong in OVERLONG_MODES, f"model.dapo.overlong = {d.overlong!r}: use one of {', '.join(OVERLONG_MODES)}")
+    _require(d.max_extra_rounds >= 0, f"model.dapo.max_extra_rounds = {d.max_extra_rounds}: must be >= 0")
+    _require(0 <= d.overlong_buffer < module.sampling.max_new_tokens,
+             f"model.dapo.overlong_buffer = {d.overlong_buffer}: must be in [0, max_new_tokens = "
+             f"{module.sampling.max_new_tokens})")
 
 
 def check_references(module, rows: list[dict], where: str) -> None:
@@ -144,8 +175,8 @@ def check_credit_callbacks(callbacks) -> None:
         raise ConfigError(str(exc)) from exc
 
 
-def preflight(module, datamodule, world_size: int = 1, callbacks=()) -> None:
-    """All checks, in the order a user would fix them: settings, data, model, prompts, layers."""
+def preflight(module, datamodule, world_size: int = 1, callbacks=(), device=None) -> None:
+    """All checks, in the order a user would fix them: settings, data, model, prompts, layers, memory."""
     check_settings(module, datamodule, world_size)
     check_credit_callbacks(callbacks)
     datamodule.setup("fit")
@@ -157,6 +188,7 @@ def preflight(module, datamodule, world_size: int = 1, callbacks=()) -> None:
         check_references(module, rows, f"{split} {src}")
         check_prompts(module, datamodule, rows, f"{split} {src}")
     check_capture_layers(module, callbacks)
+    check_memory(module, datamodule, world_size, callbacks, device)  # also resolves generation_batch_size: auto
 
 
 def _config(model):
@@ -173,3 +205,77 @@ def _context_length(model) -> int | None:
 def _num_layers(model) -> int | None:
     n = getattr(_config(model), "num_hidden_layers", None)
     return int(n) if isinstance(n, int) else None
+
+
+def check_memory(module, datamodule, world_size: int = 1, callbacks=(), device=None) -> None:
+    """The planner's peak (flowtracer.planner) must fit the device; resolves `generation_batch_size: auto`.
+
+    Device: CUDA = its total memory; CPU = the RAM shared by the processes of this node
+    (FLOWTRACER_MEMORY_GB overrides both). The message names the setting to change.
+    """
+    import dataclasses
+
+    import torch
+
+    from flowtracer import planner
+
+    if module.policy is None or getattr(module.policy, "config", None) is None:
+        return
+    if device is None:
+        trainer = getattr(module, "_trainer", None)
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+    device = torch.device(device)
+    shape = planner.shape_from_config(module.policy.config)
+    rows = (datamodule.train_rows or [])
+    texts = [datamodule.format_prompt(module.tokenizer, r["question"])[0] for r in rows]
+    prompt_tokens = max((len(x) for x in module.tokenizer(texts, add_special_tokens=False)["input_ids"]), default=1)
+    budget = planner.device_memory(device) / (world_size if device.type == "cpu" else 1)
+    run = memory_runspec(module, datamodule.prompts_per_step // max(world_size, 1), prompt_tokens, callbacks, device)
+    p = planner.plan(shape, run, budget)
+    if isinstance(module.sampling.generation_batch_size, str):
+        module.sampling = dataclasses.replace(module.sampling, generation_batch_size=p.generation_rows)
+    if p.peak > budget:
+        raise ConfigError(f"the planned peak memory is {p.peak / planner.GIB:.1f} GiB in phase {p.peak_phase!r}, "
+                          f"more than the {budget / planner.GIB:.1f} GiB of {device.type}: "
+                          f"{_memory_fix(shape, run, p, budget)} (see `flowtracer plan --config ...`)")
+
+
+def memory_runspec(module, prompts: int, prompt_tokens: int, callbacks, device):
+    """The planner's view of a module's settings (per process)."""
+    from flowtracer.planner import RunSpec
+
+    s, o, lora = module.sampling, module.optim, module.lora
+    enabled = lora is not None and lora.enabled
+    return RunSpec(
+        rollouts=prompts * s.num_generations, num_generations=s.num_generations, prompt_tokens=prompt_tokens,
+        max_new_tokens=s.max_new_tokens, dtype=module.model_dtype, lora_r=lora.r if enabled else None,
+        lora_targets=tuple(lora.target_modules) if enabled else (),
+        gradient_checkpointing=module.gradient_checkpointing, micro_batch_size=o.micro_batch_size,
+        mini_batches=o.mini_batches, logits_budget_mb=module.logits_budget_mb,
+        needs_attention=any(getattr(cb, "needs_attention", False) for cb in callbacks),
+        generation_batch_size=s.generation_batch_size, generation_token_budget=s.generation_token_budget,
+        accelerator=torch_device_type(device))
+
+
+def torch_device_type(device) -> str:
+    return "cpu" if str(device).startswith("cpu") else "cuda"
+
+
+def _memory_fix(shape, run, p, budget: float) -> str:
+    """The knob that lowers the phase that does not fit."""
+    from flowtracer import planner
+
+    resident = sum(planner.resident_bytes(shape, run))
+    if resident > budget * planner.HEADROOM:
+        return ("the weights and optimizer states alone do not fit: enable LoRA (model.lora), set "
+                "model.model_dtype: bfloat16, or pick a smaller model")
+    if p.peak_phase == "generate":
+        rows = planner.auto_rows(shape, run, budget, resident)
+        return (f"set model.sampling.generation_batch_size: auto (or at most {rows} rows)" if rows < p.generation_rows
+                else "lower model.sampling.max_new_tokens or num_generations")
+    micro = planner.largest_micro_batch(shape, run, budget)
+    if micro >= 1:
+        return f"lower model.optim.micro_batch_size to {micro} or less"
+    if not run.gradient_checkpointing:
+        return "set model.gradient_checkpointing: true and model.optim.micro_batch_size: 1"
+    return "lower model.sampling.max_new_tokens (even one sequence per micro-batch does not fit)"

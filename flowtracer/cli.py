@@ -10,6 +10,7 @@
     flowtracer eval --ckpt_path <run>/checkpoints/last.ckpt     # per-benchmark eval (flowtracer.tools.eval)
     flowtracer export --ckpt_path <run>/checkpoints/last.ckpt --out DIR [--merge]   (flowtracer.tools.export)
 `flowtracer test` is `flowtracer eval`; Lightning's test/predict subcommands are not offered.
+    flowtracer plan --config experiments/quickstart.yaml        # predicted peak memory per phase (flowtracer.tools.plan)
 
 A run writes under lightning_logs/<name>/version_N/: config.yaml (resolved), metrics.csv,
 rollouts.jsonl and checkpoints/. A resumed run (`--ckpt_path last`, or a path inside a run folder)
@@ -115,7 +116,8 @@ class FlowtracerCLI(LightningCLI):
         from flowtracer.checks import preflight
 
         cbs = [cb for cb in self.trainer.callbacks]
-        preflight(self.model, self.datamodule, self.trainer.world_size, _rollout_callbacks(cbs))
+        preflight(self.model, self.datamodule, self.trainer.world_size, _rollout_callbacks(cbs),
+                  device=self.trainer.strategy.root_device)
         self.model.preflight_done = True
 
 
@@ -262,6 +264,7 @@ def _latest_checkpoint(cfg) -> str:
 
 TOOLS = {"grid": "flowtracer.tools.grid", "trace": "flowtracer.tools.trace", "probe": "flowtracer.tools.probe",
          "eval": "flowtracer.tools.eval", "export": "flowtracer.tools.export",
+         "plan": "flowtracer.tools.plan",
          "test": "flowtracer.tools.eval"}  # `flowtracer test` = eval (Lightning's test/predict are not offered)
 
 

@@ -45,6 +45,8 @@ from flowtracer.rollout import Generated, RolloutBatch, SamplingConfig, generate
 from flowtracer.step import LossConfig, OptimConfig, PhaseTimer, Placement, logprob_temperature, micro, plan_credit
 from flowtracer.step.records import rollout_metrics, rollout_records, seed_step
 from flowtracer.step.score import rollout_batch, score_responses
+from flowtracer.dapo_sampling import sample_rollouts
+from flowtracer.rl.dapo import DapoConfig
 
 __all__ = ["GRPOModule", "LossConfig", "OptimConfig"]
 
@@ -70,6 +72,7 @@ class GRPOModule(LightningModule):
             no-grad pass first (same weights, one more forward).
         logits_budget_mb: MiB of float32 logits (plus log-softmax) the log-prob/entropy
             computation may hold at once; more response tokens than that are chunked.
+        dapo: DAPO's dynamic sampling and overlong handling, off by default (flowtracer.rl.dapo).
     """
 
     def __init__(
@@ -88,6 +91,7 @@ class GRPOModule(LightningModule):
         log_rollouts: bool = True,
         fuse_credit: bool = True,
         logits_budget_mb: float = 512.0,
+        dapo: DapoConfig = DapoConfig(),
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -101,6 +105,7 @@ class GRPOModule(LightningModule):
         if not logits_budget_mb > 0:
             raise ValueError(f"logits_budget_mb must be > 0, got {logits_budget_mb}: set model.logits_budget_mb: 512")
         self.fuse_credit, self.logits_budget_mb = bool(fuse_credit), float(logits_budget_mb)
+        self.dapo = dapo  # [issue 15]
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold only trainable weights (adapters under LoRA)
         self.policy = None
@@ -164,10 +169,7 @@ class GRPOModule(LightningModule):
         rank, world = dist.rank_world(self.trainer)
         rows, positions = dist.shard(self.trainer.datamodule.train_batch(step), rank, world)
         timer = PhaseTimer(self.device)
-        with timer("generate"):
-            gen = self._generate(rows, self.sampling, positions=positions, step=step)
-        with timer("score"):
-            rollouts = self._score(rows, gen)
+        gen, rollouts = sample_rollouts(self, rows, positions, step, timer)  # generate + score (+ DAPO knobs)
         plan = plan_credit(self._rollout_callbacks(), ppo_epochs=self.optim.ppo_epochs,
                            mini_batches=self.optim.mini_batches, micro_batch_size=self.optim.micro_batch_size,
                            batch_size=rollouts.batch_size, fuse=self.fuse_credit)

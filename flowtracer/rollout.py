@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, fields
 import torch
 from torch import Tensor
 
+from flowtracer.generation import Generated, eos_ids, generate_rollouts, question_mask
+
 
 @dataclass
 class RolloutBatch:
@@ -73,7 +75,7 @@ OUTPUT_FIELDS = ("old_logprobs", "entropies", "attn", "token_weights")
 
 @dataclass
 class SamplingConfig:
-    """How responses are sampled (HF generate with the KV cache).
+    """How responses are sampled (see flowtracer.generation: chunks, engines).
 
     Args:
         num_generations: responses per prompt (G, the GRPO group size; >= 2).
@@ -85,13 +87,23 @@ class SamplingConfig:
             sample index) instead of one RNG stream for the batch, so rollouts do not depend on
             how prompts are batched or split over processes: a DDP run then equals a 1-process
             run (see flowtracer.sampling). Off by default (HF's sampler, the original runs).
-        cache_implementation: HF generate's KV cache: None = dynamic (grows per token), "static"
-            (preallocated; on CUDA transformers then compiles the decoding step once, which pays
-            off on long runs of same-shaped batches; on CPU it stays eager and is no faster, see
-            benchmarks/generate_bench.py).
+        cache_implementation: HF generate's KV cache for engine "hf": None = dynamic (grows per
+            token), "static" (preallocated; on CUDA transformers then compiles the decoding step
+            once, which pays off on long runs of same-shaped batches; on CPU it stays eager and is
+            no faster, see benchmarks/generate_bench.py).
         share_prompt_prefill: run each prompt's prefill once and copy its KV cache to its G rows,
             instead of prefilling the same prompt G times (quickstart prompts, G=8, CPU: generation
             9.3 s -> 8.4 s). Same cache up to float rounding; dynamic cache only.
+        generation_batch_size: rows (responses) per generate call, in whole prompt groups:
+            0 = all rows of the step in one call (default), N > 0 = at most N rows (at least one
+            prompt's G rows), "auto" = the largest count whose KV cache fits the memory the
+            planner leaves free (flowtracer.planner). Prompts are sorted by length first; results
+            come back in the original order, identical for greedy and seed_per_prompt sampling.
+        generation_token_budget: also cap rows x (prompt + max_new_tokens) tokens per call
+            (0 = off); bounds the KV cache when prompt lengths vary.
+        engine: the generation engine (flowtracer.generation.ENGINES): "hf" (model.generate,
+            default), "hf_static" (static cache + compiled decoding, CUDA), "hf_paged" (continuous
+            batching with paged attention, CUDA; no seed_per_prompt).
     """
 
     num_generations: int = 8
@@ -102,123 +114,23 @@ class SamplingConfig:
     seed_per_prompt: bool = False
     cache_implementation: str | None = None
     share_prompt_prefill: bool = True
-
-
-@dataclass
-class Generated:
-    """Raw output of `generate`: token layout and decoded text, before scoring."""
-
-    input_ids: Tensor  # (B, T)
-    attention_mask: Tensor  # (B, T) long
-    prompt_mask: Tensor  # (B, T) bool
-    response_mask: Tensor  # (B, T) bool
-    question_mask: Tensor  # (B, T) bool
-    responses: list[str]
-    truncated: Tensor  # (B,) bool: hit max_new_tokens without EOS
-    prompt_len: int  # responses start at this column
+    generation_batch_size: int | str = 0
+    generation_token_budget: int = 0
+    engine: str = "hf"
 
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], question_spans: list[tuple[int, int] | None],
-             sampling: SamplingConfig, *, num_generations: int | None = None,
-             row_seeds: Tensor | None = None) -> Generated:
-    """Sample `num_generations` responses for each prompt in one batched `generate` call.
+             sampling: SamplingConfig, *, row_seeds: Tensor | None = None) -> Generated:
+    """Sample `sampling.num_generations` responses for each prompt (flowtracer.generation).
 
     Rows are grouped: rows [i*G, (i+1)*G) answer prompt i. The question mask marks the prompt tokens
     that overlap the question's character span (all prompt tokens where the span is unknown).
-    `row_seeds` (B * G,) switches to per-row seeded sampling (flowtracer.sampling).
+    `row_seeds` (B * G,) switches to per-row seeded sampling (flowtracer.sampling). Generation runs
+    in chunks of `sampling.generation_batch_size` rows; the layout is one left-padded prompt block
+    of width `prompt_len` followed by the right-padded responses.
     """
-    g = num_generations or sampling.num_generations
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False,
-                    return_offsets_mapping=True)
-    device = next(model.parameters()).device
-    prompt_ids = enc["input_ids"].repeat_interleave(g, dim=0).to(device)
-    prompt_attn = enc["attention_mask"].repeat_interleave(g, dim=0).to(device)
-    greedy = sampling.temperature <= 0
-    extra = {}
-    if row_seeds is not None and not greedy:
-        from transformers import LogitsProcessorList
-
-        from flowtracer.sampling import RowSeededSampler
-
-        # greedy decoding over Gumbel-perturbed logits = a per-row seeded sample
-        extra["logits_processor"] = LogitsProcessorList([RowSeededSampler(
-            row_seeds, prompt_ids.shape[1], sampling.temperature, sampling.top_k, sampling.top_p)])
-        greedy = True
-    if (sampling.share_prompt_prefill and g > 1 and prompt_ids.shape[1] > 1
-            and sampling.cache_implementation in (None, "dynamic")):
-        extra[_cache_kwarg(model)] = _shared_prefill(
-            model, enc["input_ids"].to(device), enc["attention_mask"].to(device), g)
-    out = model.generate(
-        input_ids=prompt_ids, attention_mask=prompt_attn, max_new_tokens=sampling.max_new_tokens,
-        do_sample=not greedy, temperature=None if greedy else sampling.temperature,
-        top_p=None if greedy else sampling.top_p, top_k=None if greedy else (sampling.top_k or None),
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True,
-        cache_implementation=sampling.cache_implementation, **extra,
-    )
-    plen = prompt_ids.shape[1]
-    new = out[:, plen:]
-    eos_ids = _eos_ids(tokenizer, model)
-    is_eos = torch.isin(new, torch.tensor(eos_ids, device=new.device))
-    # Response = tokens up to and including the first EOS; everything after is padding.
-    after_eos = (is_eos.cumsum(1) - is_eos.long()) > 0
-    response_mask = ~after_eos
-    truncated = ~is_eos.any(1)
-    # Trim columns that are padding in every row (all sequences stopped early).
-    width = int(response_mask.sum(1).max().item()) if new.shape[1] else 0
-    new, response_mask = new[:, :width], response_mask[:, :width]
-    new = new.masked_fill(~response_mask, tokenizer.pad_token_id)
-
-    input_ids = torch.cat([prompt_ids, new], 1)
-    prompt_mask = torch.cat([prompt_attn.bool(), torch.zeros_like(response_mask)], 1)
-    full_response_mask = torch.cat([torch.zeros_like(prompt_attn, dtype=torch.bool), response_mask], 1)
-    attention_mask = (prompt_mask | full_response_mask).long()
-
-    question = question_token_mask(enc["offset_mapping"], enc["attention_mask"], question_spans)
-    question_mask = torch.cat([question.repeat_interleave(g, 0).to(device),
-                               torch.zeros_like(response_mask)], 1)
-    texts = tokenizer.batch_decode(new.masked_fill(is_eos[:, :width], tokenizer.pad_token_id),
-                                   skip_special_tokens=True)
-    return Generated(input_ids, attention_mask, prompt_mask, full_response_mask, question_mask,
-                     texts, truncated, plen)
-
-
-def _shared_prefill(model, prompt_ids: Tensor, prompt_attn: Tensor, g: int):
-    """KV cache of each prompt but its last token, computed once and repeated for its G rows.
-
-    `generate` then runs only the last prompt token and the new ones. Position ids follow the
-    attention mask exactly as `generate` derives them, so left padding lines up.
-    """
-    pos = (prompt_attn.long().cumsum(-1) - 1).masked_fill(prompt_attn == 0, 0)
-    out = model(input_ids=prompt_ids[:, :-1], attention_mask=prompt_attn[:, :-1], position_ids=pos[:, :-1],
-                use_cache=True, logits_to_keep=1)
-    cache = out["cache"] if "cache" in out else out["past_key_values"]  # renamed in transformers 5.2x
-    cache.batch_repeat_interleave(g)
-    return cache
-
-
-def _cache_kwarg(model) -> str:
-    """transformers renamed `past_key_values` to `cache` (5.2x); use whichever this version has."""
-    import inspect
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
-
-
-def _eos_ids(tokenizer, model) -> list[int]:
-    ids = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
-    ids = ids if isinstance(ids, list) else [ids] if ids is not None else []
-    return sorted({*ids, tokenizer.eos_token_id} - {None})
-
-
-def question_token_mask(offsets: Tensor, attn: Tensor, spans: list[tuple[int, int] | None]) -> Tensor:
-    """(P, Tp) bool: prompt tokens overlapping the question span; all real tokens if no span."""
-    starts, ends = offsets[..., 0], offsets[..., 1]
-    s = torch.tensor([sp[0] if sp else -1 for sp in spans]).unsqueeze(1)
-    e = torch.tensor([sp[1] if sp else -1 for sp in spans]).unsqueeze(1)
-    overlap = (starts < e) & (ends > s) & (ends > starts)
-    no_span = (s < 0).expand_as(overlap)
-    return torch.where(no_span, attn.bool(), overlap & attn.bool())
+    return generate_rollouts(model, tokenizer, prompts, question_spans, sampling, row_seeds=row_seeds)
 
 
 def response_token_offsets(tokenizer, token_ids: list[int], text: str) -> list[tuple[int, int]]:

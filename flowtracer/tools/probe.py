@@ -33,7 +33,8 @@ import torch
 from torch import Tensor
 
 from flowtracer.credit.select import select_mask
-from flowtracer.rollout import SamplingConfig, _eos_ids, generate
+from flowtracer.generation import eos_ids
+from flowtracer.rollout import SamplingConfig, generate
 from flowtracer.tools.analysis import (
     ARMS,
     QUICKSTART_SOURCES,
@@ -183,7 +184,7 @@ def probe_batch(model, tokenizer, rows: list[dict], result: ProbeResult, *, veri
     pad = tokenizer.pad_token_id
     seg_ids, seg_valid, blocked, plen = reasoning_segment(rb, idx, cut, list(masks.values()), pad)
     new = regenerate(model, rb.input_ids[idx, :plen], rb.attention_mask[idx, :plen].bool(), seg_ids, seg_valid,
-                     blocked, max_new_tokens, _eos_ids(tokenizer, model), pad)
+                     blocked, max_new_tokens, eos_ids(tokenizer, model), pad)
 
     # New response = r[:c] + continuation; decoded and verified like the original.
     texts = tokenizer.batch_decode(torch.cat([seg_ids.repeat_interleave(A, 0), new], 1), skip_special_tokens=True)
