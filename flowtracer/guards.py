@@ -87,3 +87,39 @@ class SkipCounter:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.total, self.consecutive = int(state.get("total", 0)), int(state.get("consecutive", 0))
+
+
+class UpdateGuard:
+    """The module's per-step guard state: why the current mini-batch must be skipped, and counts.
+
+    `flag(reason)` marks the mini-batch being accumulated (a non-finite loss or attention map);
+    `decide(grads_ok, agree)` closes it: True = step, False = skip (recorded, with the reason).
+    `agree` makes every process take the same decision (DDP).
+    """
+
+    def __init__(self, max_consecutive: int, log=print):
+        self.skips = SkipCounter(max_consecutive)
+        self.step_skips = 0  # skips in the current RL step
+        self.reasons: list[str] = []
+        self._log = log
+
+    def flag(self, reason: str) -> None:
+        self.reasons.append(reason)
+
+    def skip(self, what: str, step: int) -> None:
+        self.step_skips += 1
+        self._log(f"[flowtracer] step {step}: update skipped ({what})")
+        self.skips.record(False, what, step)
+
+    def decide(self, grads_ok: bool, agree, step: int) -> bool:
+        ok = agree(grads_ok and not self.reasons)
+        what = ", ".join(sorted(set(self.reasons))) or "non-finite loss or gradients"
+        self.reasons = []
+        if ok:
+            self.skips.record(True)
+        else:
+            self.skip(what, step)
+        return ok
+
+    def metrics(self) -> dict[str, float]:
+        return {"guard/skipped_updates": float(self.step_skips), "guard/skipped_total": float(self.skips.total)}

@@ -37,16 +37,16 @@ from flowtracer import validation
 from flowtracer.ckpt import install_atomic_io, rewind_run_dir
 from flowtracer.credit.base import RolloutCallback
 from flowtracer.csvlog import append_lines
-from flowtracer.guards import SkipCounter, assert_finite_state, grads_finite, nonfinite_fields
-from flowtracer.policy import LoraSpec, load_policy, merged_lora
-from flowtracer.rewards import VerifierCache, safe_score
+from flowtracer.dapo_sampling import sample_rollouts
+from flowtracer.guards import UpdateGuard, assert_finite_state, grads_finite, nonfinite_fields
+from flowtracer.policy import LoraSpec, load_policy
+from flowtracer.rewards import VerifierCache
 from flowtracer.rl import policy_loss
-from flowtracer.rollout import Generated, RolloutBatch, SamplingConfig, generate
+from flowtracer.rl.dapo import DapoConfig
+from flowtracer.rollout import Generated, RolloutBatch, SamplingConfig, sample
 from flowtracer.step import LossConfig, OptimConfig, PhaseTimer, Placement, logprob_temperature, micro, plan_credit
 from flowtracer.step.records import rollout_metrics, rollout_records, seed_step
 from flowtracer.step.score import rollout_batch, score_responses
-from flowtracer.dapo_sampling import sample_rollouts
-from flowtracer.rl.dapo import DapoConfig
 
 __all__ = ["GRPOModule", "LossConfig", "OptimConfig"]
 
@@ -113,10 +113,7 @@ class GRPOModule(LightningModule):
         self.rl_step = 0
         self._verifier = VerifierCache()  # row -> its verifier, built once per kind
         self.val_history: list[tuple[int, float]] = []
-        self._skips = SkipCounter(optim.max_consecutive_skips)
-        self._step_skips = 0
-        self._loss_finite = True
-        self._bad_inputs: list[str] = []  # why this mini-batch's update must be skipped
+        self.guard = UpdateGuard(optim.max_consecutive_skips, log=rank_zero_info)
         self._resumed_steps: int | None = None
         self.preflight_done = False
 
@@ -137,21 +134,11 @@ class GRPOModule(LightningModule):
             self.preflight_done = True
 
     def configure_optimizers(self):
-        params = [p for p in self.policy.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.optim.lr, weight_decay=self.optim.weight_decay)
-        warm = max(self.optim.warmup_steps, 0)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (warm + 1)) if warm else 1.0)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return self.optim.build([p for p in self.policy.parameters() if p.requires_grad])
 
     def on_train_start(self) -> None:
-        dm = self.trainer.datamodule
-        g, p = self.sampling.num_generations, dm.prompts_per_step
-        micro = self.optim.micro_batch_size or (p * g) // self.optim.mini_batches
-        rank_zero_info(
-            f"[flowtracer] each step: {p} prompts x {g} responses = {p * g} rollouts; "
-            f"{self.optim.ppo_epochs} PPO epoch(s) x {self.optim.mini_batches} mini-batch(es) of "
-            f"{(p * g) // self.optim.mini_batches} rollouts, accumulated in micro-batches of {micro}; "
-            f"credit: {', '.join(type(c).__name__ for c in self._rollout_callbacks()) or 'uniform (none set)'}")
+        rank_zero_info(self.optim.describe(self.trainer.datamodule.prompts_per_step, self.sampling.num_generations,
+                                           self._rollout_callbacks()))
         if self._resumed_steps is not None:
             log_dir = self.trainer.log_dir  # a broadcast under DDP: every rank asks
             if self.trainer.global_rank == 0:
@@ -206,13 +193,7 @@ class GRPOModule(LightningModule):
 
             seeds = row_seeds(self.seed, step, positions if positions is not None else list(range(len(rows))),
                               sampling.num_generations, device=self.device)
-        was_training = self.policy.training
-        self.policy.eval()
-        try:
-            with merged_lora(self.policy):  # one GEMM per adapted layer and token, not three
-                return generate(self.policy, self.tokenizer, prompts, spans, sampling, row_seeds=seeds)
-        finally:
-            self.policy.train(was_training)
+        return sample(self.policy, self.tokenizer, prompts, spans, sampling, row_seeds=seeds)
 
     def _score(self, rows, gen: Generated) -> RolloutBatch:
         g = len(gen.responses) // len(rows)
@@ -280,7 +261,8 @@ class GRPOModule(LightningModule):
                     tok_share = mb.view.response_mask.sum().float() / mb_tokens * world
                     share = (tok_share if self.loss_cfg.aggregation == "token-mean"
                              else torch.tensor(len(idx) / len(rows)))
-                    self._loss_finite &= bool(torch.isfinite(loss))
+                    if not bool(torch.isfinite(loss)):
+                        self.guard.flag("non-finite loss")
                     with timer("backward"):
                         self.manual_backward(loss * share.to(loss.device))
                     for k, v in {"loss": loss, **m}.items():  # diagnostics are token means
@@ -288,7 +270,9 @@ class GRPOModule(LightningModule):
                 with timer("backward"):  # clip and optimizer step count as backward
                     self._optimizer_step(opt, sched)  # a non-finite mini-batch is skipped, see guards
                 n_minibatches += 1
-        self._keep_for_logs(rollouts, outputs, credit_metrics)
+        rollouts.metrics.update(credit_metrics)  # and for the logs, the weights and entropies the update used:
+        rollouts.token_weights = outputs.get("weights", default=rollouts.response_mask)
+        rollouts.entropies = outputs.get("entropy") if "entropy" in outputs.parts else rollouts.entropies
         out = {f"train/{k}": v / n_minibatches for k, v in sums.items()}
         out["train/lr"] = sched.get_last_lr()[0]
         return out
@@ -324,7 +308,7 @@ class GRPOModule(LightningModule):
             view = mb.view
             view.old_logprobs, view.entropies, view.attn = old, entropy, fwd.attn
             if fwd.attn is not None and not bool(torch.isfinite(fwd.attn).all()):
-                self._bad_inputs.append("non-finite attention map")
+                self.guard.flag("non-finite attention map")
                 return None
             with timer("credit"):
                 self._run_callbacks(in_forward, view)
@@ -335,51 +319,31 @@ class GRPOModule(LightningModule):
             return mb.take(rollouts.token_weights)
         return mb.view.response_mask.float()
 
-    def _keep_for_logs(self, rollouts: RolloutBatch, outputs: micro.Assembled, credit_metrics) -> None:
-        """The weights and entropies the update used, for metrics and rollouts.jsonl."""
-        resp = rollouts.response_mask
-        weights, entropy = outputs.get("weights", default=resp), outputs.get("entropy")
-        rollouts.token_weights = weights if weights is not None else rollouts.token_weights
-        rollouts.entropies = entropy if entropy is not None else rollouts.entropies
-        rollouts.metrics.update(credit_metrics)
-
     # ----------------------------------------------------------------------------- numerical guards
     def _guarded_update(self, rollouts: RolloutBatch, plan, pre, timer) -> dict[str, float]:
         """`_update`, unless a reward, advantage, weight, old log-prob or map is NaN/inf: then skip it."""
-        bad = nonfinite_fields(rollouts)
-        if pre is not None and pre.nonfinite_attention:
-            bad.append("attention map")
-        ok = self.trainer.strategy.reduce_boolean_decision(not bad, all=True)  # every process skips together
-        self._step_skips = 0
-        if ok:
+        bad = nonfinite_fields(rollouts) + (["attention map"] if pre is not None and pre.nonfinite_attention else [])
+        self.guard.step_skips = 0
+        out = {}
+        if self._agree(not bad):  # every process skips together
             out = self._update(rollouts, plan, pre, timer)
         else:
-            self._record_skip(f"non-finite {', '.join(bad) or 'inputs on another process'}", self.rl_step)
-            out = {}
-        return {**out, "guard/skipped_updates": float(self._step_skips),
-                "guard/skipped_total": float(self._skips.total)}
+            self.guard.skip(f"non-finite {', '.join(bad) or 'inputs on another process'}", self.rl_step)
+        return {**out, **self.guard.metrics()}
+
+    def _agree(self, ok: bool) -> bool:
+        return self.trainer.strategy.reduce_boolean_decision(ok, all=True)
 
     def _optimizer_step(self, opt, sched) -> None:
         """Clip and step, unless the loss, a gradient or a map is NaN/inf: then drop the gradients."""
         params = [p for p in self.policy.parameters() if p.requires_grad]
-        ok = self._loss_finite and not self._bad_inputs and grads_finite(params)  # grads already averaged
-        ok = self.trainer.strategy.reduce_boolean_decision(ok, all=True)
-        what = ", ".join(sorted(set(self._bad_inputs))) or "non-finite loss or gradients"
-        self._loss_finite, self._bad_inputs = True, []
-        if not ok:
+        if not self.guard.decide(grads_finite(params), self._agree, self.rl_step):  # grads already averaged
             opt.zero_grad(set_to_none=True)
-            self._record_skip(what, self.rl_step)
             return
-        self._skips.record(True)
         if self.optim.grad_clip > 0:
             self.clip_gradients(opt, gradient_clip_val=self.optim.grad_clip, gradient_clip_algorithm="norm")
         opt.step()
         sched.step()
-
-    def _record_skip(self, what: str, step: int) -> None:
-        self._step_skips += 1
-        rank_zero_info(f"[flowtracer] step {step}: update skipped ({what})")
-        self._skips.record(False, what, step)
 
     # ----------------------------------------------------------------------------- metrics and logs
     def _rollout_metrics(self, rollouts: RolloutBatch, gen: Generated) -> dict[str, float]:
@@ -423,11 +387,11 @@ class GRPOModule(LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         assert_finite_state(checkpoint["state_dict"])  # the guards make this unreachable; never save NaN
         checkpoint["flowtracer"] = {"rl_step": self.rl_step, "val_history": self.val_history,
-                                    "skips": self._skips.state_dict()}
+                                    "skips": self.guard.skips.state_dict()}
 
     def on_load_checkpoint(self, checkpoint) -> None:
         state = checkpoint.get("flowtracer", {})
         self.rl_step = state.get("rl_step", 0)
         self._resumed_steps = self.rl_step
-        self._skips.load_state_dict(state.get("skips", {}))
+        self.guard.skips.load_state_dict(state.get("skips", {}))
         self.val_history = list(map(tuple, state.get("val_history", [])))

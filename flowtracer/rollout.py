@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 import torch
 from torch import Tensor
 
-from flowtracer.generation import Generated, eos_ids, generate_rollouts, question_mask
+from flowtracer.generation import Generated, generate_rollouts
 
 
 @dataclass
@@ -152,3 +152,18 @@ def response_token_offsets(tokenizer, token_ids: list[int], text: str) -> list[t
         body_offsets = list(zip([0] + ends[:-1], ends))
     it = iter(body_offsets)
     return [(len(text), len(text)) if t in special else next(it) for t in token_ids]
+
+
+def sample(policy, tokenizer, prompts: list[str], question_spans: list[tuple[int, int] | None],
+           sampling: SamplingConfig, *, row_seeds: Tensor | None = None) -> Generated:
+    """`generate` from a policy in training: eval mode and LoRA merged exactly into the base weights
+    for the call (one GEMM per adapted layer and token, not three), both restored afterwards."""
+    from flowtracer.policy import merged_lora
+
+    was_training = policy.training
+    policy.eval()
+    try:
+        with merged_lora(policy):
+            return generate(policy, tokenizer, prompts, question_spans, sampling, row_seeds=row_seeds)
+    finally:
+        policy.train(was_training)

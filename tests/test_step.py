@@ -224,7 +224,7 @@ def test_a_non_finite_attention_map_skips_the_update_and_is_counted(tmp_path, ti
 
     monkeypatch.setattr(micro_mod, "teacher_forced_pass", poisoned)
     module, rec, _ = fit(tiny_model_dir, tmp_path, arms=[FlowCredit(), Snapshots()], fuse=fuse)
-    assert module._skips.total == 1 and module.rl_step == 2  # max_steps counts applied updates
+    assert module.guard.skips.total == 1 and module.rl_step == 2  # max_steps counts applied updates
     assert len(rec.grads) == 1  # one optimizer step ran: step 1's
     start, after_skip, after_step = snapshots
     assert all(torch.equal(after_skip[k], start[k]) for k in start)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 
 @dataclass
 class LossConfig:
@@ -50,3 +52,20 @@ class OptimConfig:
     mini_batches: int = 1
     micro_batch_size: int = 0
     max_consecutive_skips: int = 5
+
+    def build(self, params) -> dict:
+        """AdamW and its linear warm-up, in the form LightningModule.configure_optimizers returns."""
+        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        warm = max(self.warmup_steps, 0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (warm + 1)) if warm else 1.0)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def describe(self, prompts: int, g: int, callbacks) -> str:
+        """One line saying what a step does with these settings (logged when training starts)."""
+        rollouts = prompts * g
+        micro = self.micro_batch_size or rollouts // self.mini_batches
+        arms = ", ".join(type(c).__name__ for c in callbacks) or "uniform (none set)"
+        return (f"[flowtracer] each step: {prompts} prompts x {g} responses = {rollouts} rollouts; "
+                f"{self.ppo_epochs} PPO epoch(s) x {self.mini_batches} mini-batch(es) of "
+                f"{rollouts // self.mini_batches} rollouts, accumulated in micro-batches of {micro}; credit: {arms}")
+
