@@ -281,7 +281,7 @@ class AttentionCapture:
             rows -= rows % 16
         plan = plans.get(rows)
         if plan is None:
-            plan = plans[rows] = _chunk_plan(allowed, self.valid, rows, T)
+            plan = plans[rows] = chunk_plan(allowed, self.valid, rows, T)
 
         k = k.contiguous()
         fill = torch.finfo(q.dtype).min  # finite: a fully masked (padded) row stays NaN-free
@@ -310,7 +310,7 @@ class AttentionCapture:
             T = q.shape[2]
             n_q = -(-T // bm)
             lo, hi = np.zeros(n_q, np.int32), np.zeros(n_q, np.int32)
-            for s, _e, k0, k1, _segs in _chunk_plan(allowed, self.valid, bm, T):
+            for s, _e, k0, k1, _segs in chunk_plan(allowed, self.valid, bm, T):
                 lo[s // bm], hi[s // bm] = k0, k1
             plans[key] = (torch.from_numpy(lo).to(q.device), torch.from_numpy(hi).to(q.device))
         klo, khi = plans[key]
@@ -364,7 +364,7 @@ class AttentionCapture:
         self._masks.clear()
 
 
-def _chunk_plan(allowed: torch.Tensor, valid: torch.Tensor | None, rows: int, T: int):
+def chunk_plan(allowed: torch.Tensor, valid: torch.Tensor | None, rows: int, T: int):
     """Per chunk of query rows: the key range to compute and the column segments to mask.
 
     Keys no valid row of the chunk may see are skipped (causality, sliding windows, common left

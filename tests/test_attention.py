@@ -8,7 +8,7 @@ import pytest
 import torch
 from tiny import tiny_model
 
-from flowtracer.attention import _chunk_plan, capture_attention, resolve_layers
+from flowtracer.attention import capture_attention, chunk_plan, resolve_layers
 from flowtracer.step.forward import teacher_forced_pass
 
 ARCHS = ["llama", "qwen2", "qwen3", "mistral"]
@@ -157,7 +157,7 @@ def test_capture_during_training_forward_with_checkpointing():
     """Under autograd and gradient checkpointing: same map, nothing captured twice, gradients flow."""
     model = tiny_model("qwen3", seed=3)
     ids, mask = _batch()
-    expected = teacher_forced_pass(model, ids, mask, capture_layers="middle").attn
+    expected, _, _ = _eager_reference(model, ids, mask, [2, 3])  # "middle" of 6 layers
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
     disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
     enable()
@@ -203,8 +203,24 @@ def test_logits_budget_chunks_recompute_in_backward_and_stats_mask():
     torch.testing.assert_close(lp_c, lp_w, atol=1e-6, rtol=0)
     torch.testing.assert_close(ent_c, ent_w, atol=1e-6, rtol=0)
     assert g_w.keys() == g_c.keys() and "lm_head.weight" in g_w
+    g_ref = _reference_grads(model, ids, mask, keep)
     for n in g_w:
-        torch.testing.assert_close(g_c[n], g_w[n], atol=1e-6, rtol=1e-5, msg=n)
+        torch.testing.assert_close(g_w[n], g_ref[n], atol=1e-6, rtol=1e-4, msg=n)
+        torch.testing.assert_close(g_c[n], g_ref[n], atol=1e-6, rtol=1e-4, msg=n)
+
+
+def _reference_grads(model, ids, mask, keep):
+    """Gradients of the same weighted sum of log-probs, through a plain forward's full logits."""
+    model.zero_grad()
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask, position_ids=pos).logits.float(), -1)
+    lp = torch.zeros(ids.shape)
+    lp[:, 1:] = logp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+    lp = lp * keep
+    (lp * torch.linspace(-1, 1, lp.numel()).view_as(lp)).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    return grads
 
 
 def test_layer_selection():
@@ -230,12 +246,12 @@ def test_chunk_plan_skips_unreachable_keys():
     T, rows = 12, 4
     idx = torch.arange(T)
     causal = (idx[None, :] <= idx[:, None])[None, None]
-    plan = _chunk_plan(causal, None, rows, T)
+    plan = chunk_plan(causal, None, rows, T)
     assert [(s, e, k0, k1) for s, e, k0, k1, _ in plan] == [(0, 4, 0, 4), (4, 8, 0, 8), (8, 12, 0, 12)]
     # Key 0..s is seen by every row of chunk [s, e): only the triangle [s+1, e) needs the mask.
     assert [segs for *_, segs in plan] == [[(1, 4)], [(5, 8)], [(9, 12)]]
     window = causal & (idx[None, :] > idx[:, None] - 3)[None, None]
-    plan = _chunk_plan(window, None, rows, T)
+    plan = chunk_plan(window, None, rows, T)
     assert [(k0, k1) for _, _, k0, k1, _ in plan] == [(0, 4), (2, 8), (6, 12)]
 
 
@@ -282,7 +298,7 @@ def test_capture_without_mask_reads_validity_from_model_mask():
     """Without attention_mask, padded rows/columns are found from the mask the model itself builds."""
     model = _model("mistral")
     ids, mask = _batch()
-    expected = teacher_forced_pass(model, ids, mask, capture_layers="all").attn
+    expected, _, _ = _eager_reference(model, ids, mask, range(6))
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad(), capture_attention(model, "all") as cap:
         model(input_ids=ids, attention_mask=mask, position_ids=pos)
