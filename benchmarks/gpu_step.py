@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import sys
 import tempfile
@@ -39,7 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flowtracer.planner import SHAPES, ModelShape, plan  # noqa: E402
+from flowtracer.planner import SHAPES, ModelShape, plan
 
 TINY = ModelShape(vocab=512, hidden=64, intermediate=128, layers=4, heads=4, kv_heads=2, head_dim=16,
                   tied=True, max_positions=4096)
@@ -83,7 +84,7 @@ def build_policy(shape: ModelShape, device: str, gradient_checkpointing: bool = 
                           gradient_checkpointing=gradient_checkpointing, name="random qwen3")[0]
 
 
-def reward(response: str, reference) -> "object":
+def reward(response: str, reference) -> object:
     """Self-contained reward for random responses: a hash bit, answer span = the last 12 characters."""
     from flowtracer.rewards.base import Score
 
@@ -272,8 +273,8 @@ def run_all(names: list[str], args, device: str) -> list[str]:
 
 
 def _step_line(name: str, arm: str, m: dict) -> str:
-    t = lambda k: f"{m.get('time/' + k, 0.0):.2f}"  # noqa: E731
-    gib = lambda b: "n/a" if b != b else f"{b / 2**30:.3f}"  # noqa: E731  (nan on cpu: no allocator stats)
+    t = lambda k: f"{m.get('time/' + k, 0.0):.2f}"
+    gib = lambda b: "n/a" if math.isnan(b) else f"{b / 2**30:.3f}"
     return (f"| {name} | {arm} | {t('step')} | {t('generate')} | {t('score')} | {t('old_pass')} | {t('credit')} | "
             f"{t('forward')} | {t('backward')} | {100 * m.get('time/credit_share', 0.0):.1f}% | "
             f"{m.get('throughput/gen_tokens_per_s', 0.0):,.0f} | {m['gen_rows']} | {gib(m['peak'])} | "

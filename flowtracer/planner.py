@@ -272,7 +272,7 @@ def auto_generation_rows(model, seq_len: int, n_rows: int) -> int:
     the memory the loaded model leaves free (CUDA: total minus allocated; CPU: MemAvailable)."""
     import torch
 
-    shape = shape_from_config(getattr(model, "config"))
+    shape = shape_from_config(model.config)
     param = next(model.parameters())
     b = param.element_size()
     if param.device.type == "cuda":

@@ -6,11 +6,19 @@ import dataclasses
 
 import pytest
 import torch
-
-from flowtracer.cli import main
-from flowtracer.planner import SHAPES, RunSpec, auto_rows, plan, resident_bytes, resolve_shape, shape_from_config
 from test_cli import ROOT, run_cli, write_config
 from tiny import tiny_model
+
+from flowtracer.cli import main
+from flowtracer.planner import (
+    SHAPES,
+    RunSpec,
+    auto_rows,
+    plan,
+    resident_bytes,
+    resolve_shape,
+    shape_from_config,
+)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
