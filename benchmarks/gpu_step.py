@@ -194,20 +194,29 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+DECODE_S_PER_LAYER = 1.2e-3  # HF generate step on an H100-class GPU, launch-bound (README's H100
+# numbers give ~54 ms per step for 28 layers with the older generate path; ~0.8 ms/layer is typical
+# with merged adapters): a middle value, so the estimate errs long
+
+
+def shape_seconds(sh: ModelShape, args) -> float:
+    """Estimated seconds for one shape: 2 arms x steps x (1K decode steps + update) + build/start-up.
+    Update: 8 N T FLOPs (6 N T + checkpointing recompute) at 35% of bf16 peak (990 TFLOP/s)."""
+    decode = args.max_new_tokens * DECODE_S_PER_LAYER * sh.layers
+    tokens = args.prompts * args.G * (args.max_new_tokens + 100)
+    update = 8 * sh.params * tokens / (0.35 * 990e12)
+    return 15 + 2 * args.steps * (decode + update + 5)
+
+
+def paths_seconds(args) -> float:
+    """Generation paths: 3 engines x 2 calls, plus ~60 s for the static-cache compile."""
+    return 60 + 3 * 2 * args.path_tokens * DECODE_S_PER_LAYER * CLI_SHAPES[args.paths_shape].layers
+
+
 def estimate_seconds(shapes: list[ModelShape], args, device: str) -> float:
-    """Rough wall-clock estimate: HF decoding is launch-bound on a GPU (~0.8 ms per layer per
-    generated token, H100-class, batch <= 64), the update ~35% of bf16 peak (990 TFLOP/s), plus
-    model build, trainer start-up and one static-cache compile (~60 s)."""
     if device != "cuda":
         return 10.0
-    total = 60.0  # compile of hf_static + CUDA/library start-up
-    for sh in shapes:
-        decode = args.max_new_tokens * 0.8e-3 * sh.layers
-        tokens = args.prompts * args.G * (args.max_new_tokens + 100)
-        update = 8 * sh.params * tokens / (0.35 * 990e12)  # 6 N T + checkpointing recompute
-        total += 15 + 2 * args.steps * (decode + update + 5)
-    path_shape = CLI_SHAPES[args.paths_shape]
-    return total + 3 * 2 * args.path_tokens * 0.8e-3 * path_shape.layers
+    return 20 + sum(shape_seconds(sh, args) for sh in shapes) + paths_seconds(args)
 
 
 def main(argv=None) -> int:
@@ -224,6 +233,8 @@ def main(argv=None) -> int:
     ap.add_argument("--paths-shape", default=None, help="shape for the generation paths (default 1.7b; tiny on cpu)")
     ap.add_argument("--path-tokens", type=int, default=None, help="new tokens per path call (default 256; 8 on cpu)")
     ap.add_argument("--out", help="also write the tables to this markdown file")
+    ap.add_argument("--budget-s", type=float, default=450.0, help="skip a shape or the path timings whose "
+                    "estimate would end past this many seconds (default 450: the run stays < 8 min)")
     args = ap.parse_args(argv)
     cpu = args.device == "cpu"
     if not cpu and not torch.cuda.is_available():
@@ -250,14 +261,23 @@ def main(argv=None) -> int:
 def run_all(names: list[str], args, device: str) -> list[str]:
     data = write_data(tempfile.mkdtemp())
     step_rows, path_rows = [], []
+    t0 = time.perf_counter()
     for name in names:
+        left = args.budget_s - (time.perf_counter() - t0)
+        if device == "cuda" and shape_seconds(CLI_SHAPES[name], args) > left:
+            step_rows.append(f"| {name} | skipped: estimated {shape_seconds(CLI_SHAPES[name], args):.0f} s, "
+                             f"{left:.0f} s left of --budget-s |" + " |" * 12)
+            continue
         policy = build_policy(CLI_SHAPES[name], device)
         tok = build_tokenizer(CLI_SHAPES[name].vocab)
         for arm in ("flow", "uniform"):
             m = rl_run(policy, tok, arm, args, data, device)
             step_rows.append(_step_line(name, arm, m))
             print(step_rows[-1], flush=True)
-        if name == args.paths_shape:
+        fits = device != "cuda" or paths_seconds(args) <= args.budget_s - (time.perf_counter() - t0)
+        if name == args.paths_shape and not fits:
+            path_rows.append(f"| {name} | skipped: estimated {paths_seconds(args):.0f} s, over --budget-s | | | | |")
+        elif name == args.paths_shape:
             path_rows += [f"| {name} | {e} | {a:.1f} | {b:.1f} | {tps:,.0f} | {err} |"
                           for e, a, b, tps, err in gen_paths(policy, tok, args, device)]
         del policy
