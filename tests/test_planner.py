@@ -92,9 +92,11 @@ def test_fit_resolves_auto_generation_batch_size(tiny_model_dir):
     from flowtracer.module import GRPOModule
     from flowtracer.rollout import SamplingConfig
 
-    module = GRPOModule(model=tiny_model_dir, sampling=SamplingConfig(num_generations=4, generation_batch_size="auto"))
+    module = GRPOModule(model=tiny_model_dir, sampling=SamplingConfig(num_generations=4, generation_batch_size="auto"),
+                        val_sampling=SamplingConfig(num_generations=2, generation_batch_size="auto"))
     dm = PromptDataModule(train_source=str(ROOT / "data/arith_train.jsonl"), val_size=4, prompts_per_step=2)
     dm.setup("fit")
     module.configure_model()
     check_memory(module, dm, 1, (), torch.device("cpu"))
     assert module.sampling.generation_batch_size == 8  # both prompts' rows fit in one call
+    assert module.val_sampling.generation_batch_size == 32 * 2  # val_batch_size (default 32) x k
