@@ -234,6 +234,12 @@ def check_memory(module, datamodule, world_size: int = 1, callbacks=(), device=N
     p = planner.plan(shape, run, budget)
     if isinstance(module.sampling.generation_batch_size, str):
         module.sampling = dataclasses.replace(module.sampling, generation_batch_size=p.generation_rows)
+    v = module.val_sampling
+    if isinstance(v.generation_batch_size, str):  # validation: val_batch_size prompts x k samples
+        val = dataclasses.replace(run, rollouts=datamodule.val_batch_size * v.num_generations,
+                                  num_generations=v.num_generations, max_new_tokens=v.max_new_tokens)
+        rows = planner.auto_rows(shape, val, budget, sum(planner.resident_bytes(shape, val)))
+        module.val_sampling = dataclasses.replace(v, generation_batch_size=rows)
     if p.peak > budget:
         raise ConfigError(f"the planned peak memory is {p.peak / planner.GIB:.1f} GiB in phase {p.peak_phase!r}, "
                           f"more than the {budget / planner.GIB:.1f} GiB of {device.type}: "

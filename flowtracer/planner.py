@@ -58,11 +58,17 @@ class ModelShape:
         layer = self.hidden * (2 * q + 2 * kv) + 3 * self.hidden * self.intermediate + 2 * self.hidden
         return self.vocab * self.hidden * (1 if self.tied else 2) + self.layers * layer + self.hidden
 
-    def lora_params(self, r: int, targets) -> int:
+    def _dims(self) -> dict[str, tuple[int, int]]:
         q, kv, h, i = self.heads * self.head_dim, self.kv_heads * self.head_dim, self.hidden, self.intermediate
-        dims = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
                 "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
-        return self.layers * sum(r * (a + b) for t, (a, b) in dims.items() if t in set(targets))
+
+    def lora_params(self, r: int, targets) -> int:
+        return self.layers * sum(r * (a + b) for t, (a, b) in self._dims().items() if t in set(targets))
+
+    def target_params(self, targets) -> int:
+        """Base weights of the LoRA-adapted layers (generation holds a merged copy of them)."""
+        return self.layers * sum(a * b for t, (a, b) in self._dims().items() if t in set(targets))
 
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:
         return 2 * self.layers * self.kv_heads * self.head_dim * dtype_bytes
@@ -171,16 +177,20 @@ def resident_bytes(shape: ModelShape, run: RunSpec) -> tuple[float, float]:
 
 
 def generation_bytes(shape: ModelShape, run: RunSpec, rows: int) -> float:
-    """KV cache of `rows` rows plus the larger of the prefill and the decode-step transients."""
+    """KV cache of `rows` rows, the merged copy of the LoRA-adapted weights (policy.merged_lora),
+    plus the larger of the prefill and the decode-step transients (logits and sampler buffers, one
+    layer's K/V repeated to every query head)."""
     b = _DTYPE_BYTES[run.dtype]
     kv = rows * run.seq * shape.kv_bytes_per_token(b)
+    merged = shape.target_params(run.lora_targets) * b if run.lora_r else 0
     prompts = max(1, rows // run.num_generations)  # the prefill runs once per prompt (shared prefill)
     p = run.prompt_tokens
     prefill = prompts * p * (4 * shape.hidden + 3 * shape.intermediate) * b
     if run.accelerator == "cpu":
         prefill += prompts * shape.heads * p * p * 4  # the math attention kernel's scores
     decode = rows * shape.vocab * (b + 4 * 3)  # logits, their float32 copy, the sampler's temporaries
-    return kv + max(prefill, decode)
+    decode += rows * run.seq * 2 * shape.heads * shape.head_dim * b  # GQA: K/V of one layer per query head
+    return kv + merged + max(prefill, decode)
 
 
 def forward_bytes(shape: ModelShape, run: RunSpec, with_grad: bool) -> float:
@@ -192,7 +202,7 @@ def forward_bytes(shape: ModelShape, run: RunSpec, with_grad: bool) -> float:
     if not with_grad:
         acts = 2 * layer  # no graph: one layer's temporaries at a time (and the residual stream)
     elif run.gradient_checkpointing:
-        acts = shape.layers * B * T * shape.hidden * b + 2 * layer  # layer inputs + one recomputed layer
+        acts = shape.layers * B * T * shape.hidden * b + 1.5 * layer  # layer inputs + one recomputed layer
     else:
         acts = shape.layers * layer + layer  # + the backward's gradient buffers of one layer
     full_logits = B * run.max_new_tokens * shape.vocab * 4 * 2  # float32 logits and log-softmax
@@ -272,13 +282,15 @@ def auto_generation_rows(model, seq_len: int, n_rows: int) -> int:
     the memory the loaded model leaves free (CUDA: total minus allocated; CPU: MemAvailable)."""
     import torch
 
-    shape = shape_from_config(getattr(model, "config"))
+    shape = shape_from_config(model.config)
     param = next(model.parameters())
     b = param.element_size()
     if param.device.type == "cuda":
         free = device_memory(param.device) * HEADROOM - torch.cuda.memory_allocated(param.device)
     else:
         free = _mem_available() * HEADROOM
+    free -= sum(m.get_base_layer().weight.numel() * b for m in model.modules()  # merged LoRA copies
+                if hasattr(m, "lora_A") and hasattr(m, "get_base_layer"))
     per_row = seq_len * shape.kv_bytes_per_token(b) + shape.vocab * (b + 12)
     return max(1, min(n_rows, int(free // per_row)))
 

@@ -297,6 +297,15 @@ def load_policy(
     """
     model, tokenizer = _load_base(name_or_path, _resolve_dtype(dtype), attn_implementation, revision)
     _check_tokenizer(tokenizer, name_or_path)
+    return prepare_policy(model, tokenizer, lora=lora, gradient_checkpointing=gradient_checkpointing,
+                          name=name_or_path)
+
+
+def prepare_policy(model, tokenizer, *, lora: LoraSpec | None = LoraSpec(), gradient_checkpointing: bool = False,
+                   name: str = "model"):
+    """An already built model made ready for RL training: pad id, LoRA (or all weights trainable),
+    gradient checkpointing, train mode (what `load_policy` does after loading; used by
+    benchmarks/gpu_step.py for random-weight models built from a config)."""
     if getattr(model.generation_config, "pad_token_id", None) is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     if lora is not None and lora.enabled:
@@ -310,7 +319,7 @@ def load_policy(
             model = get_peft_model(model, config)
         except ValueError as exc:  # peft: "Target modules ... not found in the base model"
             raise PolicyError(
-                f"LoRA could not attach to {name_or_path}: {exc}; set lora.target_modules to "
+                f"LoRA could not attach to {name}: {exc}; set lora.target_modules to "
                 "linear layer names of this architecture."
             ) from exc
     else:

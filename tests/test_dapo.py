@@ -7,15 +7,21 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from test_cli import write_config
+from tiny import tiny_model, tiny_tokenizer
 
 from flowtracer.cli import main
 from flowtracer.dapo_sampling import sample_rollouts
 from flowtracer.module import LossConfig
 from flowtracer.rl import group_advantages
-from flowtracer.rl.dapo import DapoConfig, apply_overlong, informative_groups, overlong_penalty, select_groups
+from flowtracer.rl.dapo import (
+    DapoConfig,
+    apply_overlong,
+    informative_groups,
+    overlong_penalty,
+    select_groups,
+)
 from flowtracer.rollout import RolloutBatch, SamplingConfig, generate
-from test_cli import write_config
-from tiny import tiny_model, tiny_tokenizer
 
 
 def test_informative_groups_and_selection():
@@ -131,7 +137,8 @@ def test_fit_with_dapo_knobs_logs_the_counts(tmp_path, tiny_model_dir):
           "--model.dapo.dynamic_sampling", "true", "--model.dapo.max_extra_rounds", "1",
           "--model.dapo.overlong", "penalty", "--model.dapo.overlong_buffer", "4",
           "--model.sampling.generation_batch_size", "4"])
-    rows = list(csv.DictReader(open(tmp_path / "logs" / "tiny" / "version_0" / "metrics.csv")))
+    with open(tmp_path / "logs" / "tiny" / "version_0" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
     step = next(r for r in rows if r.get("dapo/extra_rounds"))
     dropped, rounds = float(step["dapo/groups_dropped"]), float(step["dapo/extra_rounds"])
     assert rounds == (1.0 if dropped > 0 else 0.0)  # a flat group in round 0 triggers one extra round

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+
 import pytest
 import torch
+from tiny import tiny_model, tiny_tokenizer
 
 from flowtracer.generation import ENGINES, chunk_prompts, register_engine
 from flowtracer.memory import measure_peak
 from flowtracer.rollout import SamplingConfig, generate
 from flowtracer.sampling import row_seeds
-from tiny import tiny_model, tiny_tokenizer
 
 # lengths 14, 42, 3, 25, 9: sorting reorders them, chunks have different prompt widths
 PROMPTS = ["What is 2 + 3?", "Add 17 and 5, then tell me the sum please.", "1+1",

@@ -6,11 +6,19 @@ import dataclasses
 
 import pytest
 import torch
+from test_cli import ROOT, write_config
+from tiny import tiny_model
 
 from flowtracer.cli import main
-from flowtracer.planner import SHAPES, RunSpec, auto_rows, plan, resident_bytes, resolve_shape, shape_from_config
-from test_cli import ROOT, run_cli, write_config
-from tiny import tiny_model
+from flowtracer.planner import (
+    SHAPES,
+    RunSpec,
+    auto_rows,
+    plan,
+    resident_bytes,
+    resolve_shape,
+    shape_from_config,
+)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
@@ -57,14 +65,16 @@ def test_phases_follow_the_knobs():
     assert auto.generation_rows == rows and auto.phases["generate"] <= 0.9 * budget
 
 
-def test_plan_tool_prints_every_phase():
-    res = run_cli("plan", "--config", str(ROOT / "experiments/paper_qwen3_4b_dapo_1k.yaml"), "--memory-gb", "80")
-    assert res.returncode == 0, res.stderr
+def test_plan_tool_prints_every_phase(capsys):
+    main(["plan", "--config", str(ROOT / "experiments/paper_qwen3_4b_dapo_1k.yaml"), "--memory-gb", "80"])
+    out = capsys.readouterr().out
     for word in ("weights", "kv_cache/chunk", "activations(update)", "flow_solve(float64)", "generate",
-                 "update", "rows per generate call", "generated tokens per step", "80.0 GiB"):
-        assert word in res.stdout, word
-    bad = run_cli("plan", "--config", str(ROOT / "experiments/quickstart.yaml"), "--shape", "gpt-17")
-    assert bad.returncode == 2 and bad.stderr.strip().startswith("flowtracer plan: error:") and "--shape" in bad.stderr
+                 "update", "rows per generate call", "generated tokens per step", "80.0 GiB", "fits"):
+        assert word in out, word
+    with pytest.raises(SystemExit) as done:
+        main(["plan", "--config", str(ROOT / "experiments/quickstart.yaml"), "--shape", "gpt-17"])
+    err = capsys.readouterr().err.strip()
+    assert done.value.code == 2 and err.startswith("flowtracer plan: error:") and "--shape" in err
 
 
 def test_fit_refuses_a_config_over_the_device_memory(tmp_path, tiny_model_dir, monkeypatch, capsys):
@@ -84,9 +94,11 @@ def test_fit_resolves_auto_generation_batch_size(tiny_model_dir):
     from flowtracer.module import GRPOModule
     from flowtracer.rollout import SamplingConfig
 
-    module = GRPOModule(model=tiny_model_dir, sampling=SamplingConfig(num_generations=4, generation_batch_size="auto"))
+    module = GRPOModule(model=tiny_model_dir, sampling=SamplingConfig(num_generations=4, generation_batch_size="auto"),
+                        val_sampling=SamplingConfig(num_generations=2, generation_batch_size="auto"))
     dm = PromptDataModule(train_source=str(ROOT / "data/arith_train.jsonl"), val_size=4, prompts_per_step=2)
     dm.setup("fit")
     module.configure_model()
     check_memory(module, dm, 1, (), torch.device("cpu"))
     assert module.sampling.generation_batch_size == 8  # both prompts' rows fit in one call
+    assert module.val_sampling.generation_batch_size == 32 * 2  # val_batch_size (default 32) x k

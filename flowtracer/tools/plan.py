@@ -14,7 +14,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from flowtracer.planner import GIB, HEADROOM, RunSpec, device_memory, largest_micro_batch, plan, resolve_shape
+from flowtracer.planner import (
+    GIB,
+    HEADROOM,
+    RunSpec,
+    device_memory,
+    largest_micro_batch,
+    plan,
+    resolve_shape,
+)
 
 _ATTENTION_ARMS = ("FlowCredit", "AttentionCredit")
 
@@ -48,7 +56,7 @@ def runspec_from_config(cfg: dict, prompt_tokens: int) -> tuple[str, RunSpec, in
 def report(name: str, run: RunSpec, world: int, budget: float | None, shape) -> list[str]:
     """The lines `flowtracer plan` prints."""
     p = plan(shape, run, budget)
-    gib = lambda b: f"{b / GIB:8.2f} GiB"  # noqa: E731
+    gib = lambda b: f"{b / GIB:8.2f} GiB"
     lines = [f"model {name}: {shape.params / 1e9:.2f} B parameters, {shape.layers} layers, "
              f"KV cache {shape.kv_bytes_per_token(2 if run.dtype != 'float32' else 4) / 1024:.0f} KiB/token",
              f"per process ({world} process(es)): {run.rollouts} rollouts of <= {run.prompt_tokens} + "
