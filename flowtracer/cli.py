@@ -7,6 +7,8 @@
     flowtracer grid --config experiments/grid_quickstart.yaml   # ablation grid + report (flowtracer.tools.grid)
     flowtracer trace --model smollm2-135m-instruct --prompt "What is 3 + 4?"   (flowtracer.tools.trace)
     flowtracer probe --n 100                                    # causal masking probe (flowtracer.tools.probe)
+    flowtracer sft --config experiments/sft_chains.yaml         # supervised warm start (flowtracer.sft)
+    flowtracer attribution --config experiments/attribution_chains.yaml  # flow vs ground truth
 
 A run writes under lightning_logs/<name>/version_N/: config.yaml (resolved), metrics.csv,
 rollouts.jsonl and checkpoints/. A resumed run (`--ckpt_path last`, or a path inside a run folder)
@@ -120,7 +122,8 @@ def _latest_checkpoint(cfg) -> str:
     return found[-1]
 
 
-TOOLS = {"grid": "flowtracer.tools.grid", "trace": "flowtracer.tools.trace", "probe": "flowtracer.tools.probe"}
+TOOLS = {"grid": "flowtracer.tools.grid", "trace": "flowtracer.tools.trace", "probe": "flowtracer.tools.probe",
+         "attribution": "flowtracer.tools.attribution"}
 
 
 def _run_tool(name: str, argv: list[str]) -> None:
@@ -138,25 +141,12 @@ def _run_tool(name: str, argv: list[str]) -> None:
         sys.exit(code)
 
 
-def main(args: list[str] | None = None) -> None:
-    import warnings
-
-    argv = sys.argv[1:] if args is None else args
-    if argv and argv[0] in TOOLS:
-        return _run_tool(argv[0], argv[1:])
-
-    # The module saves only after its optimizer steps; Lightning's generic manual-optimisation
-    # advice about pre-step state does not apply.
-    warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")
-    # The data position is a function of the RL step (PromptDataModule.train_batch), not of the
-    # pacing dataloader, so resuming mid-epoch is exact.
-    warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
+def run_lightning_cli(cli_cls, module_cls, datamodule_cls, args: list[str] | None, name: str = "run") -> int:
+    """LightningCLI with flowtracer's defaults; user errors end in one line and exit status 2."""
     from jsonargparse import ArgumentError
-    from flowtracer.data import PromptDataModule
-    from flowtracer.module import GRPOModule
 
     trainer_defaults = {
-        "logger": _default_loggers(),
+        "logger": _default_loggers(name),
         "log_every_n_steps": 1,
         "num_sanity_val_steps": 0,
         "check_val_every_n_epoch": None,
@@ -165,9 +155,9 @@ def main(args: list[str] | None = None) -> None:
         # exit_on_error=False: a bad key or type raises, and is reported below in one line
         # instead of jsonargparse's full usage text
         no_exit = {"exit_on_error": False}
-        FlowtracerCLI(GRPOModule, PromptDataModule, args=args, trainer_defaults=trainer_defaults,
-                      save_config_kwargs={"overwrite": True},
-                      parser_kwargs={**no_exit, **{c: no_exit for c in ("fit", "validate", "test", "predict")}})
+        cli_cls(module_cls, datamodule_cls, args=args, trainer_defaults=trainer_defaults,
+                save_config_kwargs={"overwrite": True},
+                parser_kwargs={**no_exit, **{c: no_exit for c in ("fit", "validate", "test", "predict")}})
     except ArgumentError as err:
         if os.environ.get("FLOWTRACER_DEBUG"):
             raise
@@ -180,6 +170,34 @@ def main(args: list[str] | None = None) -> None:
             raise
         print(f"flowtracer: error: {err}", file=sys.stderr)
         sys.exit(2)
+    return 0
+
+
+def _quiet_warnings() -> None:
+    import warnings
+
+    # The module saves only after its optimizer steps; Lightning's generic manual-optimisation
+    # advice about pre-step state does not apply.
+    warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")
+    # The data position is a function of the step (PromptDataModule.train_batch,
+    # SFTDataModule.train_batch), not of the pacing dataloader, so resuming mid-epoch is exact.
+    warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
+
+
+def main(args: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if args is None else args
+    if argv and argv[0] in TOOLS:
+        return _run_tool(argv[0], argv[1:])
+    _quiet_warnings()
+    if argv and argv[0] == "sft":  # supervised warm start (flowtracer.sft): fit's flags, SFT's module
+        from flowtracer.sft import main as sft_main
+
+        sft_main(argv[1:])
+        return
+    from flowtracer.data import PromptDataModule
+    from flowtracer.module import GRPOModule
+
+    run_lightning_cli(FlowtracerCLI, GRPOModule, PromptDataModule, args)
 
 
 if __name__ == "__main__":
