@@ -182,12 +182,13 @@ class SFTModule(L.LightningModule):
         if not lr > 0 or not 0 <= min_lr_ratio <= 1:
             raise ValueError("model.lr must be > 0 and model.min_lr_ratio in [0, 1]")
         self.strict_loading = False  # checkpoints hold only the trainable weights
+        self.lora = lora  # the dataclass itself (hparams may hold it as a plain dict)
         self.policy = self.tokenizer = None
 
     def configure_model(self) -> None:
         if self.policy is None:
             h = self.hparams
-            self.policy, self.tokenizer = load_policy(h.model, dtype=h.model_dtype, lora=h.lora,
+            self.policy, self.tokenizer = load_policy(h.model, dtype=h.model_dtype, lora=self.lora,
                                                       attn_implementation=h.attn_implementation,
                                                       gradient_checkpointing=h.gradient_checkpointing)
 
@@ -238,7 +239,7 @@ class SFTModule(L.LightningModule):
         if self.hparams.export_dir and self.trainer.is_global_zero:
             path = export_model(self.policy, self.tokenizer, self.hparams.export_dir,
                                 {"base": self.hparams.model, "steps": int(self.trainer.global_step),
-                                 "lora": None if not is_lora(self.policy) else dict(vars(self.hparams.lora))})
+                                 "lora": None if not is_lora(self.policy) else vars(self.lora)})
             print(f"[flowtracer sft] merged model written to {path}", file=sys.stderr)
 
 
