@@ -74,3 +74,15 @@ def test_covers_all():
     pos = torch.tensor([[True, True, False], [True, True, False], [False, False, False]])
     out = covers_all(sel, pos)
     assert out[:2].tolist() == [1.0, 0.0] and math.isnan(out[2])
+
+
+def test_bootstrap_and_wilson_intervals():
+    from flowtracer.tools.stats import bootstrap_mean_ci, wilson_ci
+
+    v = torch.tensor([0.0, 1.0] * 50 + [math.nan])  # NaN = undefined for that problem: dropped
+    m, lo, hi = bootstrap_mean_ci(v, n_boot=4000)
+    assert m == 0.5 and 0.39 < lo < 0.45 and 0.55 < hi < 0.61  # normal approx: 0.5 -+ 0.098
+    assert bootstrap_mean_ci(v, seed=3) == bootstrap_mean_ci(v, seed=3)
+    assert all(math.isnan(x) for x in bootstrap_mean_ci(torch.tensor([math.nan])))
+    p, lo, hi = wilson_ci(459, 1000)
+    assert p == 0.459 and abs(lo - 0.4282) < 1e-3 and abs(hi - 0.4901) < 1e-3
