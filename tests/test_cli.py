@@ -164,7 +164,8 @@ def test_switching_the_credit_arm_is_a_yaml_change(tmp_path, tiny_model_dir):
 
 
 @pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "experiments").glob("*.yaml")
-                                           if not p.name.startswith("grid_")))  # grid files: test_grid.py
+                                           if not p.name.startswith(("grid_", "sft_", "attribution_"))))
+# grid files: test_grid.py; sft_*: test_sft_configs_parse; attribution_*: tests/test_attribution.py
 def test_every_experiment_config_parses(config, capsys):
     """Every shipped config resolves through the CLI (ablation arms on top of the quickstart)."""
     args = ["fit", "--config", str(ROOT / "experiments" / config), "--print_config"]
@@ -176,6 +177,15 @@ def test_every_experiment_config_parses(config, capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     arm = printed["trainer"]["callbacks"][0]["class_path"]
     assert arm.startswith("flowtracer.credit.")
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "experiments").glob("sft_*.yaml")))
+def test_sft_configs_parse(config, capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["sft", "--config", str(ROOT / "experiments" / config), "--print_config"])
+    assert done.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["export_dir"] and printed["data"]["target_field"]
 
 
 def test_kl_ppo_epochs_mini_and_micro_batches(tmp_path, tiny_model_dir):

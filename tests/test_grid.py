@@ -4,6 +4,7 @@ skipped, the interrupted cell rerun), and the report is written."""
 from __future__ import annotations
 
 import csv
+import math
 import json
 import os
 import signal
@@ -91,3 +92,39 @@ def test_grid_killed_midway_resumes_and_reports(tmp_path, tiny_model_dir):
     for png in ("reward_mean.png", "accuracy.png", "val_pass1.png"):
         assert (out / png).stat().st_size > 1000
     assert "data:image/png;base64," in (out / "report.html").read_text()
+
+
+def test_committed_cell_summaries_rebuild_the_report(tmp_path, tiny_model_dir):
+    """A finished cell writes <results>/<cell>.csv/.json; with the run folders gone (a fresh clone),
+    --report-only rebuilds the same table from those files alone."""
+    import shutil
+
+    cfg = write_grid(tmp_path, tiny_model_dir)
+    spec = yaml.safe_load(cfg.read_text())
+    spec["axes"]["seed"] = [0]
+    spec["results"] = str(tmp_path / "results" / "grid_tiny")
+    cfg.write_text(yaml.safe_dump(spec, sort_keys=False))
+    main(["grid", "--config", str(cfg), "--no-live"])
+    res = tmp_path / "results" / "grid_tiny"
+    assert sorted(p.name for p in res.iterdir()) == ["arm=random,seed=0.csv", "arm=random,seed=0.json",
+                                                     "arm=uniform,seed=0.csv", "arm=uniform,seed=0.json"]
+    header = open(res / "arm=uniform,seed=0.csv").readline().strip().split(",")
+    assert "val/pass@1" in header and "reward/mean" in header and "time/step" in header
+    assert not any(h.startswith("throughput/") for h in header)  # only the report's columns
+    before = list(csv.DictReader(open(tmp_path / "grid" / "summary.csv")))
+    shutil.rmtree(tmp_path / "grid")  # the machine is gone; only the committed files remain
+    main(["grid", "--config", str(cfg), "--report-only"])
+    after = list(csv.DictReader(open(tmp_path / "grid" / "summary.csv")))
+    keys = ("cell", "state", "final_val", "auc_val", "mean_reward", "steps")
+    assert [{k: r[k] for k in keys} for r in after] == [{k: r[k] for k in keys} for r in before]
+    assert all(r["state"] == "done" for r in after)
+    assert "2/2 cells finished" in (tmp_path / "grid" / "report.md").read_text()
+
+
+def test_report_auc_and_interval():
+    from flowtracer.tools.report import _auc, ci95_halfwidth
+
+    assert _auc([(0, 0.2), (10, 0.4), (20, 0.4)]) == pytest.approx((10 * 0.3 + 10 * 0.4) / 20)
+    assert _auc([(0, 0.5)]) == 0.5
+    assert ci95_halfwidth(1.0, 3) == pytest.approx(4.303 / 3 ** 0.5)
+    assert math.isnan(ci95_halfwidth(1.0, 1))

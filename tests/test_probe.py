@@ -120,10 +120,17 @@ def test_probe_cli_batches(tiny_model_dir, tmp_path, capsys):
 
     out = tmp_path / "probe.json"
     main(["probe", "--model", tiny_model_dir, "--data", str(ROOT / "data/arith_val.jsonl"), "--n", "5",
-          "--batch-size", "2", "--max-new-tokens", "8", "--out", str(out)])
+          "--batch-size", "2", "--max-new-tokens", "8", "--out", str(out), "--results", str(tmp_path / "probe")])
     assert "| arm | answer changed | correctness flipped | masked share |" in capsys.readouterr().out
     data = json.loads(out.read_text())
     assert data["n_problems"] == 5 and len(data["table"]) == 6
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "probe.csv")))
+    assert [r["arm"] for r in rows] == [r["arm"] for r in data["table"]]
+    for r in rows:  # a rate lies inside its interval (or no eligible problem: no interval)
+        assert r["changed_lo"] == "nan" or float(r["changed_lo"]) <= float(r["changed"]) <= float(r["changed_hi"])
+    assert "flowtracer probe" in (tmp_path / "probe.md").read_text()
 
 
 def test_run_probe_rejects_bad_frac(tiny_model_dir):

@@ -65,3 +65,36 @@ def test_trace_callback_writes_pages_during_fit(tmp_path, tiny_model_dir):
     assert sorted(p.name for p in traces.iterdir()) == ["step_0_0.html", "step_0_0.png", "step_0_1.html",
                                                         "step_0_1.png"]  # step 1 skipped (every 2)
     assert SPAN.search((traces / "step_0_0.html").read_text())
+
+
+def test_chain_trace_shows_arms_truth_and_hover(tiny_model_dir):
+    from flowtracer.data.chains import INSTRUCTION
+    from flowtracer.data.sources import load_rows
+    from flowtracer.tools.attribution import SCORERS
+
+    model, tok = _tiny(tiny_model_dir)
+    row = load_rows("data/chains_test.jsonl")[0]
+    sol = row["meta"]["solution"]
+    trace = build_trace(model, tok, row["question"], response=sol, instruction=INSTRUCTION, chain=row)
+    assert set(trace.arms) == set(SCORERS) and len(trace.truth) == len(trace.tokens)
+    q = row["question"]
+    dep = "".join(t for t, g in zip(trace.tokens, trace.truth) if g == "dep")
+    assert dep == "".join(q[a:b] for a, b in row["meta"]["dep_spans"])  # char tokenizer: exact text
+    used = "".join(t for t, g in zip(trace.tokens, trace.truth) if g == "used")
+    assert used == "".join(sol[a:b] for a, b in row["meta"]["result_spans"])
+    n_resp = trace.role.count("response") + trace.role.count("answer")
+    n_dep = trace.truth.count("dep")
+    for arm, marks in trace.arms.items():  # top 40% of the response + top-k of the question statements
+        in_resp = sum(m for m, r in zip(marks, trace.role) if r in ("response", "answer"))
+        in_q = sum(m for m, g in zip(marks, trace.truth) if g in ("dep", "distractor"))
+        assert in_resp == int(num_selected(torch.tensor(n_resp), 0.4)) and in_q == n_dep, arm
+    page = render_html(trace)
+    assert "What each arm up-weights" in page and page.count("<tr><th>") == 1 + len(SCORERS)
+    hover = re.search(r'id="t5" title="([^"]*)"', page)[1]
+    assert "f=" in hover and "tau=" in hover and "h=" in hover
+    # dominant paths are listed as token text, each token once per step of the path
+    items = re.findall(r"<li>flow [0-9.]+: (.*?)</li>", page)
+    assert items and all("<code" in it for it in items)
+    first_path = trace.paths[0][0]
+    texts = [html.unescape(t) for t in re.findall(r"<code[^>]*>(.*?)</code>", items[0])]
+    assert len(texts) == len(first_path)

@@ -18,6 +18,11 @@ DEFAULT_INSTRUCTION = "Answer with just the final answer inside <answer></answer
 _DEFAULT_GENERATED_SIZE = 1000
 
 
+def _generated(source: str) -> bool:
+    """Sources made by a generator (they need a size and take task_kwargs)."""
+    return source.strip().startswith("reasoning_gym:") or source.strip() == "chains"
+
+
 class PromptDataModule(L.LightningDataModule):
     """Prompts for GRPO: a training stream addressed by step, and validation batches.
 
@@ -29,7 +34,7 @@ class PromptDataModule(L.LightningDataModule):
 
     Args:
         train_source (str, default "data/arith_train.jsonl"): training data, in the grammar of
-            flowtracer.data.sources: ``reasoning_gym:<task>``, ``hf:<id>[:<config>][@<split>]`` or a
+            flowtracer.data.sources: ``reasoning_gym:<task>``, ``chains``, ``hf:<id>[:<config>][@<split>]`` or a
             local .jsonl/.json/.parquet file.
         val_source (str | None, default "data/arith_val.jsonl"): validation data, same grammar;
             None = carve `val_size` rows out of the training data (seeded, disjoint from training
@@ -110,7 +115,7 @@ class PromptDataModule(L.LightningDataModule):
 
     # ---------------------------------------------------------------- loading
     def _load(self, source: str, size: int | None, seed: int) -> list[dict]:
-        generated = source.strip().startswith("reasoning_gym:")
+        generated = _generated(source)
         return load_rows(
             source, size=(size or _DEFAULT_GENERATED_SIZE) if generated else size, seed=seed,
             question_field=self.question_field, answer_field=self.answer_field,
@@ -128,7 +133,7 @@ class PromptDataModule(L.LightningDataModule):
             val = (self._load(self.val_source, self.val_size, self.seed + 1)
                    if self.val_size and self.legacy_validation else [])
         else:
-            generated = self.train_source.strip().startswith("reasoning_gym:")
+            generated = _generated(self.train_source)
             size = (self.train_size or _DEFAULT_GENERATED_SIZE) + self.val_size if generated else None
             rows = self._load(self.train_source, size, self.seed)
             order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(self.seed))

@@ -10,6 +10,9 @@ Source grammar (one string):
                                   "reasoning_gym", answer = the entry ``{"question", "answer",
                                   "metadata"}`` and meta ``{"task": <task>}``; with another verifier
                                   (e.g. "math") the answer is the entry's answer string.
+  ``chains``                      variable-chain arithmetic with known dependencies
+                                  (flowtracer.data.chains), generated from (seed, size, task_kwargs =
+                                  the ChainSpec knobs); verifier "math", ground truth under meta.
   ``hf:<id>[:<config>][@<split>]`` a `datasets` hub dataset (split default "train"); needs network,
                                   or the dataset in the HF cache when HF_DATASETS_OFFLINE=1.
   ``<path>.jsonl|.json|.parquet`` a local file (relative paths: the working directory first, then
@@ -29,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-GRAMMAR = "'reasoning_gym:<task>', 'hf:<id>[:<config>][@<split>]' or a local .jsonl/.json/.parquet file"
+GRAMMAR = "'reasoning_gym:<task>', 'chains', 'hf:<id>[:<config>][@<split>]' or a local .jsonl/.json/.parquet file"
 _FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
@@ -70,8 +73,10 @@ def load_rows(
         if verifier and verifier != "reasoning_gym":
             rows = [{**r, "answer": r["answer"]["answer"], "verifier": verifier} for r in rows]
         return rows
+    if source == "chains":
+        return _chain_rows(size, seed, task_kwargs or {}, verifier)
     if task_kwargs:
-        raise DataError(f"task_kwargs only apply to reasoning_gym sources, not {source}")
+        raise DataError(f"task_kwargs only apply to reasoning_gym and chains sources, not {source}")
     if source.startswith("hf:"):
         where = source
         labelled = [(f"row {i}", rec) for i, rec in enumerate(_hub_records(source), 1)]
@@ -84,6 +89,18 @@ def load_rows(
     if not rows:
         raise DataError(f"{where}: the dataset is empty (no rows); point to a file with data")
     return rows
+
+
+def _chain_rows(size: int | None, seed: int, knobs: dict, verifier: str | None) -> list[dict]:
+    from flowtracer.data.chains import make_rows
+
+    if not size or size <= 0:
+        raise DataError("chains: generated tasks need a positive size (train_size/val_size)")
+    try:
+        rows = make_rows(size, seed, **knobs)
+    except (TypeError, ValueError) as exc:  # unknown knob names, bad values
+        raise DataError(f"chains with task_kwargs {knobs}: {exc}; see flowtracer.data.chains.ChainSpec") from exc
+    return [{**r, "verifier": verifier} for r in rows] if verifier else rows
 
 
 def resolve_path(source: str) -> Path:

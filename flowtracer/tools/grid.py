@@ -9,6 +9,7 @@ Grid file (paths relative to it):
     base: [quickstart.yaml]            # --config files every cell starts from
     out: ../lightning_logs/grid_quickstart
     parallel: 1                        # cells at a time
+    results: ../results/grid_quickstart # optional: commit-sized per-cell summaries go here
     overrides: {trainer.max_steps: 12} # dotted keys set in every cell
     env: {OMP_NUM_THREADS: 1}          # environment variables of every cell's `fit`
     axes:                              # the cross product of these is the grid
@@ -21,6 +22,13 @@ fit.log, run/version_0/ (metrics.csv, config.yaml, ...) and done.json once `fit`
 A rerun skips cells with done.json and starts any other cell afresh (a crashed or killed cell
 leaves no done.json). After the cells, the report (summary.csv, report.md, report.html, PNGs) is
 written to <out>/ by flowtracer.tools.report.
+
+With `results:` set, a cell that finishes also writes <results>/<cell name>.csv (its metrics.csv
+rows, only the columns the report reads: steps, reward, accuracy, validation, timings, credit
+stats) and <cell name>.json (its done.json): small files meant to be committed. A cell whose run
+folder is gone (another machine, a fresh clone) but whose summary is there counts as done and the
+report reads the summary instead, so `flowtracer grid --config <grid> --report-only` rebuilds the
+report from the repository alone.
 """
 
 from __future__ import annotations
@@ -49,6 +57,7 @@ class Cell:
     overrides: dict  # dotted key -> value
     dir: Path
     state: str = "pending"  # pending | done (earlier) | running | finished | failed
+    results: Path | None = None  # folder of the committed per-cell summaries (grid `results:`)
     proc: subprocess.Popen | None = field(default=None, repr=False)
     started: float = 0.0
     seconds: float = 0.0
@@ -60,6 +69,18 @@ class Cell:
     @property
     def done_file(self) -> Path:
         return self.dir / "done.json"
+
+    @property
+    def summary_csv(self) -> Path | None:
+        return self.results / f"{self.name}.csv" if self.results else None
+
+    @property
+    def metrics_path(self) -> Path:
+        """The run's metrics.csv, else the committed summary (the same columns, fewer of them)."""
+        local = self.run_dir / "metrics.csv"
+        if local.exists() or self.summary_csv is None or not self.summary_csv.exists():
+            return local
+        return self.summary_csv
 
 
 @dataclass
@@ -137,6 +158,9 @@ def load_grid(path: str | Path, out: str | None = None, parallel: int | None = N
             overrides.update(ov)
         cells.append(Cell(name, labels, configs, overrides, out_dir / "cells" / name))
     env = {str(k): str(v) for k, v in (spec.get("env") or {}).items()}
+    if spec.get("results"):
+        for cell in cells:
+            cell.results = (here / spec["results"]).resolve()
     return Grid(base, out_dir, int(parallel or spec.get("parallel", 1)), cells, env)
 
 
@@ -182,6 +206,8 @@ def _poll(cell: Cell) -> None:
     if rc == 0 and (cell.run_dir / "metrics.csv").exists():
         cell.state = "finished"
         cell.done_file.write_text(json.dumps({"seconds": cell.seconds, "axes": cell.axes}))
+        if cell.results:
+            write_cell_summary(cell)
     else:
         cell.state = "failed"
 
@@ -191,7 +217,7 @@ def _progress(cell: Cell) -> tuple[str, str]:
     from flowtracer.tools.report import read_metrics
 
     try:
-        train, _ = read_metrics(cell.run_dir / "metrics.csv")
+        train, _ = read_metrics(cell.metrics_path)
     except (FileNotFoundError, ValueError, KeyError):
         return "", ""
     if not train:
@@ -217,12 +243,37 @@ def _table(grid: Grid):
     return table
 
 
+SUMMARY_KEYS = ("rl_step", "step", "epoch", "reward/", "accuracy", "val/", "time/", "credit/", "train/loss",
+                "entropy", "response/length")
+
+
+def write_cell_summary(cell: Cell) -> None:
+    """<results>/<cell>.csv (metrics.csv, report columns only) and <cell>.json, each written atomically."""
+    import csv
+    import io
+
+    from flowtracer.csvlog import atomic_write_text
+
+    rows = list(csv.DictReader(open(cell.run_dir / "metrics.csv")))
+    cols = [c for c in (rows[0] if rows else {}) if c.startswith(SUMMARY_KEYS)]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    w.writerows(r for r in rows if any(r.get(c) for c in cols if c not in ("step", "epoch")))
+    cell.results.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(str(cell.summary_csv), buf.getvalue())
+    atomic_write_text(str(cell.summary_csv.with_suffix(".json")), cell.done_file.read_text())
+
+
 def mark_done(grid: Grid) -> None:
-    """Cells with done.json (finished by an earlier run) are `done`."""
+    """Cells with done.json (finished by an earlier run), or only a committed summary, are `done`."""
     for cell in grid.cells:
-        if cell.done_file.exists():
+        done = cell.done_file
+        if not done.exists() and cell.summary_csv is not None and cell.summary_csv.exists():
+            done = cell.summary_csv.with_suffix(".json")
+        if done.exists():
             cell.state = "done"
-            cell.seconds = json.loads(cell.done_file.read_text()).get("seconds", 0.0)
+            cell.seconds = json.loads(done.read_text()).get("seconds", 0.0)
 
 
 def run_grid(grid: Grid, *, live: bool = True, poll_s: float = 1.0) -> list[Cell]:

@@ -26,6 +26,7 @@ Greedy decoding on both sides makes every change an effect of the mask, not of s
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 
@@ -62,18 +63,42 @@ class ProbeResult:
     records: list[dict] = field(default_factory=list)
 
     def table(self) -> list[dict]:
-        n = max(self.n_eligible, 1)
-        return [{"arm": arm, "changed": self.changed.get(arm, 0) / n, "flipped": self.flipped.get(arm, 0) / n,
-                 "masked_share": self.masked_tokens.get(arm, 0) / max(self.reasoning_tokens, 1)}
-                for arm in ("none", *ARMS)]
+        """One row per arm: rates over eligible problems with 95% Wilson intervals (lo/hi)."""
+        from flowtracer.tools.stats import wilson_ci
+
+        n = self.n_eligible
+        out = []
+        for arm in ("none", *ARMS):
+            ch, fl = wilson_ci(self.changed.get(arm, 0), n), wilson_ci(self.flipped.get(arm, 0), n)
+            out.append({"arm": arm, "changed": ch[0] if n else 0.0, "changed_lo": ch[1], "changed_hi": ch[2],
+                        "flipped": fl[0] if n else 0.0, "flipped_lo": fl[1], "flipped_hi": fl[2],
+                        "masked_share": self.masked_tokens.get(arm, 0) / max(self.reasoning_tokens, 1)})
+        return out
 
     def markdown(self) -> str:
-        head = (f"{self.n_eligible}/{self.n_problems} problems eligible; {self.frac:.0%} of the reasoning "
-                "tokens masked per arm")
-        lines = [head, "", "| arm | answer changed | correctness flipped | masked share |", "|---|---|---|---|"]
-        lines += [f"| {r['arm']} | {r['changed']:.1%} | {r['flipped']:.1%} | {r['masked_share']:.1%} |"
+        from flowtracer.tools.stats import fmt_ci
+
+        lines = [f"{self.n_eligible}/{self.n_problems} problems eligible; {self.frac:.0%} of the reasoning "
+                 "tokens masked per arm; rates with 95% Wilson intervals", "",
+                 "| arm | answer changed | correctness flipped | masked share |", "|---|---|---|---|"]
+        lines += [f"| {r['arm']} | {fmt_ci(r['changed'], r['changed_lo'], r['changed_hi'])} | "
+                  f"{fmt_ci(r['flipped'], r['flipped_lo'], r['flipped_hi'])} | {r['masked_share']:.1%} |"
                   for r in self.table()]
         return "\n".join(lines)
+
+    def write_results(self, prefix: str, command: str) -> None:
+        """<prefix>.csv (the table) and <prefix>.md (the command and the markdown table)."""
+        import csv
+        from pathlib import Path
+
+        Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+        rows = self.table()
+        with open(prefix + ".csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=[*rows[0], "n_eligible", "n_problems", "frac"])
+            w.writeheader()
+            w.writerows({**{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()},
+                         "n_eligible": self.n_eligible, "n_problems": self.n_problems, "frac": self.frac} for r in rows)
+        Path(prefix + ".md").write_text(f"`{command}`\n\n{self.markdown()}\n")
 
 
 def cut_points(rb) -> Tensor:
@@ -234,14 +259,17 @@ def main(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the random arm")
     p.add_argument("--instruction", default=None, help="instruction appended to each question (default: quickstart's)")
     p.add_argument("--out", help="write the table and per-problem records to this JSON file")
+    p.add_argument("--results", help="write the table to <RESULTS>.csv and <RESULTS>.md (e.g. results/probe_chains)")
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
-    model, tokenizer = load_policy(args.model, lora=None)
+    model, tokenizer = load_policy(os.path.expanduser(args.model), lora=None)
     rows = load_problems(args.data, args.n)
     kw = {"instruction": args.instruction} if args.instruction else {}
     result = run_probe(model, tokenizer, rows, frac=args.frac, max_new_tokens=args.max_new_tokens,
                        batch_size=args.batch_size, layers=args.layers, seed=args.seed, **kw)
     print(result.markdown())
+    if args.results:
+        result.write_results(args.results, "flowtracer probe " + " ".join(argv))
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"table": result.table(), "n_problems": result.n_problems, "n_eligible": result.n_eligible,

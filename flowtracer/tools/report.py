@@ -1,7 +1,10 @@
 """The grid report: summary.csv, report.md, report.html and curve PNGs from the cells' metrics.csv.
 
 Per group (every axis but `seed`, so usually the credit arm): final and best validation pass@1
-(mean and std over seeds), mean training reward, median step time and the credit overhead. The
+and its area under the curve (AUC: the trapezoid mean of val pass@1 over the RL steps, so on the
+pass@1 scale), each as mean ± std over seeds and a 95% t-interval of the mean; mean training
+reward, median step time and the credit overhead. Curves show the mean over seeds with a 95%
+t-interval band. The
 overhead counts what the arm adds to a step: its callback time (time/credit) plus the extra time
 its attention capture adds to the old-policy pass, measured against the uniform arm's old pass when
 the grid has one (the uniform arm captures nothing).
@@ -42,6 +45,27 @@ def read_metrics(path: Path) -> tuple[list[dict], list[tuple[int, float]]]:
     return sorted(train, key=lambda r: r["rl_step"]), val
 
 
+def _auc(val: list[tuple[int, float]]) -> float:
+    """Trapezoid mean of val pass@1 over the steps it was measured at (one point: that value)."""
+    if not val:
+        return math.nan
+    if len(val) == 1 or val[-1][0] == val[0][0]:
+        return val[-1][1]
+    area = sum((s1 - s0) * (a0 + a1) / 2 for (s0, a0), (s1, a1) in zip(val, val[1:]))
+    return area / (val[-1][0] - val[0][0])
+
+
+# two-sided 95% Student t quantiles by degrees of freedom (1..10); the normal 1.96 beyond
+_T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228]
+
+
+def ci95_halfwidth(std: float, n: int) -> float:
+    """Half-width of the 95% t-interval of a mean of n values with sample std `std`."""
+    if n < 2 or math.isnan(std):
+        return math.nan
+    return (_T95[n - 2] if n - 1 <= len(_T95) else 1.96) * std / math.sqrt(n)
+
+
 def _median(rows, key) -> float:
     vals = [r[key] for r in rows if key in r]
     return statistics.median(vals) if vals else math.nan
@@ -51,7 +75,7 @@ def cell_summary(cell) -> dict:
     # "finished" (this invocation) and "done" (an earlier one) differ only in the live table
     state = "done" if cell.state == "finished" else cell.state
     out = {"cell": cell.name, **cell.axes, "state": state, "seconds": round(cell.seconds, 1)}
-    metrics = cell.run_dir / "metrics.csv"
+    metrics = cell.metrics_path if hasattr(cell, "metrics_path") else cell.run_dir / "metrics.csv"
     if not metrics.exists():
         return out
     if cell.state == "pending":  # metrics but no done.json: running now, or crashed/killed earlier
@@ -60,6 +84,7 @@ def cell_summary(cell) -> dict:
     after = [v for s, v in val if s > 0] or [v for _, v in val]
     out.update({
         "steps": int(train[-1]["rl_step"]) if train else 0,
+        "auc_val": _auc(val),
         "init_val": val[0][1] if val and val[0][0] == 0 else math.nan,
         "final_val": val[-1][1] if val else math.nan,
         "best_val": max(after) if after else math.nan,
@@ -102,6 +127,7 @@ def summarize(grid) -> tuple[list[dict], list[dict]]:
             "group": key, "seeds": len(rows),
             "final_val": _mean_std([r["final_val"] for r in rows]),
             "best_val": _mean_std([r["best_val"] for r in rows]),
+            "auc_val": _mean_std([r["auc_val"] for r in rows]),
             "mean_reward": _mean_std([r["mean_reward"] for r in rows]),
             "step_s": step, "credit_s": credit, "capture_s": capture,
             "overhead": (credit + capture) / step if step else math.nan,
@@ -110,16 +136,21 @@ def summarize(grid) -> tuple[list[dict], list[dict]]:
     return cells, table
 
 
-def _pm(ms: tuple[float, float]) -> str:
-    return "n/a" if math.isnan(ms[0]) else f"{ms[0]:.3f} ± {ms[1]:.3f}"
+def _pm(ms: tuple[float, float], n: int = 0) -> str:
+    """'mean ± std', plus ' [lo, hi]' (95% t-interval of the mean) for n >= 2 seeds."""
+    if math.isnan(ms[0]):
+        return "n/a"
+    h = ci95_halfwidth(ms[1], n)
+    return f"{ms[0]:.3f} ± {ms[1]:.3f}" + ("" if math.isnan(h) else f" [{ms[0] - h:.3f}, {ms[0] + h:.3f}]")
 
 
-HEADER = ["group", "seeds", "final val pass@1", "best val pass@1", "mean train reward", "step s",
-          "credit s", "capture s", "credit overhead"]
+HEADER = ["group", "seeds", "final val pass@1", "best val pass@1", "val pass@1 AUC", "mean train reward",
+          "step s", "credit s", "capture s", "credit overhead"]
 
 
 def _rows(table: list[dict]) -> list[list[str]]:
-    return [[t["group"], str(t["seeds"]), _pm(t["final_val"]), _pm(t["best_val"]), _pm(t["mean_reward"]),
+    return [[t["group"], str(t["seeds"]), _pm(t["final_val"], t["seeds"]), _pm(t["best_val"], t["seeds"]),
+             _pm(t["auc_val"], t["seeds"]), _pm(t["mean_reward"]),
              f"{t['step_s']:.2f}", f"{t['credit_s']:.3f}", f"{t['capture_s']:.2f}", f"{t['overhead']:.1%}"]
             for t in table]
 
@@ -131,7 +162,7 @@ def markdown_table(table: list[dict]) -> str:
 
 
 def _plot(table: list[dict], out: Path, key: str, ylabel: str, val: bool = False) -> Path:
-    """Mean over seeds per group (a band of ± one std), against the RL step."""
+    """Mean over seeds per group (a band of the 95% t-interval of the mean), against the RL step."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -146,9 +177,12 @@ def _plot(table: list[dict], out: Path, key: str, ylabel: str, val: bool = False
         if not steps:
             continue
         grid = np.array([[s.get(x, np.nan) for x in steps] for s in series], dtype=float)
-        mean, std = np.nanmean(grid, 0), np.nanstd(grid, 0)
+        mean = np.nanmean(grid, 0)
+        n = np.isfinite(grid).sum(0)
+        std = np.nanstd(grid, 0, ddof=1) if grid.shape[0] > 1 else np.zeros_like(mean)
+        half = np.array([ci95_halfwidth(float(sd), int(k)) for sd, k in zip(std, n)])
         ax.plot(steps, mean, marker="o" if val else None, label=t["group"])
-        ax.fill_between(steps, mean - std, mean + std, alpha=0.15)
+        ax.fill_between(steps, mean - np.nan_to_num(half), mean + np.nan_to_num(half), alpha=0.15)
     ax.set_xlabel("RL step")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
@@ -177,7 +211,8 @@ def write_report(grid) -> dict[str, Path]:
                  _plot(table, out, "accuracy", "train accuracy"),
                  _plot(table, out, "val/pass@1", "val pass@1", val=True)]
     done = sum(c["state"] in ("done", "finished") for c in cells)
-    intro = (f"{done}/{len(cells)} cells finished. Mean ± std over seeds. Credit overhead = (credit "
+    intro = (f"{done}/{len(cells)} cells finished. Mean ± std over seeds [95% t-interval of the mean]; AUC = "
+             "trapezoid mean of val pass@1 over the RL steps. Credit overhead = (credit "
              "callback + attention-capture time above the uniform arm's old pass) / step time.")
     md = ["# Grid report", "", intro, "", markdown_table(table), ""]
     md += [f"![{p.stem}]({p.name})" for p in plots]

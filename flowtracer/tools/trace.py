@@ -3,10 +3,17 @@
     flowtracer trace --prompt "What is 7 + 9?" --answer 16                # generates a response
     flowtracer trace --model path/to/model --prompt "..." --response "..." --out traces/
 
+    flowtracer trace --model ~/.cache/flowtracer/sft_chains --chains 0 --out traces/   # chain problem 0
+
 Prints the tokens coloured by throughput (hubs = the tokens FlowCredit would up-weight, in bold
-underline), and writes <out>/trace.html (self-contained: tokens coloured, the dominant
-question-to-answer paths drawn over them) and <out>/trace.png (the token graph: backbone edges as
-arcs, nodes coloured by throughput). `TraceCallback` writes the same page for a few rollouts every
+underline), and writes <out>/trace.html (self-contained: tokens coloured, hovering a token shows its
+flow f, throughput tau and reachability h; the dominant question-to-answer paths drawn over them and
+listed with their token text) and <out>/trace.png (the token graph: backbone edges as arcs, nodes
+coloured by throughput). With `--chains N` (problem N of data/chains_test.jsonl, with its ground
+truth) the page also shows, row by row, which tokens each credit arm would up-weight (its top 40% of
+the response; in the question its top-k, k = the number of dependency tokens) next to the
+ground truth: dependency vs distractor statements and the used intermediate results
+(flowtracer.tools.attribution). `TraceCallback` writes the same page for a few rollouts every
 N steps of a `fit` into <run>/traces/.
 """
 
@@ -14,13 +21,14 @@ from __future__ import annotations
 
 import html
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from flowtracer.credit import RolloutCallback
-from flowtracer.credit.select import select_mask
+from flowtracer.credit.select import rank_in_response, select_mask
 from flowtracer.flow import trace_flow
 from flowtracer.layers import check_layers
 from flowtracer.rollout import RolloutBatch, SamplingConfig, generate
@@ -45,6 +53,10 @@ class Trace:
     edges: list[tuple[int, int, float]]  # backbone edges (i, k, flow), heaviest first
     reached: bool
     reward: float | None = None
+    f: list[float] | None = None  # node flow per token
+    h: list[float] | None = None  # reachability (Doob h) per token
+    arms: dict[str, list[bool]] | None = None  # arm -> the tokens it marks (see the module docstring)
+    truth: list[str] | None = None  # per token: dep | distractor | used | "" (chain ground truth)
 
 
 def trace_row(tokenizer, rb: RolloutBatch, b: int, *, top_frac: float = 0.4, n_paths: int = 5,
@@ -73,26 +85,57 @@ def trace_row(tokenizer, rb: RolloutBatch, b: int, *, top_frac: float = 0.4, n_p
             for a, r, q in zip(ans[0, cols].tolist(), resp[0, cols].tolist(), src[0, cols].tolist())]
     return Trace(tokens=tokenizer.batch_decode([[i] for i in ids]), role=role, tau=tau[cols].tolist(),
                  hub=hub[cols].tolist(), paths=paths, edges=edges, reached=bool(res.reached[0]),
-                 reward=float(rb.rewards[b]) if rb.rewards is not None else None)
+                 reward=float(rb.rewards[b]) if rb.rewards is not None else None,
+                 f=res.inflow[0, cols].tolist(), h=res.reach[0, cols].tolist())
+
+
+def add_arms_and_truth(trace: Trace, tokenizer, rb: RolloutBatch, b: int, row: dict, qspan, *,
+                       top_frac: float = 0.4, seed: int = 0) -> Trace:
+    """Fill trace.arms and trace.truth for row `b` of `rb` (attn filled), a chain problem `row`."""
+    from flowtracer.tools.attribution import ground_truth, scorer_scores
+
+    one = rb.rows(torch.tensor([b]))  # copies every (B, ...) field, the attention map included
+    scores, _ = scorer_scores(one, seed)
+    gt = ground_truth(tokenizer, one, [row], [qspan])
+    cols = one.attention_mask[0].bool().nonzero().squeeze(-1)
+    resp, q = one.response_mask.bool(), gt["q_dep"] | gt["q_dis"]
+    k = gt["q_dep"].sum(-1).clamp(min=1)
+    arms = {}
+    for name, sc in scores.items():
+        up = select_mask(sc, resp, top_frac=top_frac)  # what the arm up-weights in training
+        in_q = q & (rank_in_response(sc, q, "top") < k.unsqueeze(-1))  # its top-k question tokens
+        arms[name] = (up | in_q)[0, cols].tolist()
+    truth = torch.where(gt["q_dep"], 1, torch.where(gt["q_dis"], 2, torch.where(gt["r_used"], 3, 0)))[0, cols]
+    trace.arms = arms
+    trace.truth = [("", "dep", "distractor", "used")[int(t)] for t in truth]
+    return trace
+
 
 
 # ------------------------------------------------------------------------------ building one trace
 @torch.no_grad()
 def build_trace(model, tokenizer, prompt: str, *, response: str | None = None, answer: str | None = None,
                 verifier: str = "math", layers="middle", max_new_tokens: int = 64, temperature: float = 0.0,
-                instruction: str | None = DEFAULT_INSTRUCTION, top_frac: float = 0.4) -> Trace:
+                instruction: str | None = DEFAULT_INSTRUCTION, top_frac: float = 0.4, chain: dict | None = None) -> Trace:
+    """The Trace of one response; `chain` = a chain problem row (its question is `prompt`): adds
+    every arm's marks and the ground truth."""
     prompts, spans = format_prompts(tokenizer, [prompt], instruction=instruction)
     if response is None:
         sampling = SamplingConfig(num_generations=1, max_new_tokens=max_new_tokens, temperature=temperature)
         gen = generate(model, tokenizer, prompts, spans, sampling)
     else:
         gen = given_responses(tokenizer, prompts, spans, [response])
-    row = {"question": prompt, "answer": answer, "verifier": verifier}
+    row = chain or {"question": prompt, "answer": answer, "verifier": verifier}
     rb, _ = rollout_batch(tokenizer, Verifiers(), [row], gen, prompts)
-    if answer is None:
+    if row.get("answer") is None:
         rb.rewards = None  # no reference: the verifier's reward means nothing, its answer span still does
     teacher_force(model, rb, layers)
-    return trace_row(tokenizer, rb, 0, top_frac=top_frac)
+    trace = trace_row(tokenizer, rb, 0, top_frac=top_frac)
+    if chain is not None:
+        if rb.rewards is None:
+            rb.rewards = torch.zeros(1)
+        add_arms_and_truth(trace, tokenizer, rb, 0, chain, spans[0], top_frac=top_frac)
+    return trace
 
 
 # ------------------------------------------------------------------------------ views
@@ -155,26 +198,71 @@ def render_html(trace: Trace, title: str = "flowtracer trace") -> str:
     spans = []
     for i, (tok, x, hub, role) in enumerate(zip(trace.tokens, _norm(trace), trace.hub, trace.role)):
         cls = "tok " + role + (" hub" if hub else "")
-        spans.append(f'<span class="{cls}" id="t{i}" title="#{i} tau={trace.tau[i]:.4f}" '
+        spans.append(f'<span class="{cls}" id="t{i}" title="{_hover(trace, i)}" '
                      f'style="background:rgba(220,40,40,{0.85 * x:.3f})">{html.escape(tok)}</span>')
     data = json.dumps({"paths": trace.paths, "edges": trace.edges[:50]}).replace("</", "<\\/")
-    paths = "".join(f"<li>flow {f:.3f}: tokens {' → '.join(map(str, p))}</li>" for p, f in trace.paths)
+    paths = "".join(f"<li>flow {f:.3f}: " + " → ".join(
+        f'<code title="token #{i}">{html.escape(_show(trace.tokens[i]))}</code>' for i in p) + "</li>"
+        for p, f in trace.paths)
     reward = "" if trace.reward is None else f" Reward {trace.reward:g}."
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
         "body{font-family:sans-serif;margin:2em;max-width:60em}"
         "#wrap{position:relative}#text{font-family:monospace;white-space:pre-wrap;line-height:2.6;"
         "position:relative;z-index:1}#paths{position:absolute;left:0;top:0;pointer-events:none;z-index:2}"
-        ".path{fill:none;opacity:.7}.hub{outline:2px solid #222;font-weight:bold}.question{text-decoration:"
+        ".path{fill:none;opacity:.7}code{background:#f3f3f3;padding:0 2px}"
+        ".arms td{font-family:monospace;white-space:pre-wrap;vertical-align:top;padding:4px 8px;border-top:1px solid #ddd}"
+        ".arms th{text-align:left;padding-right:1em;white-space:nowrap}.up{background:#f4a340}.dep{background:#7fd18b}"
+        ".distractor{background:#ccc;text-decoration:line-through}.used{background:#5aa0e6}"
+        ".hub{outline:2px solid #222;font-weight:bold}.question{text-decoration:"
         "underline dotted}.answer{border-bottom:3px solid #1a7f37}</style></head><body>"
         f"<h1>{html.escape(title)}</h1><p>Background = throughput (flow through the token, max "
         f"{max(trace.tau, default=0):.3f}); boxed = hub (up-weighted); dotted = question (flow source); "
         f"green underline = answer (sink). Curves = the {len(trace.paths)} dominant question-to-answer paths, "
         f"width = flow. Flow reached the answer: {trace.reached}.{reward}</p>"
         f"<div id='wrap'><div id='text'>{''.join(spans)}</div><svg id='paths'></svg></div>"
-        f"<h2>Dominant paths</h2><ol>{paths}</ol>"
+        f"<h2>Dominant paths</h2><ol>{paths}</ol>{_arms_html(trace)}"
         f"<script type='application/json' id='flow-data'>{data}</script><script>{_JS}</script></body></html>"
     )
+
+
+def _show(tok: str) -> str:
+    """A token as text with its whitespace visible (a bare newline or space would vanish)."""
+    out = tok.replace("\n", "\\n").replace("\t", "\\t")
+    return out if tok.strip() else out.replace(" ", "␣") or "∅"
+
+
+def _hover(trace: Trace, i: int) -> str:
+    """Tooltip: index, role, node flow f, throughput tau, reachability h."""
+    parts = [f"#{i} {trace.role[i]}"]
+    if trace.f is not None:
+        parts.append(f"f={trace.f[i]:.4g}")
+    parts.append(f"tau={trace.tau[i]:.4g}")
+    if trace.h is not None:
+        parts.append(f"h={trace.h[i]:.4g}")
+    return html.escape(" ".join(parts), quote=True)
+
+
+ARM_NOTE = ("Orange = what the arm marks: in the response its top 40% (the tokens it up-weights in training), "
+            "in the question its top-k tokens (k = the number of dependency tokens). Ground truth: green = "
+            "statements the answer depends on, grey struck = distractor statements, blue = intermediate "
+            "results later steps use.")
+
+
+def _arms_html(trace: Trace) -> str:
+    """One row per arm plus the ground truth, each the question and response tokens with marks."""
+    if not trace.arms or trace.truth is None:
+        return ""
+    keep = [i for i, r in enumerate(trace.role) if r != "prompt"]
+
+    def row(name: str, cls_of) -> str:
+        toks = "".join(f'<span class="{cls_of(i)}" title="{_hover(trace, i)}">{html.escape(trace.tokens[i])}</span>'
+                       for i in keep)
+        return f"<tr><th>{html.escape(name)}</th><td>{toks}</td></tr>"
+
+    rows = [row("ground truth", lambda i: trace.truth[i])]
+    rows += [row(arm, lambda i, m=marks: "up" if m[i] else "") for arm, marks in trace.arms.items()]
+    return f"<h2>What each arm up-weights</h2><p>{ARM_NOTE}</p><table class='arms'>{''.join(rows)}</table>"
 
 
 def render_png(trace: Trace, path: str | Path) -> Path:
@@ -264,7 +352,10 @@ def main(argv: list[str]) -> int:
     from flowtracer.policy import load_policy
 
     p = tool_parser("flowtracer trace", __doc__)
-    p.add_argument("--prompt", required=True, help="the question")
+    p.add_argument("--prompt", help="the question (or --chains)")
+    p.add_argument("--chains", type=int, metavar="N",
+                   help="trace chain problem N of --chains-data with its ground truth and every arm's marks")
+    p.add_argument("--chains-data", default="data/chains_test.jsonl")
     p.add_argument("--response", help="the response to trace (default: generate one)")
     p.add_argument("--answer", help="reference answer (for the reward; the answer span is parsed either way)")
     p.add_argument("--verifier", default="math")
@@ -274,12 +365,24 @@ def main(argv: list[str]) -> int:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--out", default="traces", help="folder for trace.html and trace.png")
     args = p.parse_args(argv)
-    model, tokenizer = load_policy(args.model, lora=None)
+    chain = None
+    if args.chains is not None:
+        from flowtracer.data.chains import INSTRUCTION
+        from flowtracer.data.sources import load_rows
+
+        rows = load_rows(args.chains_data)
+        if not 0 <= args.chains < len(rows):
+            raise ValueError(f"--chains {args.chains}: {args.chains_data} has problems 0..{len(rows) - 1}")
+        chain = rows[args.chains]
+        args.prompt, args.instruction = chain["question"], args.instruction or INSTRUCTION
+    if not args.prompt:
+        raise ValueError("give --prompt \"<question>\" or --chains N")
+    model, tokenizer = load_policy(os.path.expanduser(args.model), lora=None)
     model.eval()
     kw = {"instruction": args.instruction} if args.instruction else {}
     trace = build_trace(model, tokenizer, args.prompt, response=args.response, answer=args.answer,
                         verifier=args.verifier, layers=args.layers, max_new_tokens=args.max_new_tokens,
-                        temperature=args.temperature, **kw)
+                        temperature=args.temperature, chain=chain, **kw)
     render_terminal(trace)
     paths = write_trace(trace, args.out, title=args.prompt)
     print(f"wrote {paths['html']} and {paths['png']}")
