@@ -94,7 +94,10 @@ def add_arms_and_truth(trace: Trace, tokenizer, rb: RolloutBatch, b: int, row: d
     """Fill trace.arms and trace.truth for row `b` of `rb` (attn filled), a chain problem `row`."""
     from flowtracer.tools.attribution import ground_truth, scorer_scores
 
-    one = rb.rows(torch.tensor([b]))  # copies every (B, ...) field, the attention map included
+    idx = torch.tensor([b])
+    one = rb.inputs_of(idx)  # row b's inputs; then the outputs of the pass that scored it
+    one.attn, one.entropies, one.old_logprobs = (None if t is None else t[idx] for t in (rb.attn, rb.entropies,
+                                                                                         rb.old_logprobs))
     scores, _ = scorer_scores(one, seed)
     gt = ground_truth(tokenizer, one, [row], [qspan])
     cols = one.attention_mask[0].bool().nonzero().squeeze(-1)
