@@ -37,6 +37,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=None, help="first N problems of each set (quick looks)")
     p.add_argument("--batch_size", type=int, default=None, help="prompts per generate call (default data.val_batch_size)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default model.seed)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
     return p.parse_args(argv)
 
 
@@ -55,6 +56,14 @@ def _policy(args, settings):
                                     attn_implementation=settings.attn_implementation, lora=None)
     folder = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name.rstrip("/")).name) or "model"
     return policy, tokenizer, name, Path("lightning_logs") / "eval" / folder
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 def _selected(data, sets_arg: str | None, limit: int | None) -> dict:
@@ -83,6 +92,7 @@ def run(args) -> tuple[dict, Path]:
     cfg = merged_configs(args.config) if args.config else run_config(args.ckpt_path)
     settings, data = instantiate(cfg)  # sampling, seed, prompts and sets to evaluate with
     policy, tokenizer, label, default_out = _policy(args, settings)
+    policy.to(_device(args.device))
     sets = _selected(data, args.sets, args.limit)
     total = sum(len(rows) for _, rows in sets.values())
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
