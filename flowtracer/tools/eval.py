@@ -19,6 +19,7 @@ eval.json, eval.md and eval_samples.jsonl (every response) to --out, by default 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -89,6 +90,8 @@ def run(args) -> tuple[dict, Path]:
 
     if not (args.config or args.ckpt_path):
         raise ValueError("give --config (what to evaluate on), --ckpt_path (a run), or both")
+    if (args.batch_size is not None and args.batch_size < 1) or (args.limit is not None and args.limit < 1):
+        raise ValueError("--batch_size and --limit must be >= 1")
     cfg = merged_configs(args.config) if args.config else run_config(args.ckpt_path)
     settings, data = instantiate(cfg)  # sampling, seed, prompts and sets to evaluate with
     policy, tokenizer, label, default_out = _policy(args, settings)
@@ -105,6 +108,10 @@ def run(args) -> tuple[dict, Path]:
             batch_size=args.batch_size or data.val_batch_size, threshold=settings.loss_cfg.correct_threshold,
             on_batch=lambda name, n: bar.update(task, advance=n, description=f"eval {name}"))
     result["model"] = label
+    result["settings"] = {  # what produced these numbers, for the record
+        "seed": settings.seed if args.seed is None else args.seed, "batch_size": args.batch_size or data.val_batch_size,
+        "sampling": {n: dataclasses.asdict(spec.sampling(settings.val_sampling)) for n, (spec, _) in sets.items()},
+        "limit": args.limit}
     return result, Path(args.out) if args.out else default_out
 
 
