@@ -98,20 +98,6 @@ class EvalSet:
         return dataclasses.replace(base, **{k: v for k, v in over.items() if v is not None})
 
 
-def load_set_rows(name: str, spec: EvalSet, *, seed: int, cache_dir: str, default_verifier: str | None = None) -> list[dict]:
-    """The rows of one set, tagged with ``eval_set`` (its name) and ``eval_index`` (its position)."""
-    from flowtracer.data.sources import load_rows
-
-    generated = spec.source.strip().startswith("reasoning_gym:")
-    rows = load_rows(spec.source, size=(spec.size or 64) if generated else spec.size, seed=seed,
-                     question_field=spec.question_field, answer_field=spec.answer_field,
-                     verifier=spec.verifier or default_verifier, task_kwargs=spec.task_kwargs if generated else None,
-                     cache_dir=cache_dir)
-    kwargs = spec.row_verifier_kwargs()
-    extra = {"verifier_kwargs": kwargs} if kwargs else {}
-    return [{**r, **extra, "eval_set": name, "eval_index": i} for i, r in enumerate(rows)]
-
-
 def set_seed_offset(name: str) -> int:
     """A stable per-set number, so two sets never share sample seeds (0 for an old config's one
     set, whose batches then get the seeds the validation had before eval sets existed)."""
@@ -203,7 +189,7 @@ def batches(rows: list[dict], size: int) -> list[list[dict]]:
 def evaluate(policy, tokenizer, sets: dict[str, tuple[EvalSet, list[dict]]], base_sampling,
              format_prompt: Callable, *, seed: int = 0, batch_size: int = 32, threshold: float = 1.0,
              on_batch: Callable[[str, int], None] | None = None) -> dict[str, Any]:
-    """Evaluate `policy` on every set: `sets` maps name -> (spec, rows from `load_set_rows`).
+    """Evaluate `policy` on every set: `sets` maps name -> (spec, rows tagged by flowtracer.data.datamodule.load_set_rows).
 
     `format_prompt(row, spec) -> (text, span)`; `on_batch(name, n_rows)` reports progress.
     Returns `summarize`'s dict plus "records" (every `eval_batch` record, in set and row order).
