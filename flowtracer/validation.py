@@ -23,7 +23,8 @@ def run_batch(module, rows: list[dict]) -> list[dict]:
     spec = dm.eval_specs[rows[0]["eval_set"]]
     return eval_batch(module.policy, module.tokenizer, rows, spec.sampling(module.val_sampling),
                       lambda r: dm.format_eval_prompt(module.tokenizer, r), seed=module.seed,
-                      verifiers=module._verifier, threshold=module.loss_cfg.correct_threshold)
+                      verifiers=module._verifier, threshold=module.loss_cfg.correct_threshold,
+                      batch_index=rows[0]["eval_index"] // dm.val_batch_size)
 
 
 def validation_step(module, rows: list[dict]) -> None:

@@ -187,3 +187,26 @@ def test_eval_math_config_sets_parse_without_network():
     assert set(specs) == {"aime24", "aime25", "amc23", "math500", "olympiadbench", "gsm8k"}
     assert specs["aime24"].k == specs["aime25"].k == 16 and not specs["gsm8k"].math
     assert all(s.source.startswith("hf:") for s in specs.values())
+
+
+def test_csv_logger_added_to_any_logger_config(tmp_path):
+    from flowtracer.cli import _SAFE_CSV, _ensure_csv_logger, _share_version
+
+    wandb = {"class_path": "lightning.pytorch.loggers.WandbLogger",
+             "init_args": {"project": "p", "name": "myrun", "save_dir": str(tmp_path), "version": "abc123"}}
+    cfg = {"trainer": {"logger": wandb}}  # a single logger, not a list
+    _ensure_csv_logger(cfg)
+    _share_version(cfg)
+    csv_lg, kept = cfg["trainer"]["logger"]
+    assert csv_lg == {"class_path": _SAFE_CSV, "init_args": {"save_dir": str(tmp_path), "name": "myrun"}}
+    assert kept["init_args"]["version"] == "abc123"  # a W&B run id is never rewritten
+    (tmp_path / "myrun" / "version_3").mkdir(parents=True)
+    tb = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+          "init_args": {"save_dir": str(tmp_path), "name": "myrun", "version": None}}
+    cfg = {"trainer": {"logger": [tb]}}
+    _ensure_csv_logger(cfg)
+    _share_version(cfg)
+    assert [lg["init_args"]["version"] for lg in cfg["trainer"]["logger"]] == [4, 4]  # one run folder
+    off = {"trainer": {"logger": False}}
+    _ensure_csv_logger(off)
+    assert off["trainer"]["logger"] is False

@@ -167,7 +167,7 @@ class PromptDataModule(L.LightningDataModule):
 
     def _setup_eval_sets(self) -> None:
         """Rows of every eval set, tagged with set name and index; val_rows = all of them."""
-        from flowtracer.evaluation.engine import LEGACY_SET, load_set_rows
+        from flowtracer.evaluation.engine import LEGACY_SET
 
         if self.legacy_validation:
             self.val_rows = [{**r, "eval_set": LEGACY_SET, "eval_index": i} for i, r in enumerate(self.val_rows)]
@@ -272,3 +272,16 @@ def _eval_specs(eval_sets: dict[str, dict[str, Any]] | None, val_source: str | N
     if not isinstance(eval_sets, dict):
         raise DataError("data.eval_sets must map set names to {source: ..., k: ...}")
     return {str(name): EvalSet.from_config(str(name), dict(cfg or {})) for name, cfg in eval_sets.items()}
+
+
+def load_set_rows(name: str, spec, *, seed: int, cache_dir: str, default_verifier: str | None = None) -> list[dict]:
+    """The rows of eval set `name` (a flowtracer.evaluation.EvalSet), tagged with ``eval_set`` (its
+    name) and ``eval_index`` (its position)."""
+    generated = spec.source.strip().startswith("reasoning_gym:")
+    rows = load_rows(spec.source, size=(spec.size or 64) if generated else spec.size, seed=seed,
+                     question_field=spec.question_field, answer_field=spec.answer_field,
+                     verifier=spec.verifier or default_verifier, task_kwargs=spec.task_kwargs if generated else None,
+                     cache_dir=cache_dir)
+    kwargs = spec.row_verifier_kwargs()
+    extra = {"verifier_kwargs": kwargs} if kwargs else {}
+    return [{**r, **extra, "eval_set": name, "eval_index": i} for i, r in enumerate(rows)]

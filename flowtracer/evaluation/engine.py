@@ -8,8 +8,8 @@ Sampling: with ``val_sampling.seed_per_prompt: true`` every response is drawn fr
 a function of (seed, set name, problem index, sample index) (flowtracer.sampling), so a set's
 numbers depend neither on the batch size, the generation chunking nor the number of processes.
 Otherwise (the default; per-row seeding costs a hash over the vocabulary per token) HF's sampler
-is seeded per batch from (seed, set name, first problem index): the same numbers for the same
-batch size. Greedy (temperature 0) needs no seed.
+is seeded per batch from (seed, set name, batch index): the same numbers for the same batch size
+(an old config's single set gets the seeds of the validation before eval sets existed). Greedy (temperature 0) needs no seed.
 Generation goes through `generate_responses`, the one call into the trainer's
 `flowtracer.rollout.generate` (and whatever chunking its SamplingConfig asks for).
 """
@@ -98,23 +98,15 @@ class EvalSet:
         return dataclasses.replace(base, **{k: v for k, v in over.items() if v is not None})
 
 
-def load_set_rows(name: str, spec: EvalSet, *, seed: int, cache_dir: str, default_verifier: str | None = None) -> list[dict]:
-    """The rows of one set, tagged with ``eval_set`` (its name) and ``eval_index`` (its position)."""
-    from flowtracer.data.sources import load_rows
-
-    generated = spec.source.strip().startswith("reasoning_gym:")
-    rows = load_rows(spec.source, size=(spec.size or 64) if generated else spec.size, seed=seed,
-                     question_field=spec.question_field, answer_field=spec.answer_field,
-                     verifier=spec.verifier or default_verifier, task_kwargs=spec.task_kwargs if generated else None,
-                     cache_dir=cache_dir)
-    kwargs = spec.row_verifier_kwargs()
-    extra = {"verifier_kwargs": kwargs} if kwargs else {}
-    return [{**r, **extra, "eval_set": name, "eval_index": i} for i, r in enumerate(rows)]
-
-
 def set_seed_offset(name: str) -> int:
-    """A stable per-set number, so two sets never share sample seeds."""
-    return zlib.crc32(name.encode()) & 0x7FFFFFFF
+    """A stable per-set number, so two sets never share sample seeds (0 for an old config's one
+    set, whose batches then get the seeds the validation had before eval sets existed)."""
+    return 0 if name == LEGACY_SET else zlib.crc32(name.encode()) & 0x7FFFFFFF
+
+
+def batch_seed(seed: int, name: str, batch_index: int) -> int:
+    """The torch seed of batch `batch_index` of set `name` (HF's sampler path)."""
+    return (seed * 1_000_003 + 10**6 + set_seed_offset(name) + batch_index) % 2**31
 
 
 def generate_responses(policy, tokenizer, prompts: list[str], spans, sampling, row_seeds=None):
@@ -132,12 +124,13 @@ def generate_responses(policy, tokenizer, prompts: list[str], spans, sampling, r
 
 
 def eval_batch(policy, tokenizer, rows: list[dict], sampling, format_prompt: Callable, *, seed: int,
-               verifiers, threshold: float = 1.0) -> list[dict]:
+               verifiers, threshold: float = 1.0, batch_index: int = 0) -> list[dict]:
     """k answers for each row (all rows of one set), scored: one record per row.
 
     A record is ``{"set", "index", "question", "responses": [k texts], "correct": [k bool],
     "keys": [k normalised answers or None]}``.
-    `format_prompt(row) -> (text, question span)`; `verifiers(row)` -> the row's verifier.
+    `format_prompt(row) -> (text, question span)`; `verifiers(row)` -> the row's verifier;
+    `batch_index`: the batch's position within its set (seeds HF's sampler, see `batch_seed`).
     """
     import torch
 
@@ -152,7 +145,7 @@ def eval_batch(policy, tokenizer, rows: list[dict], sampling, format_prompt: Cal
     if sampling.seed_per_prompt:  # each response from its own seed: independent of batching
         seeds = row_seeds(seed, set_seed_offset(name), [r["eval_index"] for r in rows], k, device=device)
     else:  # HF's sampler, seeded per batch: reproducible for the same batch size (and faster)
-        torch.manual_seed((seed * 1_000_003 + set_seed_offset(name) * 7919 + rows[0]["eval_index"]) % 2**31)
+        torch.manual_seed(batch_seed(seed, name, batch_index))
     with torch.no_grad():
         gen = generate_responses(policy, tokenizer, list(prompts), list(spans), sampling, row_seeds=seeds)
     records = []
@@ -196,7 +189,7 @@ def batches(rows: list[dict], size: int) -> list[list[dict]]:
 def evaluate(policy, tokenizer, sets: dict[str, tuple[EvalSet, list[dict]]], base_sampling,
              format_prompt: Callable, *, seed: int = 0, batch_size: int = 32, threshold: float = 1.0,
              on_batch: Callable[[str, int], None] | None = None) -> dict[str, Any]:
-    """Evaluate `policy` on every set: `sets` maps name -> (spec, rows from `load_set_rows`).
+    """Evaluate `policy` on every set: `sets` maps name -> (spec, rows tagged by flowtracer.data.datamodule.load_set_rows).
 
     `format_prompt(row, spec) -> (text, span)`; `on_batch(name, n_rows)` reports progress.
     Returns `summarize`'s dict plus "records" (every `eval_batch` record, in set and row order).
@@ -207,9 +200,9 @@ def evaluate(policy, tokenizer, sets: dict[str, tuple[EvalSet, list[dict]]], bas
     records = []
     for name, (spec, rows) in sets.items():
         sampling = spec.sampling(base_sampling)
-        for chunk in batches(rows, batch_size):
+        for i, chunk in enumerate(batches(rows, batch_size)):
             records += eval_batch(policy, tokenizer, chunk, sampling, lambda r: format_prompt(r, spec),
-                                  seed=seed, verifiers=verifiers, threshold=threshold)
+                                  seed=seed, verifiers=verifiers, threshold=threshold, batch_index=i)
             if on_batch is not None:
                 on_batch(name, len(chunk))
     return {**summarize(records, {n: s for n, (s, _) in sets.items()}), "records": records}

@@ -19,6 +19,7 @@ eval.json, eval.md and eval_samples.jsonl (every response) to --out, by default 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -37,6 +38,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=None, help="first N problems of each set (quick looks)")
     p.add_argument("--batch_size", type=int, default=None, help="prompts per generate call (default data.val_batch_size)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default model.seed)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
     return p.parse_args(argv)
 
 
@@ -55,6 +57,14 @@ def _policy(args, settings):
                                     attn_implementation=settings.attn_implementation, lora=None)
     folder = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name.rstrip("/")).name) or "model"
     return policy, tokenizer, name, Path("lightning_logs") / "eval" / folder
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 def _selected(data, sets_arg: str | None, limit: int | None) -> dict:
@@ -80,9 +90,12 @@ def run(args) -> tuple[dict, Path]:
 
     if not (args.config or args.ckpt_path):
         raise ValueError("give --config (what to evaluate on), --ckpt_path (a run), or both")
+    if (args.batch_size is not None and args.batch_size < 1) or (args.limit is not None and args.limit < 1):
+        raise ValueError("--batch_size and --limit must be >= 1")
     cfg = merged_configs(args.config) if args.config else run_config(args.ckpt_path)
     settings, data = instantiate(cfg)  # sampling, seed, prompts and sets to evaluate with
     policy, tokenizer, label, default_out = _policy(args, settings)
+    policy.to(_device(args.device))
     sets = _selected(data, args.sets, args.limit)
     total = sum(len(rows) for _, rows in sets.values())
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -95,6 +108,10 @@ def run(args) -> tuple[dict, Path]:
             batch_size=args.batch_size or data.val_batch_size, threshold=settings.loss_cfg.correct_threshold,
             on_batch=lambda name, n: bar.update(task, advance=n, description=f"eval {name}"))
     result["model"] = label
+    result["settings"] = {  # what produced these numbers, for the record
+        "seed": settings.seed if args.seed is None else args.seed, "batch_size": args.batch_size or data.val_batch_size,
+        "sampling": {n: dataclasses.asdict(spec.sampling(settings.val_sampling)) for n, (spec, _) in sets.items()},
+        "limit": args.limit}
     return result, Path(args.out) if args.out else default_out
 
 

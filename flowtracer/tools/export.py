@@ -59,6 +59,9 @@ def main(argv: list[str]) -> int:
     policy = module.policy.eval()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the export is an ordinary folder
     try:
         kind = export_policy(policy, module.tokenizer, tmp, args.merge)
         (tmp / "flowtracer_export.json").write_text(json.dumps({
