@@ -70,6 +70,7 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=25)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-greedy", action="store_true", help="only the sampled decodings (e.g. to add a temperature)")
     p.add_argument("--out", default="results/sft_chains", help="writes <out>.csv and <out>.md (appends rows)")
     args = p.parse_args()
     model, tok = load_policy(args.model, lora=None)
@@ -77,7 +78,8 @@ def main() -> None:
     rows = load_rows(args.data)[: args.n]
     label = args.label or Path(args.model).name
     out = []
-    for temp, k in [(0.0, 1)] + [(t, args.samples) for t in args.temperatures]:
+    greedy = [] if args.skip_greedy else [(0.0, 1)]
+    for temp, k in greedy + [(t, args.samples) for t in args.temperatures]:
         t0 = time.time()
         acc, steps, ex = evaluate(model, tok, rows, temp, k, args.max_new_tokens, args.batch_size, args.seed)
         depth = torch.tensor([int(r["meta"]["depth"]) for r in rows])
@@ -97,8 +99,10 @@ def main() -> None:
 def write(recs: list[dict], out: str) -> None:
     path = Path(out + ".csv")
     old = list(csv.DictReader(open(path))) if path.exists() else []
-    keep = [r for r in old if r["model"] not in {x["model"] for x in recs}]  # rerun replaces its rows
+    new = {(x["model"], x["decoding"]) for x in recs}
+    keep = [r for r in old if (r["model"], r["decoding"]) not in new]  # a rerun replaces its own rows
     rows = keep + [{k: str(v) for k, v in r.items()} for r in recs]
+    rows.sort(key=lambda r: (r["model"], float(r["temperature"])))
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(recs[0]))
