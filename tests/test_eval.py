@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
-from flowtracer.cli import main
 from test_cli import write_config
 from test_eval_metrics import brute_pass_at_k
+
+from flowtracer.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = ROOT / "tests" / "fixtures" / "eval"

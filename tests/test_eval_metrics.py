@@ -9,8 +9,14 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from flowtracer.evaluation.metrics import (answer_key, default_pass_ks, macro_average, majority_correct, pass_at_k,
-                                           set_metrics)
+from flowtracer.evaluation.metrics import (
+    answer_key,
+    default_pass_ks,
+    macro_average,
+    majority_correct,
+    pass_at_k,
+    set_metrics,
+)
 
 
 def brute_pass_at_k(correct: list[bool], k: int) -> float:
