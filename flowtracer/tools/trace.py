@@ -259,8 +259,9 @@ def _arms_html(trace: Trace) -> str:
     keep = [i for i, r in enumerate(trace.role) if r != "prompt"]
 
     def row(name: str, cls_of) -> str:
-        toks = "".join(f'<span class="{cls_of(i)}" title="{_hover(trace, i)}">{html.escape(trace.tokens[i])}</span>'
-                       for i in keep)
+        toks = "".join(("<br>" if j and trace.role[keep[j - 1]] == "question" != trace.role[i] else "")
+                       + f'<span class="{cls_of(i)}" title="{_hover(trace, i)}">{html.escape(trace.tokens[i])}</span>'
+                       for j, i in enumerate(keep))  # a line break between the question and the response
         return f"<tr><th>{html.escape(name)}</th><td>{toks}</td></tr>"
 
     rows = [row("ground truth", lambda i: trace.truth[i])]
