@@ -247,8 +247,9 @@ def main(argv=None) -> int:
         if getattr(args, k) is None:
             setattr(args, k, v)
     names = args.shapes.split(",")
+    estimate = estimate_seconds([CLI_SHAPES[n] for n in names], args, args.device)
     print(f"gpu_step: shapes {names}, {args.steps} step(s) x 2 arms, {args.prompts} x {args.G} rollouts of "
-          f"{args.max_new_tokens} tokens; estimated {estimate_seconds([CLI_SHAPES[n] for n in names], args, args.device) / 60:.1f} min", flush=True)
+          f"{args.max_new_tokens} tokens; estimated {estimate / 60:.1f} min", flush=True)
     t0 = time.perf_counter()
     lines = run_all(names, args, args.device)
     lines.append(f"\ntotal {time.perf_counter() - t0:.0f} s on {torch.cuda.get_device_name() if not cpu else 'cpu'}")
@@ -293,8 +294,12 @@ def run_all(names: list[str], args, device: str) -> list[str]:
 
 
 def _step_line(name: str, arm: str, m: dict) -> str:
-    t = lambda k: f"{m.get('time/' + k, 0.0):.2f}"
-    gib = lambda b: "n/a" if math.isnan(b) else f"{b / 2**30:.3f}"
+    def t(k):
+        return f"{m.get('time/' + k, 0.0):.2f}"
+
+    def gib(b):
+        return "n/a" if math.isnan(b) else f"{b / 2**30:.3f}"
+
     return (f"| {name} | {arm} | {t('step')} | {t('generate')} | {t('score')} | {t('old_pass')} | {t('credit')} | "
             f"{t('forward')} | {t('backward')} | {100 * m.get('time/credit_share', 0.0):.1f}% | "
             f"{m.get('throughput/gen_tokens_per_s', 0.0):,.0f} | {m['gen_rows']} | {gib(m['peak'])} | "

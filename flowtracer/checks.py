@@ -92,7 +92,8 @@ def check_dapo(module) -> None:
     d = getattr(module, "dapo", None)
     if d is None:
         return
-    _require(d.overlong in OVERLONG_MODES, f"model.dapo.overlong = {d.overlong!r}: use one of {', '.join(OVERLONG_MODES)}")
+    _require(d.overlong in OVERLONG_MODES,
+             f"model.dapo.overlong = {d.overlong!r}: use one of {', '.join(OVERLONG_MODES)}")
     _require(d.max_extra_rounds >= 0, f"model.dapo.max_extra_rounds = {d.max_extra_rounds}: must be >= 0")
     _require(0 <= d.overlong_buffer < module.sampling.max_new_tokens,
              f"model.dapo.overlong_buffer = {d.overlong_buffer}: must be in [0, max_new_tokens = "

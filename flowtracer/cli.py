@@ -10,7 +10,7 @@
     flowtracer eval --ckpt_path <run>/checkpoints/last.ckpt     # per-benchmark eval (flowtracer.tools.eval)
     flowtracer export --ckpt_path <run>/checkpoints/last.ckpt --out DIR [--merge]   (flowtracer.tools.export)
 `flowtracer test` is `flowtracer eval`; Lightning's test/predict subcommands are not offered.
-    flowtracer plan --config experiments/quickstart.yaml        # predicted peak memory per phase (flowtracer.tools.plan)
+    flowtracer plan --config experiments/quickstart.yaml        # peak memory per phase (flowtracer.tools.plan)
     flowtracer sft --config experiments/sft_chains.yaml         # supervised warm start (flowtracer.sft)
     flowtracer attribution --config experiments/attribution_chains.yaml  # flow vs ground truth
 

@@ -167,4 +167,4 @@ def question_mask(offsets: Tensor, attn: Tensor, spans: list[tuple[int, int] | N
     return torch.where(no_span, attn.bool(), overlap & attn.bool())
 
 
-from flowtracer import engines as _engines  # noqa: F401  (registers the built-in engines)
+from flowtracer import engines as _engines  # noqa: E402, F401  (registers the engines; last: circular import)

@@ -172,7 +172,8 @@ def resident_bytes(shape: ModelShape, run: RunSpec) -> tuple[float, float]:
     b = _DTYPE_BYTES[run.dtype]
     weights = shape.params * b
     if run.lora_r:
-        return weights + shape.lora_params(run.lora_r, run.lora_targets) * 4, shape.lora_params(run.lora_r, run.lora_targets) * 12
+        lora = shape.lora_params(run.lora_r, run.lora_targets)
+        return weights + lora * 4, lora * 12
     return weights, shape.params * b * 3
 
 
@@ -197,7 +198,8 @@ def forward_bytes(shape: ModelShape, run: RunSpec, with_grad: bool) -> float:
     """Transient memory of one micro-batch's teacher-forced forward (and backward, with grad)."""
     b, B, T = _DTYPE_BYTES[run.dtype], run.micro, run.seq
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
-    per_layer = (ACT_HIDDEN + (0 if run.lora_r else ACT_FULL_FT_EXTRA)) * shape.hidden + ACT_MLP * shape.intermediate + ACT_QKV * (q + 2 * kv)
+    per_layer = ((ACT_HIDDEN + (0 if run.lora_r else ACT_FULL_FT_EXTRA)) * shape.hidden
+                 + ACT_MLP * shape.intermediate + ACT_QKV * (q + 2 * kv))
     layer = B * T * per_layer * b
     if not with_grad:
         acts = 2 * layer  # no graph: one layer's temporaries at a time (and the residual stream)
@@ -247,7 +249,8 @@ def plan(shape: ModelShape, run: RunSpec, device_bytes: float | None = None) -> 
     parts = {"weights": weights, "trainable+grads+adamw": trainable,
              "kv_cache/chunk": rows * run.seq * shape.kv_bytes_per_token(_DTYPE_BYTES[run.dtype]),
              "logits/chunk": min(run.micro * run.max_new_tokens * shape.vocab * 8, run.logits_budget_mb * 2**20),
-             "activations(update)": forward_bytes(shape, run, True), "attention_map": 4 * run.micro * run.seq ** 2 * run.needs_attention,
+             "activations(update)": forward_bytes(shape, run, True),
+             "attention_map": 4 * run.micro * run.seq ** 2 * run.needs_attention,
              "flow_solve(float64)": 8 * run.micro * run.seq ** 2 * run.needs_attention}
     return Plan(phases, parts, rows, run.rollouts * run.max_new_tokens)
 

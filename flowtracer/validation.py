@@ -43,7 +43,8 @@ def epoch_metrics(module, records: list[dict]) -> dict[str, float]:
         return {}
     metrics = log_metrics(result)
     sets = result["sets"]
-    metrics["val/pass@1"] = sum(next(v for m, v in s.items() if m.startswith("avg@")) for s in sets.values()) / len(sets)
+    avg_at_k = [next(v for m, v in s.items() if m.startswith("avg@")) for s in sets.values()]
+    metrics["val/pass@1"] = sum(avg_at_k) / len(sets)
     if LEGACY_SET in sets and module.trainer.datamodule.legacy_validation:
         k = sets[LEGACY_SET]["k"]
         metrics[f"val/pass@{k}"] = sets[LEGACY_SET][f"pass@{k}"]

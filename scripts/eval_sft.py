@@ -51,7 +51,8 @@ def evaluate(model, tok, rows, temperature: float, samples: int, max_new: int, b
         rep = [r for r in chunk for _ in range(samples)]
         scores = judge(verifiers, rep, gen.responses)
         ok = torch.tensor([s.reward for s in scores]).view(len(chunk), samples)
-        st = torch.tensor([wrote_steps(t, r) for t, r in zip(gen.responses, rep)], dtype=torch.float).view(len(chunk), samples)
+        st = torch.tensor([wrote_steps(t, r) for t, r in zip(gen.responses, rep)], dtype=torch.float)
+        st = st.view(len(chunk), samples)
         acc.append(ok.mean(1))
         steps.append(st.mean(1))
         examples += gen.responses[:1]

@@ -6,13 +6,13 @@ import csv
 
 import torch
 import yaml
+from tiny import tiny_model, tiny_tokenizer
 
 from flowtracer.cli import main
 from flowtracer.data.chains import INSTRUCTION
 from flowtracer.data.sources import load_rows
 from flowtracer.tools import attribution as attr
 from flowtracer.tools.analysis import Verifiers, format_prompts, given_responses, rollout_batch
-from tiny import tiny_model, tiny_tokenizer
 
 
 def test_ground_truth_masks_pick_the_right_tokens():

@@ -4,8 +4,8 @@ skipped, the interrupted cell rerun), and the report is written."""
 from __future__ import annotations
 
 import csv
-import math
 import json
+import math
 import os
 import signal
 import subprocess

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from tiny import tiny_model, tiny_tokenizer
 
 from flowtracer.cli import main
 from flowtracer.data.sources import load_rows
-from flowtracer.policy import LoraSpec, load_policy
+from flowtracer.policy import load_policy
 from flowtracer.sft import build_batch, response_loss
-from tiny import tiny_model, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,7 +24,8 @@ def sft_config(tmp_path: Path, model_dir: str, *, steps: int, lora=None, every: 
     cfg["trainer"]["logger"][0]["init_args"]["save_dir"] = str(tmp_path / "logs")
     cfg["checkpoint"]["every_n_train_steps"] = every
     # constant lr (min_lr_ratio 1): a run cut short by a smaller max_steps then matches an uninterrupted one
-    cfg["model"].update(model=model_dir, lora=lora, lr=3e-3, warmup_steps=0, min_lr_ratio=1.0, export_dir=str(tmp_path / "export"),
+    cfg["model"].update(model=model_dir, lora=lora, lr=3e-3, warmup_steps=0, min_lr_ratio=1.0,
+                        export_dir=str(tmp_path / "export"),
                         **model)
     cfg["data"].update(batch_size=4, max_length=512, val_size=4)
     tmp_path.mkdir(parents=True, exist_ok=True)

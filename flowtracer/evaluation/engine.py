@@ -9,9 +9,10 @@ a function of (seed, set name, problem index, sample index) (flowtracer.sampling
 numbers depend neither on the batch size, the generation chunking nor the number of processes.
 Otherwise (the default; per-row seeding costs a hash over the vocabulary per token) HF's sampler
 is seeded per batch from (seed, set name, batch index): the same numbers for the same batch size
-(an old config's single set gets the seeds of the validation before eval sets existed). Greedy (temperature 0) needs no seed.
+(an old config's single set gets the seeds of the validation before eval sets existed).
+Greedy (temperature 0) needs no seed.
 Generation goes through `generate_responses`, the one call into the trainer's
-`flowtracer.rollout.generate` (and whatever chunking its SamplingConfig asks for).
+`flowtracer.rollout.sample` (and whatever chunking its SamplingConfig asks for).
 """
 
 from __future__ import annotations
@@ -110,17 +111,11 @@ def batch_seed(seed: int, name: str, batch_index: int) -> int:
 
 
 def generate_responses(policy, tokenizer, prompts: list[str], spans, sampling, row_seeds=None):
-    """The one call into the trainer's generation (eval mode, LoRA merged for speed, mode restored)."""
-    from flowtracer.policy import merged_lora
-    from flowtracer.rollout import generate
+    """The one call into the trainer's generation, `flowtracer.rollout.sample` (eval mode, LoRA merged
+    for speed, mode restored)."""
+    from flowtracer.rollout import sample
 
-    was_training = policy.training
-    policy.eval()
-    try:
-        with merged_lora(policy):
-            return generate(policy, tokenizer, prompts, spans, sampling, row_seeds=row_seeds)
-    finally:
-        policy.train(was_training)
+    return sample(policy, tokenizer, prompts, spans, sampling, row_seeds=row_seeds)
 
 
 def eval_batch(policy, tokenizer, rows: list[dict], sampling, format_prompt: Callable, *, seed: int,
@@ -189,7 +184,8 @@ def batches(rows: list[dict], size: int) -> list[list[dict]]:
 def evaluate(policy, tokenizer, sets: dict[str, tuple[EvalSet, list[dict]]], base_sampling,
              format_prompt: Callable, *, seed: int = 0, batch_size: int = 32, threshold: float = 1.0,
              on_batch: Callable[[str, int], None] | None = None) -> dict[str, Any]:
-    """Evaluate `policy` on every set: `sets` maps name -> (spec, rows tagged by flowtracer.data.datamodule.load_set_rows).
+    """Evaluate `policy` on every set: `sets` maps name -> (spec, rows tagged by
+    flowtracer.data.datamodule.load_set_rows).
 
     `format_prompt(row, spec) -> (text, span)`; `on_batch(name, n_rows)` reports progress.
     Returns `summarize`'s dict plus "records" (every `eval_batch` record, in set and row order).
@@ -201,7 +197,7 @@ def evaluate(policy, tokenizer, sets: dict[str, tuple[EvalSet, list[dict]]], bas
     for name, (spec, rows) in sets.items():
         sampling = spec.sampling(base_sampling)
         for i, chunk in enumerate(batches(rows, batch_size)):
-            records += eval_batch(policy, tokenizer, chunk, sampling, lambda r: format_prompt(r, spec),
+            records += eval_batch(policy, tokenizer, chunk, sampling, lambda r, spec=spec: format_prompt(r, spec),
                                   seed=seed, verifiers=verifiers, threshold=threshold, batch_index=i)
             if on_batch is not None:
                 on_batch(name, len(chunk))

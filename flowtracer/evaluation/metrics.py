@@ -88,7 +88,8 @@ def default_pass_ks(k: int) -> list[int]:
     return sorted({2**i for i in range(k.bit_length()) if 2**i < k} | {k})
 
 
-def set_metrics(correct: np.ndarray, keys: Sequence[Sequence[str | None]], pass_ks: Iterable[int] | None = None) -> dict[str, float]:
+def set_metrics(correct: np.ndarray, keys: Sequence[Sequence[str | None]],
+                pass_ks: Iterable[int] | None = None) -> dict[str, float]:
     """avg@k, pass@k' (each k' asked, default `default_pass_ks`) and maj@k of one set.
 
     correct: (P, k) bool; keys: P lists of k normalised answers (None = nothing extracted).

@@ -49,8 +49,10 @@ def informative_groups(rewards: Tensor, group_ids: Tensor, eps: float = 0.0) -> 
     """(unique group ids in order of first appearance, (n_groups,) bool: reward spread > eps)."""
     uniq, inverse = torch.unique(group_ids, return_inverse=True)
     n = len(uniq)
-    hi = torch.full((n,), -torch.inf, dtype=rewards.dtype, device=rewards.device).scatter_reduce(0, inverse, rewards, "amax")
-    lo = torch.full((n,), torch.inf, dtype=rewards.dtype, device=rewards.device).scatter_reduce(0, inverse, rewards, "amin")
+    hi = torch.full((n,), -torch.inf, dtype=rewards.dtype, device=rewards.device).scatter_reduce(
+        0, inverse, rewards, "amax")
+    lo = torch.full((n,), torch.inf, dtype=rewards.dtype, device=rewards.device).scatter_reduce(
+        0, inverse, rewards, "amin")
     first = torch.full((n,), len(group_ids), device=group_ids.device).scatter_reduce(
         0, inverse, torch.arange(len(group_ids), device=group_ids.device), "amin")
     order = first.argsort()

@@ -16,9 +16,9 @@ from flowtracer.credit.attention import received_attention
 from flowtracer.data.datamodule import DEFAULT_INSTRUCTION  # the quickstart's instruction
 from flowtracer.data.prompts import format_prompt
 from flowtracer.data.sources import load_rows
+from flowtracer.generation import question_mask as question_token_mask
 from flowtracer.rewards import VerifierCache
 from flowtracer.rewards.base import safe_score
-from flowtracer.generation import question_mask as question_token_mask
 from flowtracer.rollout import Generated, RolloutBatch
 from flowtracer.step.forward import teacher_forced_pass
 from flowtracer.step.score import rollout_batch as build_rollout_batch

@@ -42,8 +42,15 @@ from flowtracer.credit.select import select_mask
 from flowtracer.data.chains import INSTRUCTION, used_result_spans
 from flowtracer.rewards.spans import char_span_to_token_mask
 from flowtracer.rollout import SamplingConfig, generate, response_token_offsets
-from flowtracer.tools.analysis import (Verifiers, arm_scores, format_prompts, given_responses, load_problems,
-                                       rollout_batch, teacher_force)
+from flowtracer.tools.analysis import (
+    Verifiers,
+    arm_scores,
+    format_prompts,
+    given_responses,
+    load_problems,
+    rollout_batch,
+    teacher_force,
+)
 from flowtracer.tools.ranking import auroc, covers_all, precision_at_k
 from flowtracer.tools.stats import bootstrap_mean_ci, fmt_ci
 
@@ -100,7 +107,8 @@ def batch_metrics(scores: dict[str, Tensor], gt: dict[str, Tensor], rb, top_frac
     for name, s in scores.items():
         s = s.double()
         top = select_mask(s, resp, top_frac=top_frac)
-        out[name] = {"q_auroc": auroc(s, gt["q_dep"], gt["q_dis"]), "q_prec": precision_at_k(s, gt["q_dep"], gt["q_dis"]),
+        out[name] = {"q_auroc": auroc(s, gt["q_dep"], gt["q_dis"]),
+                     "q_prec": precision_at_k(s, gt["q_dep"], gt["q_dis"]),
                      "r_auroc": auroc(s, gt["r_used"], r_neg), "r_prec": precision_at_k(s, gt["r_used"], r_neg),
                      "r_cover40": covers_all(top, gt["r_used"])}
     return out
@@ -189,7 +197,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         cfg = yaml.safe_load(open(args.config)) or {}
         unknown = set(cfg) - set(vars(args))
         if unknown:
-            raise ValueError(f"{args.config}: unknown keys {sorted(unknown)}; known: {sorted(set(vars(args)) - {'config'})}")
+            known = sorted(set(vars(args)) - {"config"})
+            raise ValueError(f"{args.config}: unknown keys {sorted(unknown)}; known: {known}")
         p.set_defaults(**cfg)
         args = p.parse_args(argv)  # flags given on the command line still win
     return args

@@ -36,7 +36,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="folder for eval.json / eval.md / eval_samples.jsonl")
     p.add_argument("--sets", default=None, help="comma-separated subset of the eval set names")
     p.add_argument("--limit", type=int, default=None, help="first N problems of each set (quick looks)")
-    p.add_argument("--batch_size", type=int, default=None, help="prompts per generate call (default data.val_batch_size)")
+    p.add_argument("--batch_size", type=int, default=None,
+                   help="prompts per generate call (default data.val_batch_size)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default model.seed)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
     return p.parse_args(argv)
@@ -74,7 +75,8 @@ def _selected(data, sets_arg: str | None, limit: int | None) -> dict:
         wanted = [s.strip() for s in sets_arg.split(",") if s.strip()]
         unknown = [s for s in wanted if s not in data.eval_specs]
         if unknown:
-            raise ValueError(f"--sets {','.join(unknown)}: no such eval set; the config has {', '.join(data.eval_specs)}")
+            raise ValueError(f"--sets {','.join(unknown)}: no such eval set; "
+                             f"the config has {', '.join(data.eval_specs)}")
         names = [n for n in names if n in wanted]
     if not names:
         raise ValueError("the config has no evaluation rows: set data.eval_sets (or val_source/val_size)")

@@ -56,13 +56,17 @@ def runspec_from_config(cfg: dict, prompt_tokens: int) -> tuple[str, RunSpec, in
 def report(name: str, run: RunSpec, world: int, budget: float | None, shape) -> list[str]:
     """The lines `flowtracer plan` prints."""
     p = plan(shape, run, budget)
-    gib = lambda b: f"{b / GIB:8.2f} GiB"
+
+    def gib(b):
+        return f"{b / GIB:8.2f} GiB"
+
     lines = [f"model {name}: {shape.params / 1e9:.2f} B parameters, {shape.layers} layers, "
              f"KV cache {shape.kv_bytes_per_token(2 if run.dtype != 'float32' else 4) / 1024:.0f} KiB/token",
              f"per process ({world} process(es)): {run.rollouts} rollouts of <= {run.prompt_tokens} + "
              f"{run.max_new_tokens} tokens, micro-batch {run.micro}, {run.dtype}, "
              f"{'LoRA r=' + str(run.lora_r) if run.lora_r else 'full fine-tuning'}, gradient checkpointing "
-             f"{'on' if run.gradient_checkpointing else 'off'}, attention capture {'on' if run.needs_attention else 'off'}",
+             f"{'on' if run.gradient_checkpointing else 'off'}, "
+             f"attention capture {'on' if run.needs_attention else 'off'}",
              "", "component                        bytes"]
     lines += [f"  {k:<28}{gib(v)}" for k, v in p.parts.items()]
     lines += ["", "phase peak (resident + transient)"]

@@ -119,7 +119,8 @@ def add_arms_and_truth(trace: Trace, tokenizer, rb: RolloutBatch, b: int, row: d
 @torch.no_grad()
 def build_trace(model, tokenizer, prompt: str, *, response: str | None = None, answer: str | None = None,
                 verifier: str = "math", layers="middle", max_new_tokens: int = 64, temperature: float = 0.0,
-                instruction: str | None = DEFAULT_INSTRUCTION, top_frac: float = 0.4, chain: dict | None = None) -> Trace:
+                instruction: str | None = DEFAULT_INSTRUCTION, top_frac: float = 0.4,
+                chain: dict | None = None) -> Trace:
     """The Trace of one response; `chain` = a chain problem row (its question is `prompt`): adds
     every arm's marks and the ground truth."""
     prompts, spans = format_prompts(tokenizer, [prompt], instruction=instruction)
@@ -214,7 +215,8 @@ def render_html(trace: Trace, title: str = "flowtracer trace") -> str:
         "#wrap{position:relative}#text{font-family:monospace;white-space:pre-wrap;line-height:2.6;"
         "position:relative;z-index:1}#paths{position:absolute;left:0;top:0;pointer-events:none;z-index:2}"
         ".path{fill:none;opacity:.7}code{background:#f3f3f3;padding:0 2px}"
-        ".arms td{font-family:monospace;white-space:pre-wrap;vertical-align:top;padding:4px 8px;border-top:1px solid #ddd}"
+        ".arms td{font-family:monospace;white-space:pre-wrap;vertical-align:top;padding:4px 8px;"
+        "border-top:1px solid #ddd}"
         ".arms th{text-align:left;padding-right:1em;white-space:nowrap}.up{background:#f4a340}.dep{background:#7fd18b}"
         ".distractor{background:#ccc;text-decoration:line-through}.used{background:#5aa0e6}"
         ".hub{outline:2px solid #222;font-weight:bold}.question{text-decoration:"
