@@ -157,13 +157,24 @@ def response_token_offsets(tokenizer, token_ids: list[int], text: str) -> list[t
 def sample(policy, tokenizer, prompts: list[str], question_spans: list[tuple[int, int] | None],
            sampling: SamplingConfig, *, row_seeds: Tensor | None = None) -> Generated:
     """`generate` from a policy in training: eval mode and LoRA merged exactly into the base weights
-    for the call (one GEMM per adapted layer and token, not three), both restored afterwards."""
+    for the call (one GEMM per adapted layer and token, not three), both restored afterwards.
+
+    Decoding runs under `torch.inference_mode` (no autograd bookkeeping per decode step: ~2% faster
+    than no_grad on CPU, 1 x 8 x 48 tokens of SmolLM2); the returned tensors are cloned out of it,
+    so the training forward can use them as ordinary tensors.
+    """
     from flowtracer.policy import merged_lora
 
     was_training = policy.training
     policy.eval()
     try:
         with merged_lora(policy):
-            return generate(policy, tokenizer, prompts, question_spans, sampling, row_seeds=row_seeds)
+            with torch.inference_mode():
+                gen = generate(policy, tokenizer, prompts, question_spans, sampling, row_seeds=row_seeds)
     finally:
         policy.train(was_training)
+    for f in fields(gen):
+        value = getattr(gen, f.name)
+        if isinstance(value, Tensor):
+            setattr(gen, f.name, value.clone())
+    return gen
