@@ -28,7 +28,7 @@ Everything else (masks, EOS handling, text, re-padding) is shared. Engines here:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -58,6 +58,7 @@ class Generated:
     responses: list[str]
     truncated: Tensor  # (B,) bool: hit max_new_tokens without EOS
     prompt_len: int  # responses start at this column (prompts are left-padded to it)
+    prompts: list[str] = field(default_factory=list)  # prompt text of each row (rows of a prompt repeat it)
 
 
 def chunk_prompts(lengths: list[int], g: int, max_new_tokens: int, max_rows: int = 0,
@@ -114,7 +115,9 @@ def generate_rollouts(model, tokenizer, prompts: list[str], question_spans: list
         new, stopped = engine(model, tokenizer, [ids[i] for i in chunk], g, sampling, seeds)
         for j, i in enumerate(chunk):
             news[i], stops[i] = new[j * g:(j + 1) * g], stopped[j * g:(j + 1) * g]
-    return _assemble(tokenizer, model, ids, enc["offset_mapping"], question_spans, news, g, device)
+    gen = _assemble(tokenizer, model, ids, enc["offset_mapping"], question_spans, news, g, device)
+    gen.prompts = [p for p in prompts for _ in range(g)]
+    return gen
 
 
 def _assemble(tokenizer, model, ids, offsets, spans, news, g: int, device) -> Generated:

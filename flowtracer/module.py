@@ -198,7 +198,7 @@ class GRPOModule(LightningModule):
     def _score(self, rows, gen: Generated) -> RolloutBatch:
         g = len(gen.responses) // len(rows)
         scored = score_responses(self.tokenizer, self._verifier, [r for r in rows for _ in range(g)], gen)
-        return rollout_batch(gen, scored, prompts=[p for p in self._prompts(rows)[0] for _ in range(g)],
+        return rollout_batch(gen, scored, prompts=gen.prompts,
                              answers=[str(r["answer"]) for r in rows for _ in range(g)], group_size=g,
                              advantage=self.loss_cfg.advantage)
 

@@ -32,7 +32,13 @@ class Recording(Callback):
     """Per optimizer step: the trainable gradients; per loss call: what the loss was given."""
 
     def __init__(self):
-        self.grads, self.loss_calls, self.batches = [], [], []
+        self.grads, self.loss_calls, self.start, self.end = [], [], {}, {}
+
+    def on_train_start(self, trainer, pl_module):
+        self.start = lora_state(pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        self.end = lora_state(pl_module)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         self.grads.append({n: p.grad.detach().clone() for n, p in pl_module.named_parameters()
@@ -75,9 +81,11 @@ def lora_state(module) -> dict[str, torch.Tensor]:
 
 
 def assert_real_update(rec: Recording) -> None:
-    """Advantages were non-zero and some gradient was non-zero (the update was not a no-op)."""
+    """Advantages and some gradient were non-zero, and the trainable weights moved."""
     assert any(bool((c["adv"] != 0).any()) for c in rec.loss_calls) or not rec.loss_calls
     assert rec.grads and any(bool((g != 0).any()) for grads in rec.grads for g in grads.values())
+    assert rec.start.keys() == rec.end.keys() and rec.start
+    assert any(not torch.equal(rec.start[k], rec.end[k]) for k in rec.start), "no trainable weight changed"
 
 
 def assert_same(a: dict, b: dict, atol=1e-6):
@@ -86,26 +94,28 @@ def assert_same(a: dict, b: dict, atol=1e-6):
         torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-5, msg=k)
 
 
-class RecordingFlow(FlowCredit):
+class RecordsViews:
+    """Mixin for a credit arm: keeps the fields of every view it was given (`keep`), after scoring it."""
+
+    keep: tuple[str, ...] = ()
+
     def __init__(self, **kw):
         super().__init__(**kw)
         self.seen: list[dict] = []
 
     def on_rollout_batch(self, trainer, pl_module, rollouts):
         super().on_rollout_batch(trainer, pl_module, rollouts)
-        self.seen.append({"attn": rollouts.attn.clone(), "weights": rollouts.token_weights.clone(),
-                          "ids": rollouts.input_ids.clone(), "mask": rollouts.attention_mask.clone()})
+        names = {"weights": "token_weights", "ids": "input_ids", "mask": "attention_mask", "resp": "response_mask",
+                 "entropy": "entropies", "attn": "attn"}
+        self.seen.append({k: getattr(rollouts, names[k]).clone() for k in self.keep})
 
 
-class RecordingEntropy(EntropyCredit):
-    def __init__(self, **kw):
-        super().__init__(**kw)
-        self.seen: list[dict] = []
+class RecordingFlow(RecordsViews, FlowCredit):
+    keep = ("attn", "weights", "ids", "mask")
 
-    def on_rollout_batch(self, trainer, pl_module, rollouts):
-        super().on_rollout_batch(trainer, pl_module, rollouts)
-        self.seen.append({"entropy": rollouts.entropies.clone(), "ids": rollouts.input_ids.clone(),
-                          "mask": rollouts.attention_mask.clone(), "resp": rollouts.response_mask.clone()})
+
+class RecordingEntropy(RecordsViews, EntropyCredit):
+    keep = ("entropy", "ids", "mask", "resp")
 
 
 def reference_stats(policy, ids, mask, temperature):
@@ -266,19 +276,11 @@ def test_fused_and_separate_pass_agree_and_checkpointing_changes_nothing(tmp_pat
 
 
 def test_kl_and_ppo_epochs_move_the_weights(tmp_path, tiny_model_dir, monkeypatch):
-    start = {}
-
-    class Before(Callback):
-        def on_train_start(self, trainer, pl_module):
-            start.update(lora_state(pl_module))
-
-    module, rec, calls = fit(tiny_model_dir, tmp_path, arms=[UniformCredit(), Before()], monkeypatch=monkeypatch,
-                             beta=0.1, ppo_epochs=2, mini_batches=2, micro_batch_size=2)
+    _, rec, calls = fit(tiny_model_dir, tmp_path, arms=[UniformCredit()], monkeypatch=monkeypatch,
+                        beta=0.1, ppo_epochs=2, mini_batches=2, micro_batch_size=2)
     assert len(rec.grads) == 2 * 2  # epochs x mini-batches (max_steps counts optimizer steps)
     assert max(c[0] for c in calls) <= 2
-    after = lora_state(module)
-    assert any(not torch.equal(after[k], start[k]) for k in after)
-    assert_real_update(rec)
+    assert_real_update(rec)  # the weights moved
 
 
 # ----------------------------------------------------------------------------- defect 3: answer spans

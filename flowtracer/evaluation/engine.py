@@ -11,8 +11,8 @@ Otherwise (the default; per-row seeding costs a hash over the vocabulary per tok
 is seeded per batch from (seed, set name, batch index): the same numbers for the same batch size
 (an old config's single set gets the seeds of the validation before eval sets existed).
 Greedy (temperature 0) needs no seed.
-Generation goes through `generate_responses`, the one call into the trainer's
-`flowtracer.rollout.sample` (and whatever chunking its SamplingConfig asks for).
+Generation goes through the trainer's `flowtracer.rollout.sample` (and whatever chunking its
+SamplingConfig asks for).
 """
 
 from __future__ import annotations
@@ -110,14 +110,6 @@ def batch_seed(seed: int, name: str, batch_index: int) -> int:
     return (seed * 1_000_003 + 10**6 + set_seed_offset(name) + batch_index) % 2**31
 
 
-def generate_responses(policy, tokenizer, prompts: list[str], spans, sampling, row_seeds=None):
-    """The one call into the trainer's generation, `flowtracer.rollout.sample` (eval mode, LoRA merged
-    for speed, mode restored)."""
-    from flowtracer.rollout import sample
-
-    return sample(policy, tokenizer, prompts, spans, sampling, row_seeds=row_seeds)
-
-
 def eval_batch(policy, tokenizer, rows: list[dict], sampling, format_prompt: Callable, *, seed: int,
                verifiers, threshold: float = 1.0, batch_index: int = 0) -> list[dict]:
     """k answers for each row (all rows of one set), scored: one record per row.
@@ -142,7 +134,9 @@ def eval_batch(policy, tokenizer, rows: list[dict], sampling, format_prompt: Cal
     else:  # HF's sampler, seeded per batch: reproducible for the same batch size (and faster)
         torch.manual_seed(batch_seed(seed, name, batch_index))
     with torch.no_grad():
-        gen = generate_responses(policy, tokenizer, list(prompts), list(spans), sampling, row_seeds=seeds)
+        from flowtracer.rollout import sample  # lazy: the package imports no model code at import time
+
+        gen = sample(policy, tokenizer, list(prompts), list(spans), sampling, row_seeds=seeds)
     records = []
     for i, row in enumerate(rows):
         correct, keys = [], []

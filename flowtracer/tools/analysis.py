@@ -16,7 +16,7 @@ from flowtracer.credit.attention import received_attention
 from flowtracer.data.datamodule import DEFAULT_INSTRUCTION  # the quickstart's instruction
 from flowtracer.data.prompts import format_prompt
 from flowtracer.data.sources import load_rows
-from flowtracer.generation import question_mask as question_token_mask
+from flowtracer.generation import question_mask
 from flowtracer.rewards import VerifierCache
 from flowtracer.rewards.base import safe_score
 from flowtracer.rollout import Generated, RolloutBatch
@@ -114,5 +114,6 @@ def given_responses(tokenizer, prompts: list[str], spans, responses: list[str]) 
     return Generated(
         input_ids=torch.cat([enc["input_ids"], r], 1), attention_mask=torch.cat([p_attn, resp], 1).long(),
         prompt_mask=torch.cat([p_attn, no], 1), response_mask=torch.cat([torch.zeros_like(p_attn), resp], 1),
-        question_mask=torch.cat([question_token_mask(enc["offset_mapping"], enc["attention_mask"], spans), no], 1),
-        responses=list(responses), truncated=torch.zeros(len(toks), dtype=torch.bool), prompt_len=p_attn.shape[1])
+        question_mask=torch.cat([question_mask(enc["offset_mapping"], enc["attention_mask"], spans), no], 1),
+        responses=list(responses), truncated=torch.zeros(len(toks), dtype=torch.bool), prompt_len=p_attn.shape[1],
+        prompts=list(prompts))
