@@ -13,6 +13,7 @@ import inspect
 import torch
 from torch import Tensor
 
+from flowtracer.cpu_linear import packed_linears
 from flowtracer.generation import eos_ids, register_engine
 
 
@@ -43,12 +44,14 @@ def _hf_generate(model, tokenizer, ids, g: int, sampling, row_seeds, cache: str 
         greedy = True
     if share and g > 1 and p_ids.shape[1] > 1 and cache in (None, "dynamic"):
         extra[_cache_kwarg(model)] = _shared_prefill(model, p_ids, p_attn, g)
-    out = model.generate(
-        input_ids=prompt_ids, attention_mask=prompt_attn, max_new_tokens=sampling.max_new_tokens,
-        do_sample=not greedy, temperature=None if greedy else sampling.temperature,
-        top_p=None if greedy else sampling.top_p, top_k=None if greedy else (sampling.top_k or None),
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True,
-        cache_implementation=cache, **extra)
+    # Every decode step feeds each linear layer exactly len(prompt_ids) rows (finished rows keep going).
+    with packed_linears(model, prompt_ids.shape[0], getattr(sampling, "cpu_packed_linear", True)):
+        out = model.generate(
+            input_ids=prompt_ids, attention_mask=prompt_attn, max_new_tokens=sampling.max_new_tokens,
+            do_sample=not greedy, temperature=None if greedy else sampling.temperature,
+            top_p=None if greedy else sampling.top_p, top_k=None if greedy else (sampling.top_k or None),
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True,
+            cache_implementation=cache, **extra)
     new = out[:, prompt_ids.shape[1]:]
     return new, torch.isin(new, torch.tensor(eos_ids(tokenizer, model), device=new.device)).any(1)
 

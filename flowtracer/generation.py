@@ -11,6 +11,8 @@
      response right-padded to the longest response) and put back in the original row order.
 Greedy and per-row-seeded sampling (flowtracer.sampling) depend only on a row's own logits, so the
 result equals one big call (tests/test_generation.py); with HF's batch sampler the draws differ.
+(With `sampling.cpu_packed_linear` on a CPU the GEMM kernel depends on a chunk's row count, so the
+logits, and a token drawn within float rounding of a tie, may differ between chunk sizes.)
 
 The engine seam: an engine is `fn(model, tokenizer, prompt_ids: list[list[int]], g, sampling,
 row_seeds) -> (new_tokens (R, W) long, stopped (R,) bool)` for the R = len(prompt_ids) * g rows of

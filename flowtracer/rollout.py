@@ -101,6 +101,10 @@ class SamplingConfig:
             come back in the original order, identical for greedy and seed_per_prompt sampling.
         generation_token_budget: also cap rows x (prompt + max_new_tokens) tokens per call
             (0 = off); bounds the KV cache when prompt lengths vary.
+        cpu_packed_linear: on CPU in float32, decode with MKL-packed weights (flowtracer.cpu_linear):
+            the same linear layers through a faster GEMM for the decode batch's row count (SmolLM2,
+            8 rows x 48 tokens: ~20% faster generation), equal up to float rounding; the packed
+            copies take about twice the linear weights' memory. No effect on GPU or without MKL.
         engine: the generation engine (flowtracer.generation.ENGINES): "hf" (model.generate,
             default), "hf_static" (static cache + compiled decoding, CUDA), "hf_paged" (continuous
             batching with paged attention, CUDA; no seed_per_prompt).
@@ -116,6 +120,7 @@ class SamplingConfig:
     share_prompt_prefill: bool = True
     generation_batch_size: int | str = 0
     generation_token_budget: int = 0
+    cpu_packed_linear: bool = True
     engine: str = "hf"
 
 
