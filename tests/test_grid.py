@@ -128,3 +128,20 @@ def test_report_auc_and_interval():
     assert _auc([(0, 0.5)]) == 0.5
     assert ci95_halfwidth(1.0, 3) == pytest.approx(4.303 / 3 ** 0.5)
     assert math.isnan(ci95_halfwidth(1.0, 1))
+
+
+def test_paired_differences_use_only_the_shared_seeds():
+    from flowtracer.tools.report import ci95_halfwidth, paired_markdown, paired_vs
+
+    def rows(vals):  # seed -> (final, auc)
+        return [{"seed": s, "final_val": f, "auc_val": a} for s, (f, a) in vals.items()]
+
+    table = [{"group": "arm=uniform", "_rows": rows({"0": (0.5, 0.4), "1": (0.6, 0.5), "2": (0.7, 0.6)})},
+             {"group": "arm=flow", "_rows": rows({"0": (0.6, 0.4), "1": (0.8, 0.6), "3": (0.9, 0.9)})}]
+    (flow,) = paired_vs(table)
+    assert flow["group"] == "arm=flow" and flow["seeds"] == 2  # seed 3 has no uniform twin, seed 2 no flow
+    assert flow["final_val"][0] == pytest.approx(0.15) and flow["final_val"][1] == pytest.approx(0.0707, abs=1e-4)
+    assert flow["auc_val"][0] == pytest.approx(0.05)
+    half = ci95_halfwidth(flow["final_val"][1], 2)
+    assert f"[{0.15 - half:.3f}, {0.15 + half:.3f}]" in "\n".join(paired_markdown(table))
+    assert paired_vs(table, base="arm=none") == []

@@ -136,6 +136,30 @@ def summarize(grid) -> tuple[list[dict], list[dict]]:
     return cells, table
 
 
+def paired_vs(table: list[dict], base: str = "arm=uniform") -> list[dict]:
+    """Each group minus `base` on the seeds both finished (same seed = same prompts and first
+    samples, so the pairing removes the seed's share of the noise): mean ± std [95% t-interval]."""
+    ref = {r.get("seed"): r for t in table if t["group"] == base for r in t["_rows"]}
+    out = []
+    for t in table:
+        pairs = [(r, ref[r.get("seed")]) for r in t["_rows"] if t["group"] != base and r.get("seed") in ref]
+        if pairs:
+            out.append({"group": t["group"], "seeds": len(pairs),
+                        "final_val": _mean_std([a["final_val"] - b["final_val"] for a, b in pairs]),
+                        "auc_val": _mean_std([a["auc_val"] - b["auc_val"] for a, b in pairs])})
+    return out
+
+
+def paired_markdown(table: list[dict], base: str = "arm=uniform") -> list[str]:
+    rows = paired_vs(table, base)
+    if not rows:
+        return []
+    md = ["", f"## Paired differences vs {base} (same seeds)", "",
+          "| group | seeds | final val pass@1 diff | val pass@1 AUC diff |", "|---|---|---|---|"]
+    return md + [f"| {r['group']} | {r['seeds']} | {_pm(r['final_val'], r['seeds'])} | "
+                 f"{_pm(r['auc_val'], r['seeds'])} |" for r in rows]
+
+
 def _pm(ms: tuple[float, float], n: int = 0) -> str:
     """'mean ± std', plus ' [lo, hi]' (95% t-interval of the mean) for n >= 2 seeds."""
     if math.isnan(ms[0]):
@@ -214,7 +238,7 @@ def write_report(grid) -> dict[str, Path]:
     intro = (f"{done}/{len(cells)} cells finished. Mean ± std over seeds [95% t-interval of the mean]; AUC = "
              "trapezoid mean of val pass@1 over the RL steps. Credit overhead = (credit "
              "callback + attention-capture time above the uniform arm's old pass) / step time.")
-    md = ["# Grid report", "", intro, "", markdown_table(table), ""]
+    md = ["# Grid report", "", intro, "", markdown_table(table), *paired_markdown(table), ""]
     md += [f"![{p.stem}]({p.name})" for p in plots]
     md += ["", "## Cells", "", "| cell | state | final val | best val | seconds |", "|---|---|---|---|---|"]
     md += [f"| {c['cell']} | {c['state']} | {c.get('final_val', math.nan):.3f} | "
