@@ -45,7 +45,7 @@ def _hf_generate(model, tokenizer, ids, g: int, sampling, row_seeds, cache: str 
     if share and g > 1 and p_ids.shape[1] > 1 and cache in (None, "dynamic"):
         extra[_cache_kwarg(model)] = _shared_prefill(model, p_ids, p_attn, g)
     # Every decode step feeds each linear layer exactly len(prompt_ids) rows (finished rows keep going).
-    with packed_linears(model, prompt_ids.shape[0], getattr(sampling, "cpu_packed_linear", True)):
+    with packed_linears(model, prompt_ids.shape[0], sampling.cpu_packed_linear):
         out = model.generate(
             input_ids=prompt_ids, attention_mask=prompt_attn, max_new_tokens=sampling.max_new_tokens,
             do_sample=not greedy, temperature=None if greedy else sampling.temperature,
