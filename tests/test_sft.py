@@ -93,6 +93,16 @@ def test_sft_learns_resumes_and_exports(tmp_path, tiny_model_dir):
     assert losses(tmp_path / "b/logs/sft_chains/version_0") == pytest.approx(ls, rel=1e-5)
 
 
+def test_fused_and_multi_tensor_adamw_make_the_same_update(tmp_path, tiny_model_dir):
+    """fused_adamw (the config's default) is a faster kernel for the same AdamW: equal weights."""
+    for name, fused in (("fused", True), ("foreach", False)):
+        main(["sft", "--config", str(sft_config(tmp_path / name, tiny_model_dir, steps=3, fused_adamw=fused))])
+    w0, w_f, w_m = weights(tiny_model_dir), weights(tmp_path / "fused/export"), weights(tmp_path / "foreach/export")
+    assert any(not torch.equal(w0[k], w_f[k]) for k in w0)  # the update moved the weights
+    for k in w_f:
+        torch.testing.assert_close(w_f[k], w_m[k], rtol=1e-4, atol=1e-5)
+
+
 def test_lora_sft_adapter_and_merged_folder_start_fit(tmp_path, tiny_model_dir):
     cfg = sft_config(tmp_path, tiny_model_dir, steps=3, lora={"r": 4, "alpha": 8})
     main(["sft", "--config", str(cfg)])
