@@ -144,4 +144,7 @@ def test_paired_differences_use_only_the_shared_seeds():
     assert flow["auc_val"][0] == pytest.approx(0.05)
     half = ci95_halfwidth(flow["final_val"][1], 2)
     assert f"[{0.15 - half:.3f}, {0.15 + half:.3f}]" in "\n".join(paired_markdown(table))
-    assert paired_vs(table, base="arm=none") == []
+    assert paired_vs(table, base="arm=none") == [] and paired_markdown(table, "arm=none") == []
+    (uniform,) = paired_vs(table, base="arm=flow")  # any arm can be the reference
+    assert uniform["group"] == "arm=uniform" and uniform["final_val"][0] == pytest.approx(-0.15)
+    assert "## Paired differences vs arm=flow" in "\n".join(paired_markdown(table, "arm=flow"))

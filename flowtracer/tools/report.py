@@ -238,7 +238,9 @@ def write_report(grid) -> dict[str, Path]:
     intro = (f"{done}/{len(cells)} cells finished. Mean ± std over seeds [95% t-interval of the mean]; AUC = "
              "trapezoid mean of val pass@1 over the RL steps. Credit overhead = (credit "
              "callback + attention-capture time above the uniform arm's old pass) / step time.")
-    md = ["# Grid report", "", intro, "", markdown_table(table), *paired_markdown(table), ""]
+    # vs random too: it reweights as many tokens as the scored arms, so it isolates which tokens they pick
+    md = ["# Grid report", "", intro, "", markdown_table(table), *paired_markdown(table),
+          *paired_markdown(table, "arm=random"), ""]
     md += [f"![{p.stem}]({p.name})" for p in plots]
     md += ["", "## Cells", "", "| cell | state | final val | best val | seconds |", "|---|---|---|---|---|"]
     md += [f"| {c['cell']} | {c['state']} | {c.get('final_val', math.nan):.3f} | "
