@@ -5,8 +5,8 @@ its whole weight. For such shapes MKL's plain `sgemm` takes a slow path on this 
 SmolLM2-135M, 8 rows, one thread: the MLP's 1536x576 layers take 650 us each and the lm_head
 32 ms; the same products with the weight packed once for 8 rows (`cblas_sgemm_pack`, the op that
 PyTorch's Inductor uses for frozen CPU linears) take 135 us and 18 ms. Generation of 8 x 48
-tokens gets ~25% faster (benchmarks/step_vs_trl.py); at the quickstart's 32 rows on 2 threads the
-gain is not measurable.
+tokens takes 5.1 s instead of 6.6 s (benchmarks/step_vs_trl.py); at the quickstart's 32 rows on
+2 threads the gain is not measurable.
 
 How: inside `packed_linears(model, rows)`, every float32 `nn.Linear` on the CPU answers inputs of
 exactly `rows` rows from a weight packed for that row count; any other input (prefill, a chunk of

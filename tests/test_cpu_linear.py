@@ -41,10 +41,13 @@ def test_other_row_counts_and_autograd_take_the_plain_path():
         with torch.no_grad():
             other = layer(x)  # 3 rows, not 5
         assert cpu_linear._CACHE not in layer.__dict__
-        y = layer(torch.randn(5, 16))  # 5 rows, but under autograd with a trainable weight
+        x5 = torch.randn(5, 16)
+        y = layer(x5)  # 5 rows, but under autograd with a trainable weight
         assert cpu_linear._CACHE not in layer.__dict__
     y.sum().backward()
-    assert layer.weight.grad is not None
+    # d(sum y)/dW = 1^T x: every output row's gradient is the column sum of the input
+    torch.testing.assert_close(layer.weight.grad, x5.sum(0).expand(24, 16))
+    assert layer.weight.grad.abs().sum() > 0
     torch.testing.assert_close(other, torch.nn.functional.linear(x, layer.weight, layer.bias))
 
 

@@ -141,8 +141,8 @@ def paired_vs(table: list[dict], base: str = "arm=uniform") -> list[dict]:
     samples, so the pairing removes the seed's share of the noise): mean ± std [95% t-interval]."""
     ref = {r.get("seed"): r for t in table if t["group"] == base for r in t["_rows"]}
     out = []
-    for t in table:
-        pairs = [(r, ref[r.get("seed")]) for r in t["_rows"] if t["group"] != base and r.get("seed") in ref]
+    for t in (t for t in table if t["group"] != base):
+        pairs = [(r, ref[r.get("seed")]) for r in t["_rows"] if r.get("seed") in ref]
         if pairs:
             out.append({"group": t["group"], "seeds": len(pairs),
                         "final_val": _mean_std([a["final_val"] - b["final_val"] for a, b in pairs]),
