@@ -13,7 +13,7 @@ machine), the best of --reps runs (eager: one run, it is the slow reference) aft
 Peak is the process's peak resident memory above the loaded model: each row runs in its own
 subprocess with glibc's mmap threshold pinned (so freed tensors leave the resident set at once)
 and VmHWM reset after loading. CPU timings are sensitive to other load on the machine.
-Targets (issue): capture peak <= (sdpa peak + B*T*T*4) * 1.1 and capture time <= 1.5 x sdpa.
+Targets: capture peak <= (sdpa peak + B*T*T*4) * 1.1 and capture time <= 1.5 x sdpa.
 
     python benchmarks/attention_bench.py                   # T in 512 1024 2048, B = 1 (~4 min on 2 cores)
     python benchmarks/attention_bench.py --lengths 256 --reps 1
@@ -73,7 +73,7 @@ def worker(mode: str, T: int, B: int, reps: int, layers: str, weights: str) -> d
     import torch
 
     sys.path.insert(0, ROOT)
-    from flowtracer.step.forward import teacher_forced_pass
+    from flowtracer.train.step.forward import teacher_forced_pass
 
     model = load_model(weights, "eager" if mode == "eager" else "sdpa")
     torch.manual_seed(0)

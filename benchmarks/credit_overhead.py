@@ -15,7 +15,7 @@ the capture overhead (teacher-forced pass with the middle-layer map minus the sa
 the module runs that pass anyway for the old log-probs) and flow+selection (trace_flow +
 select_weights). The paper's target: FlowCredit adds at most ~5% to a step at 1K responses (our
 denominator leaves out generation, which dominates a real RL step, so the shares here are upper
-bounds). This mode imports only torch, transformers, peft, flowtracer.flow, flowtracer.attention
+bounds). This mode imports only torch, transformers, peft, flowtracer.flow, flowtracer.model.capture
 and flowtracer.credit.select (no Lightning needed). `--smoke` shrinks either mode to seconds.
 
 Timings: median of `--reps` runs after one warm-up, with CUDA synchronisation around each.
@@ -37,7 +37,7 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 from flowtracer.credit.select import select_weights  # noqa: E402
 from flowtracer.flow import trace_flow  # noqa: E402
-from flowtracer.step.forward import teacher_forced_pass  # noqa: E402
+from flowtracer.train.step.forward import teacher_forced_pass  # noqa: E402
 
 QWEN15 = dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
               intermediate_size=8960, vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6,
@@ -153,8 +153,8 @@ def flow_select_fn(attn, x):
 
 def cpu_arms(model, tok, x, step_s, device, reps):
     """Rows (arm, seconds) for every arm's on_rollout_batch on one shared teacher-forced pass."""
+    from flowtracer.batch import RolloutBatch
     from flowtracer.credit import AttentionCredit, EntropyCredit, FlowCredit, RandomCredit, UniformCredit
-    from flowtracer.rollout import RolloutBatch
 
     out = teacher_forced_pass(model, x.ids, x.valid.long(), capture_layers="middle")
     B = x.ids.shape[0]

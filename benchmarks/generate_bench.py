@@ -37,9 +37,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    from flowtracer.config import LoraSpec, SamplingConfig
     from flowtracer.data import PromptDataModule
-    from flowtracer.policy import LoraSpec, load_policy, merged_lora
-    from flowtracer.rollout import SamplingConfig, generate
+    from flowtracer.generation import generate
+    from flowtracer.model.policy import load_policy, merged_lora
 
     policy, tok = load_policy("smollm2-135m-instruct", lora=LoraSpec(r=8, alpha=16))
     policy.eval()

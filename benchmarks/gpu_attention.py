@@ -1,13 +1,13 @@
-"""GPU benchmark of flowtracer.attention on a Qwen2.5-1.5B-shaped random model in bf16.
+"""GPU benchmark of flowtracer.model.capture on a Qwen2.5-1.5B-shaped random model in bf16.
 
 Prints one table (per shape): a plain sdpa forward (full logits), eager with output_attentions
 (OOM caught), flowtracer's teacher-forced pass without the map (log-probs + entropies only) and
 with the middle-layer map; time (CUDA events, median after a warm-up) and peak memory above the
-weights (torch.cuda.max_memory_allocated), plus ratios and the issue's targets. Then correctness
+weights (torch.cuda.max_memory_allocated), plus ratios and the targets. Then correctness
 lines: max |capture - eager mean| and |log-probs - full-logit log-probs| at a small size (fp32
 and bf16, with padding, and with a peft LoRA wrapper when peft is installed).
 
-Needs only torch, transformers (>= 5.x) and, optionally, peft; flowtracer.attention imports only
+Needs only torch, transformers (>= 5.x) and, optionally, peft; flowtracer.model.capture imports only
 torch and transformers.
 
     python benchmarks/gpu_attention.py                # H100: about a minute after start-up
@@ -26,8 +26,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from flowtracer.layers import resolve_layers  # noqa: E402
-from flowtracer.step.forward import teacher_forced_pass  # noqa: E402
+from flowtracer.model.layers import resolve_layers  # noqa: E402
+from flowtracer.train.step.forward import teacher_forced_pass  # noqa: E402
 
 
 def build_model(tiny: bool, device: str, dtype: torch.dtype):
@@ -252,7 +252,7 @@ def main() -> None:
     print(f"model: {'tiny Qwen2' if a.tiny else 'Qwen2.5-1.5B shape'}, bf16, {L} layers, capture layers "
           f"{layers[0]}..{layers[-1]} ({len(layers)}), built in {time.perf_counter() - t_start:.1f} s")
     shapes = [(2, 64), (1, 128)] if a.tiny else [(8, 1024), (2, 4096)]
-    from flowtracer import attention
+    from flowtracer.model import capture as attention
 
     fused = attention.triton is not None and device.startswith("cuda") and a.backend != "torch"
     print(f"backend {a.backend} ({'fused Triton kernels' if fused else 'torch'})"

@@ -4,7 +4,7 @@
     python benchmarks/gpu_step.py --shapes 4b --steps 2       # one shape, more steps
     python benchmarks/gpu_step.py --device cpu --shape tiny   # CPU dry mode (seconds; run by the tests)
 
-What it does, per shape (models built from the shape in flowtracer.planner, random weights, nothing
+What it does, per shape (models built from the shape in flowtracer.memory.planner, random weights, nothing
 downloaded; a synthetic 151,936-token tokenizer; a self-contained reward (a hash of the response,
 answer span = its last 12 characters), so random responses get rewards with spread):
   1. `--steps` RL steps through the real trainer (GRPOModule + Lightning Trainer + PromptDataModule
@@ -12,7 +12,7 @@ answer span = its last 12 characters), so random responses get rewards with spre
      `--max-new-tokens` (1K) tokens (random weights rarely emit EOS, so responses run to the cap),
      LoRA r=16 on the attention projections, gradient checkpointing, generation_batch_size: auto.
      Prints per-phase seconds of the last step, generated tokens/s, the credit share of the step,
-     and the peak allocated GPU memory next to the planner's prediction (flowtracer.planner).
+     and the peak allocated GPU memory next to the planner's prediction (flowtracer.memory.planner).
   2. Generation paths on `--paths-shape`: `generate` with engine hf (dynamic cache), hf_static
      (static cache; transformers compiles the decoding step: first call = compile) and hf_paged
      (continuous batching), `--path-tokens` new tokens: seconds and generated tokens/s.
@@ -40,7 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flowtracer.planner import SHAPES, ModelShape, plan
+from flowtracer.memory.planner import SHAPES, ModelShape, plan
 
 TINY = ModelShape(vocab=512, hidden=64, intermediate=128, layers=4, heads=4, kv_heads=2, head_dim=16,
                   tied=True, max_positions=4096)
@@ -66,10 +66,11 @@ def build_tokenizer(vocab: int):
 
 
 def build_policy(shape: ModelShape, device: str, gradient_checkpointing: bool = True):
-    """A random-weight Qwen3 of `shape` in bf16 on `device`, with LoRA (flowtracer.policy)."""
+    """A random-weight Qwen3 of `shape` in bf16 on `device`, with LoRA (flowtracer.model.policy)."""
     from transformers import AutoModelForCausalLM, Qwen3Config
 
-    from flowtracer.policy import LoraSpec, prepare_policy
+    from flowtracer.config import LoraSpec
+    from flowtracer.model.policy import prepare_policy
 
     cfg = Qwen3Config(vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
                       num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
@@ -121,13 +122,12 @@ def rl_run(policy, tok, arm: str, args, data: str, device: str) -> dict:
     """`args.steps` real RL steps with the given credit arm; metrics of the last step + memory."""
     from lightning.pytorch import Trainer
 
-    from flowtracer.checks import memory_runspec
+    from flowtracer.config import LoraSpec, OptimConfig, SamplingConfig
     from flowtracer.credit import FlowCredit
     from flowtracer.data import PromptDataModule
-    from flowtracer.module import GRPOModule, OptimConfig
-    from flowtracer.planner import shape_from_config
-    from flowtracer.policy import LoraSpec
-    from flowtracer.rollout import SamplingConfig
+    from flowtracer.memory.planner import shape_from_config
+    from flowtracer.train.module import GRPOModule
+    from flowtracer.train.preflight import memory_runspec
 
     sampling = SamplingConfig(num_generations=args.G, max_new_tokens=args.max_new_tokens, temperature=0.99,
                               top_k=100, generation_batch_size="auto")
@@ -159,8 +159,9 @@ def rl_run(policy, tok, arm: str, args, data: str, device: str) -> dict:
 
 def gen_paths(policy, tok, args, device: str) -> list[tuple]:
     """(engine, first call s, second call s, tokens/s of the second call, error) per generation path."""
-    from flowtracer.policy import merged_lora
-    from flowtracer.rollout import SamplingConfig, generate
+    from flowtracer.config import SamplingConfig
+    from flowtracer.generation import generate
+    from flowtracer.model.policy import merged_lora
 
     prompts = [f"Problem {i}: compute {i} + {2 * i} and show the steps." for i in range(args.prompts)]
     out = []

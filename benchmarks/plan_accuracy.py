@@ -8,7 +8,7 @@ max_new_tokens so the KV cache reaches its planned size), one training micro-bat
 forward with gradient and attention capture, PPO loss, backward, AdamW step; measured on the
 second step so the optimizer states exist), and the flow solve of that micro-batch's map.
 Measured = the process's peak RSS during the phase minus the RSS before the model was built
-(flowtracer.memory; after a warm-up on a throwaway model so library code and thread pools are
+(flowtracer.memory.measure; after a warm-up on a throwaway model so library code and thread pools are
 already resident), i.e. weights + optimizer states + the phase's transients, as planned. Large
 allocations go straight to mmap (MALLOC_MMAP_THRESHOLD_, set below for the case processes) so
 RSS follows live tensors rather than glibc's heap fragmentation.
@@ -21,8 +21,8 @@ import time
 
 import torch
 
-from flowtracer.memory import measure_peak
-from flowtracer.planner import RunSpec, plan, shape_from_config
+from flowtracer.memory.measure import measure_peak
+from flowtracer.memory.planner import RunSpec, plan, shape_from_config
 
 CASES = {  # name -> (model, RunSpec overrides)
     "smollm2": ("smollm2-135m-instruct", dict(rollouts=32, num_generations=8, max_new_tokens=128,
@@ -44,7 +44,8 @@ def build(name: str, lora_r: int | None, ckpt: bool):
     import tempfile
     from pathlib import Path
 
-    from flowtracer.policy import LoraSpec, load_policy
+    from flowtracer.config import LoraSpec
+    from flowtracer.model.policy import load_policy
 
     lora = LoraSpec(r=lora_r, alpha=2 * lora_r) if lora_r else None
     if name == "tiny":
@@ -62,7 +63,7 @@ def build(name: str, lora_r: int | None, ckpt: bool):
 
 def _fixed_length_engine(model, tokenizer, ids, g, sampling, row_seeds=None):
     """HF generate with every response forced to max_new_tokens (the planned worst case)."""
-    from flowtracer.engines import left_pad
+    from flowtracer.generation.engines import left_pad
 
     p, a = left_pad(ids, tokenizer.pad_token_id, "cpu")
     out = model.generate(input_ids=p.repeat_interleave(g, 0), attention_mask=a.repeat_interleave(g, 0),
@@ -80,8 +81,8 @@ def warm_up(arch: str) -> None:
 
     from peft import LoraConfig, get_peft_model
 
-    from flowtracer.attention import teacher_forced_pass
     from flowtracer.flow import trace_flow
+    from flowtracer.model.capture import teacher_forced_pass
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from tiny import tiny_model, tiny_tokenizer
@@ -99,7 +100,7 @@ def warm_up(arch: str) -> None:
 
 def _train_step(policy, opt, ids, attn, resp, run):
     """One micro-batch update as the trainer runs it; returns the captured attention map."""
-    from flowtracer.attention import teacher_forced_pass
+    from flowtracer.model.capture import teacher_forced_pass
     from flowtracer.rl import policy_loss
 
     opt.zero_grad(set_to_none=True)
@@ -112,10 +113,10 @@ def _train_step(policy, opt, ids, attn, resp, run):
 
 
 def run_case(name: str, model_name: str, over: dict) -> list[tuple]:
+    from flowtracer.config import SamplingConfig
     from flowtracer.flow import trace_flow
-    from flowtracer.generation import register_engine
-    from flowtracer.policy import merged_lora
-    from flowtracer.rollout import SamplingConfig, generate
+    from flowtracer.generation import generate, register_engine
+    from flowtracer.model.policy import merged_lora
 
     register_engine("bench_fixed_length")(_fixed_length_engine)
     warm_up("llama" if model_name != "tiny" else "qwen3")

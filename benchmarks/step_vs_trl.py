@@ -59,11 +59,10 @@ def _rows(n: int) -> list[dict]:
 def worker_ours(arm: str, steps: int) -> None:
     from lightning.pytorch import Callback, Trainer
 
+    from flowtracer.config import LoraSpec, LossConfig, OptimConfig, SamplingConfig
     from flowtracer.credit import FlowCredit, UniformCredit
     from flowtracer.data import PromptDataModule
-    from flowtracer.module import GRPOModule, LossConfig, OptimConfig
-    from flowtracer.policy import LoraSpec
-    from flowtracer.rollout import SamplingConfig
+    from flowtracer.train.module import GRPOModule
 
     class Stepper(Callback):
         def on_train_start(self, trainer, pl_module):
@@ -106,7 +105,7 @@ def worker_trl(steps: int, checkpointing: bool = True) -> None:
 
     from flowtracer.data.datamodule import DEFAULT_INSTRUCTION
     from flowtracer.data.prompts import user_message
-    from flowtracer.policy import bundled_model_dir
+    from flowtracer.model.policy import bundled_model_dir
     from flowtracer.rewards import get_verifier, safe_score
 
     verifier = get_verifier("math")

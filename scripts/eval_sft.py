@@ -24,12 +24,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from flowtracer.config import SamplingConfig  # noqa: E402
 from flowtracer.data.chains import INSTRUCTION, parse_steps  # noqa: E402
 from flowtracer.data.sources import load_rows  # noqa: E402
-from flowtracer.policy import load_policy  # noqa: E402
-from flowtracer.rollout import SamplingConfig, generate  # noqa: E402
+from flowtracer.evaluation.stats import bootstrap_mean_ci, fmt_ci  # noqa: E402
+from flowtracer.generation import generate  # noqa: E402
+from flowtracer.model.policy import load_policy  # noqa: E402
 from flowtracer.tools.analysis import Verifiers, format_prompts, judge  # noqa: E402
-from flowtracer.tools.stats import bootstrap_mean_ci, fmt_ci  # noqa: E402
 
 
 def wrote_steps(text: str, row: dict) -> bool:

@@ -12,7 +12,7 @@ import json
 from transformers import AutoTokenizer
 
 from flowtracer.credit.stats import token_class
-from flowtracer.policy import bundled_model_dir
+from flowtracer.model.policy import bundled_model_dir
 
 
 def main() -> None:

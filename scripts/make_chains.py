@@ -18,7 +18,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from flowtracer.data.chains import ChainSpec, make_problem  # noqa: E402
+from flowtracer.config import ChainSpec  # noqa: E402
+from flowtracer.data.chains import make_problem  # noqa: E402
 
 SPLITS = {  # name: (size, seed, knobs)
     "train": (1000, 1, dict(depth=(1, 2, 3))),

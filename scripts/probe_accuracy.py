@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flowtracer.data import DEFAULT_INSTRUCTION, format_prompt, load_rows  # noqa: E402
-from flowtracer.policy import load_policy  # noqa: E402
+from flowtracer.model.policy import load_policy  # noqa: E402
 
 
 def make_scorer():

@@ -1,13 +1,19 @@
-"""Shared fixtures: a tiny random model saved as a local HF folder, and a tiny run config."""
+"""Shared fixtures and helpers: a tiny random model saved as a local HF folder, a tiny run config
+(`write_config`), a run's metrics (`read_metrics`), the brute-force pass@k reference."""
 
 from __future__ import annotations
 
+import csv
+import itertools
 import os
 import sys
+from pathlib import Path
 
 import pytest
+import yaml
 
-sys.path.insert(0, os.path.dirname(__file__))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, os.path.dirname(__file__))  # the helper modules (tiny, faults, ...) from any subfolder
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # Tiny models gain nothing from intra-op threads, and on a small or busy CPU they oversubscribe the
@@ -31,3 +37,46 @@ def tiny_model_dir(tmp_path_factory):
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+def write_config(tmp_path: Path, model_dir: str, *, steps: int = 2, callbacks=None, **data) -> Path:
+    cfg = {
+        "seed_everything": 0,
+        "trainer": {
+            "max_steps": steps, "accelerator": "cpu", "val_check_interval": 2,
+            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                       "init_args": {"save_dir": str(tmp_path / "logs"), "name": "tiny"}},
+            "enable_model_summary": False,
+        },
+        "model": {
+            "model": model_dir, "lora": {"r": 4, "alpha": 8},
+            "sampling": {"num_generations": 4, "max_new_tokens": 10, "temperature": 1.0},
+            "val_sampling": {"num_generations": 2, "max_new_tokens": 6, "temperature": 1.0},
+            "optim": {"lr": 1e-3},
+        },
+        "data": {"train_source": str(ROOT / "data/arith_train.jsonl"), "val_size": 4,
+                 "prompts_per_step": 2, "val_batch_size": 4, "cache_dir": str(tmp_path / "cache"), **data},
+    }
+    if callbacks:
+        cfg["trainer"]["callbacks"] = callbacks
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def read_metrics(version_dir: Path) -> dict[int, dict[str, float]]:
+    """rl_step -> training metrics of that step (rows that carry `rl_step`)."""
+    rows = list(csv.DictReader(open(version_dir / "metrics.csv")))
+    out = {}
+    for r in rows:
+        if r.get("rl_step"):
+            out[int(float(r["rl_step"]))] = {k: float(v) for k, v in r.items() if v != "" and not k.startswith("time/")
+                                             and not k.startswith("throughput/")}
+    return out
+
+
+def brute_pass_at_k(correct: list[bool], k: int) -> float:
+    """Share of the size-k subsets of the n samples that hold at least one correct sample."""
+    subsets = list(itertools.combinations(range(len(correct)), k))
+    return sum(any(correct[i] for i in s) for s in subsets) / len(subsets)

@@ -58,7 +58,7 @@ def soak(steps: int, workdir: str, max_new_tokens: int = 16) -> dict:
         "seed_everything": 0,
         "trainer": {"max_steps": steps, "accelerator": "cpu", "val_check_interval": 50,
                     "enable_model_summary": False,
-                    "logger": {"class_path": "flowtracer.csvlog.CSVLogger",
+                    "logger": {"class_path": "flowtracer.runs.csvlog.CSVLogger",
                                "init_args": {"save_dir": os.path.join(workdir, "logs"), "name": "soak"}},
                     "callbacks": [{"class_path": "flowtracer.credit.FlowCredit",
                                    "init_args": {"fallback": "last_token"}},

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_cli import read_metrics, write_config
+from conftest import read_metrics, write_config
 from tiny import tiny_model, tiny_tokenizer
 
 from flowtracer.cli import main

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import subprocess
@@ -12,47 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import ROOT, read_metrics, write_config
 
 from flowtracer.cli import main
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def write_config(tmp_path: Path, model_dir: str, *, steps: int = 2, callbacks=None, **data) -> Path:
-    cfg = {
-        "seed_everything": 0,
-        "trainer": {
-            "max_steps": steps, "accelerator": "cpu", "val_check_interval": 2,
-            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
-                       "init_args": {"save_dir": str(tmp_path / "logs"), "name": "tiny"}},
-            "enable_model_summary": False,
-        },
-        "model": {
-            "model": model_dir, "lora": {"r": 4, "alpha": 8},
-            "sampling": {"num_generations": 4, "max_new_tokens": 10, "temperature": 1.0},
-            "val_sampling": {"num_generations": 2, "max_new_tokens": 6, "temperature": 1.0},
-            "optim": {"lr": 1e-3},
-        },
-        "data": {"train_source": str(ROOT / "data/arith_train.jsonl"), "val_size": 4,
-                 "prompts_per_step": 2, "val_batch_size": 4, "cache_dir": str(tmp_path / "cache"), **data},
-    }
-    if callbacks:
-        cfg["trainer"]["callbacks"] = callbacks
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def read_metrics(version_dir: Path) -> dict[int, dict[str, float]]:
-    """rl_step -> training metrics of that step (rows that carry `rl_step`)."""
-    rows = list(csv.DictReader(open(version_dir / "metrics.csv")))
-    out = {}
-    for r in rows:
-        if r.get("rl_step"):
-            out[int(float(r["rl_step"]))] = {k: float(v) for k, v in r.items() if v != "" and not k.startswith("time/")
-                                             and not k.startswith("throughput/")}
-    return out
 
 
 def test_fit_two_steps_writes_run_folder(tmp_path, tiny_model_dir):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from test_cli import ROOT
+from conftest import ROOT
 
 # the GPU image lacks these packages: importing any of them is an error in this run
 BLOCKER = """

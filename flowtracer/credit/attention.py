@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from flowtracer.batch import RolloutBatch
 from flowtracer.credit.base import ScoreCredit
 from flowtracer.credit.select import check_choice
-from flowtracer.layers import check_layers
-from flowtracer.rollout import RolloutBatch
+from flowtracer.model.layers import check_layers
 
 VARIANTS = ("mean", "max")
 

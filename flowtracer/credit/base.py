@@ -12,15 +12,15 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
+from flowtracer.batch import RolloutBatch
 from flowtracer.credit.select import check_options, select_mask, select_weights, weights_from_mask
 from flowtracer.credit.stats import class_shares
-from flowtracer.rollout import RolloutBatch
 
 
 class RolloutCallback(Callback):
     """Base class for anything that enriches a RolloutBatch before the policy update.
 
-    Class attributes tell the step what the callback reads and does (flowtracer.step.placement
+    Class attributes tell the step what the callback reads and does (flowtracer.train.step.placement
     decides where it runs from them):
     `needs_attention` (the head-averaged map of `capture_layers`), `needs_entropy`,
     `batch_global` (its result depends on the whole batch at once: a batch-wide top-k, noise drawn

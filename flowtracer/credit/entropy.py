@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from flowtracer.batch import RolloutBatch
 from flowtracer.credit.base import ScoreCredit
 from flowtracer.credit.select import batch_top_mask, check_choice
-from flowtracer.rollout import RolloutBatch
 
 VARIANTS = ("topk", "80/20")
 

@@ -7,11 +7,11 @@ import time
 import torch
 from torch import Tensor
 
+from flowtracer.batch import RolloutBatch
 from flowtracer.credit.base import ScoreCredit
 from flowtracer.credit.select import check_choice
 from flowtracer.flow import trace_flow
-from flowtracer.layers import check_layers
-from flowtracer.rollout import RolloutBatch
+from flowtracer.model.layers import check_layers
 
 SOURCES = ("question", "prompt")
 FALLBACKS = ("uniform", "last_token")

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from flowtracer.batch import RolloutBatch
 from flowtracer.credit.base import ScoreCredit
-from flowtracer.rollout import RolloutBatch
 
 
 class RandomCredit(ScoreCredit):

@@ -32,51 +32,13 @@ import re
 import string
 from dataclasses import asdict, dataclass, field
 
+from flowtracer.config import ChainSpec
+
 OPS = {"+": lambda x, y: x + y, "-": lambda x, y: x - y, "*": lambda x, y: x * y}
 INSTRUCTION = ("Solve it step by step, one line per step, then give the final answer inside "
                "<answer></answer>.")
 
 
-@dataclass(frozen=True)
-class ChainSpec:
-    """Knobs of the generator.
-
-    Args:
-        depth (int | list[int], default [2, 3]): solution steps (k - 1 intermediate + the final);
-            a list = drawn uniformly per problem.
-        distractors (int | list[int], default [1, 2]): unused base variables.
-        distractor_steps (int, default 0): unused derived variables (built on distractors).
-        low / high (int, default 1 / 9): range of base values and constants (inclusive).
-        ops (tuple[str, ...], default ("+", "-")): operators, among "+", "-", "*".
-        allow_negative (bool, default False): let "-" produce negative results.
-    """
-
-    depth: int | tuple[int, ...] = (2, 3)
-    distractors: int | tuple[int, ...] = (1, 2)
-    distractor_steps: int = 0
-    low: int = 1
-    high: int = 9
-    ops: tuple[str, ...] = ("+", "-")
-    allow_negative: bool = False
-
-    def __post_init__(self):
-        for name in ("depth", "distractors", "ops"):
-            v = getattr(self, name)
-            object.__setattr__(self, name, tuple(v) if isinstance(v, (list, tuple)) else v)
-        depths = self.depth if isinstance(self.depth, tuple) else (self.depth,)
-        dis = self.distractors if isinstance(self.distractors, tuple) else (self.distractors,)
-        if not depths or min(depths) < 1:
-            raise ValueError(f"chains: depth must be >= 1, got {self.depth}")
-        if not dis or min(dis) < 0 or self.distractor_steps < 0:
-            raise ValueError("chains: distractors and distractor_steps must be >= 0")
-        if self.distractor_steps and max(dis) == 0:
-            raise ValueError("chains: distractor_steps need distractors >= 1 to build on")
-        if not self.ops or set(self.ops) - set(OPS):
-            raise ValueError(f"chains: ops must be a non-empty subset of {sorted(OPS)}, got {self.ops}")
-        if not 0 <= self.low <= self.high:
-            raise ValueError(f"chains: need 0 <= low <= high, got {self.low}, {self.high}")
-        if max(depths) + 1 + max(dis) + self.distractor_steps > 26:
-            raise ValueError("chains: more than 26 variables; lower depth or distractors")
 
 
 @dataclass

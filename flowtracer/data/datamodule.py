@@ -13,12 +13,14 @@ from torch.utils.data import DataLoader
 
 from flowtracer.data import prompts
 from flowtracer.data.sources import DataError, load_rows
+from flowtracer.config import LEGACY_SET
+from flowtracer.config import LEGACY_SET, EvalSet
 
 DEFAULT_INSTRUCTION = "Answer with just the final answer inside <answer></answer>."
 _DEFAULT_GENERATED_SIZE = 1000
 
 
-def _generated(source: str) -> bool:
+def is_generated(source: str) -> bool:
     """Sources made by a generator (they need a size and take task_kwargs)."""
     return source.strip().startswith("reasoning_gym:") or source.strip() == "chains"
 
@@ -66,7 +68,7 @@ class PromptDataModule(L.LightningDataModule):
         cache_dir (str, default "data/cache"): where generated reasoning-gym data are cached.
         eval_sets (dict[str, dict] | None, default None): named evaluation sets for validation and
             `flowtracer eval`, each ``{source, k, pass_ks, temperature, max_new_tokens, extraction,
-            verifier, ...}`` (flowtracer.evaluation.EvalSet; unset keys inherit model.val_sampling
+            verifier, ...}`` (flowtracer.config.EvalSet; unset keys inherit model.val_sampling
             and the settings above). None = one set, "default", from val_source / val_size (old
             configs). With eval_sets, val_source no longer feeds validation (val_source: null
             still carves val_size rows out of training: set val_size: 0 to keep them).
@@ -115,7 +117,7 @@ class PromptDataModule(L.LightningDataModule):
 
     # ---------------------------------------------------------------- loading
     def _load(self, source: str, size: int | None, seed: int) -> list[dict]:
-        generated = _generated(source)
+        generated = is_generated(source)
         return load_rows(
             source, size=(size or _DEFAULT_GENERATED_SIZE) if generated else size, seed=seed,
             question_field=self.question_field, answer_field=self.answer_field,
@@ -133,7 +135,7 @@ class PromptDataModule(L.LightningDataModule):
             val = (self._load(self.val_source, self.val_size, self.seed + 1)
                    if self.val_size and self.legacy_validation else [])
         else:
-            generated = _generated(self.train_source)
+            generated = is_generated(self.train_source)
             size = (self.train_size or _DEFAULT_GENERATED_SIZE) + self.val_size if generated else None
             rows = self._load(self.train_source, size, self.seed)
             order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(self.seed))
@@ -167,7 +169,6 @@ class PromptDataModule(L.LightningDataModule):
 
     def _setup_eval_sets(self) -> None:
         """Rows of every eval set, tagged with set name and index; val_rows = all of them."""
-        from flowtracer.evaluation.engine import LEGACY_SET
 
         if self.legacy_validation:
             self.val_rows = [{**r, "eval_set": LEGACY_SET, "eval_index": i} for i, r in enumerate(self.val_rows)]
@@ -237,10 +238,9 @@ class PromptDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         # Batches never mix sets (each has its own k and sampling); a batch is a list of rows.
-        from flowtracer.evaluation.engine import batches
 
         self.setup()
-        chunks = [b for rows in self.eval_rows.values() for b in batches(rows, self.val_batch_size)]
+        chunks = [b for rows in self.eval_rows.values() for b in _chunks(rows, self.val_batch_size)]
         return DataLoader(chunks, batch_size=None, shuffle=False, collate_fn=list)
 
     def _fingerprint(self) -> str:
@@ -265,7 +265,6 @@ class PromptDataModule(L.LightningDataModule):
 
 
 def _eval_specs(eval_sets: dict[str, dict[str, Any]] | None, val_source: str | None) -> dict:
-    from flowtracer.evaluation.engine import LEGACY_SET, EvalSet
 
     if not eval_sets:  # an old config: one set from val_source (or the carve)
         return {LEGACY_SET: EvalSet(source=val_source or "(carved from train_source)")}
@@ -275,7 +274,7 @@ def _eval_specs(eval_sets: dict[str, dict[str, Any]] | None, val_source: str | N
 
 
 def load_set_rows(name: str, spec, *, seed: int, cache_dir: str, default_verifier: str | None = None) -> list[dict]:
-    """The rows of eval set `name` (a flowtracer.evaluation.EvalSet), tagged with ``eval_set`` (its
+    """The rows of eval set `name` (a flowtracer.config.EvalSet), tagged with ``eval_set`` (its
     name) and ``eval_index`` (its position)."""
     generated = spec.source.strip().startswith("reasoning_gym:")
     rows = load_rows(spec.source, size=(spec.size or 64) if generated else spec.size, seed=seed,
@@ -285,3 +284,7 @@ def load_set_rows(name: str, spec, *, seed: int, cache_dir: str, default_verifie
     kwargs = spec.row_verifier_kwargs()
     extra = {"verifier_kwargs": kwargs} if kwargs else {}
     return [{**r, **extra, "eval_set": name, "eval_index": i} for i, r in enumerate(rows)]
+
+
+def _chunks(rows: list[dict], size: int) -> list[list[dict]]:
+    return [rows[i:i + size] for i in range(0, len(rows), size)]

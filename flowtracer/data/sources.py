@@ -30,6 +30,7 @@ import json
 import os
 from pathlib import Path
 from typing import Any
+from flowtracer.data.chains import make_rows
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 GRAMMAR = "'reasoning_gym:<task>', 'chains', 'hf:<id>[:<config>][@<split>]' or a local .jsonl/.json/.parquet file"
@@ -92,7 +93,6 @@ def load_rows(
 
 
 def _chain_rows(size: int | None, seed: int, knobs: dict, verifier: str | None) -> list[dict]:
-    from flowtracer.data.chains import make_rows
 
     if not size or size <= 0:
         raise DataError("chains: generated tasks need a positive size (train_size/val_size)")
@@ -167,7 +167,7 @@ def _file_records(path: Path) -> list[tuple[str, Any]]:
             raise DataError(f"{path}: a .json data file must hold a list of rows (or {{'data': [...]}})")
         return [(f"row {i}", rec) for i, rec in enumerate(data, 1)]
     try:
-        import pyarrow.parquet as pq  # ships with `datasets`
+        import pyarrow.parquet as pq  # optional (ships with `datasets`): parquet files only
     except ImportError as exc:
         raise DataError(f"reading {path} needs pyarrow: `pip install datasets`") from exc
     return [(f"row {i}", rec) for i, rec in enumerate(pq.read_table(path).to_pylist(), 1)]
@@ -180,7 +180,7 @@ def _hub_records(source: str) -> list:
     if not name:
         raise DataError(f"'{source}' names no dataset; use hf:<id>[:<config>][@<split>]")
     try:
-        import datasets
+        import datasets  # heavy: imported only for hub sources
     except ImportError as exc:
         raise DataError(f"{source} needs the datasets package: `pip install datasets`") from exc
     try:
@@ -214,7 +214,7 @@ def reasoning_gym_rows(
     if cache.is_file():
         return [rec for _, rec in _file_records(cache)]
     try:
-        import reasoning_gym
+        import reasoning_gym  # heavy: imported only for reasoning_gym sources
     except ImportError as exc:
         raise DataError("reasoning_gym sources need `pip install reasoning-gym`") from exc
     try:

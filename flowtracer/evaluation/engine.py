@@ -2,10 +2,10 @@
 
 Lightning-free: `flowtracer eval` calls `evaluate` directly, and validation during `fit` runs the
 same `eval_batch` on every validation batch and `summarize` at the end of the epoch
-(flowtracer.validation), so both report the same numbers for the same policy and seeds.
+(flowtracer.train.validation), so both report the same numbers for the same policy and seeds.
 
 Sampling: with ``val_sampling.seed_per_prompt: true`` every response is drawn from its own seed,
-a function of (seed, set name, problem index, sample index) (flowtracer.sampling), so a set's
+a function of (seed, set name, problem index, sample index) (flowtracer.generation.sampler), so a set's
 numbers depend neither on the batch size, the generation chunking nor the number of processes.
 Otherwise (the default; per-row seeding costs a hash over the vocabulary per token) HF's sampler
 is seeded per batch from (seed, set name, batch index): the same numbers for the same batch size
@@ -17,86 +17,17 @@ SamplingConfig asks for).
 
 from __future__ import annotations
 
-import dataclasses
 import zlib
-from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import numpy as np
+import torch
 
+from flowtracer.config import LEGACY_SET, EvalSet
 from flowtracer.evaluation.metrics import answer_key, macro_average, set_metrics
-
-LEGACY_SET = "default"  # the one set of an old config (data.val_source / val_size)
-
-
-@dataclass
-class EvalSet:
-    """One named evaluation set (``data.eval_sets.<name>``); None = inherit.
-
-    Args:
-        source (str): ``hf:<id>[:<config>][@<split>]``, ``reasoning_gym:<task>`` or a local
-            .jsonl/.json/.parquet file (grammar of flowtracer.data.sources).
-        k (int | None, default None): samples per problem (avg@k, maj@k); None = model.val_sampling.num_generations.
-        pass_ks (list[int] | None, default None): the k' <= k of pass@k'; None = 1, 2, 4, ... and k.
-        temperature (float | None, default None): 0 = greedy; None = model.val_sampling.temperature.
-        top_p (float | None, default None): nucleus mass; None = model.val_sampling.top_p.
-        max_new_tokens (int | None, default None): response cap; None = model.val_sampling.max_new_tokens.
-        size (int | None, default None): rows to read (cap) or to generate (reasoning_gym, default 64).
-        question_field / answer_field (str, default question / answer): the row fields.
-        verifier (str | None, default None): verifier name; None = per row (default "math").
-        verifier_kwargs (dict | None, default None): its init args.
-        extraction (list[str] | None, default None): answer extractors in order (shortcut for
-            ``verifier_kwargs.extraction`` of the math verifier), e.g. [boxed, answer_tag].
-        instruction (str | None, default None): text appended to each question; None = data.instruction,
-            "" = none.
-        task_kwargs (dict | None, default None): reasoning-gym task config.
-        math (bool, default True): counts in the macro average (``math_avg``).
-    """
-
-    source: str
-    k: int | None = None
-    pass_ks: list[int] | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    max_new_tokens: int | None = None
-    size: int | None = None
-    question_field: str = "question"
-    answer_field: str = "answer"
-    verifier: str | None = None
-    verifier_kwargs: dict[str, Any] | None = None
-    extraction: list[str] | None = None
-    instruction: str | None = None
-    task_kwargs: dict[str, Any] | None = None
-    math: bool = True
-
-    @classmethod
-    def from_config(cls, name: str, cfg: dict) -> "EvalSet":
-        if not isinstance(cfg, dict) or "source" not in cfg:
-            raise ValueError(f"data.eval_sets.{name} needs a `source` (e.g. hf:HuggingFaceH4/MATH-500@test)")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(cfg) - known)
-        if unknown:
-            raise ValueError(f"data.eval_sets.{name}: unknown key(s) {unknown}; valid: {sorted(known)}")
-        spec = cls(**cfg)
-        if spec.k is not None and spec.k < 1:
-            raise ValueError(f"data.eval_sets.{name}.k must be >= 1, got {spec.k}")
-        return spec
-
-    def row_verifier_kwargs(self) -> dict[str, Any]:
-        kwargs = dict(self.verifier_kwargs or {})
-        if self.extraction:
-            kwargs["extraction"] = list(self.extraction)
-        return kwargs
-
-    def sampling(self, base):
-        """The SamplingConfig of this set: `base` (model.val_sampling) with this set's overrides."""
-        k = self.k or base.num_generations
-        if self.pass_ks and (max(self.pass_ks) > k or min(self.pass_ks) < 1):
-            raise ValueError(f"eval set {self.source}: pass_ks {self.pass_ks} must lie in 1..k = {k}; "
-                             "raise k or drop the larger k'")
-        over = {"num_generations": self.k, "temperature": self.temperature, "top_p": self.top_p,
-                "max_new_tokens": self.max_new_tokens}
-        return dataclasses.replace(base, **{k: v for k, v in over.items() if v is not None})
+from flowtracer.generation import sample
+from flowtracer.generation.sampler import row_seeds
+from flowtracer.rewards import VerifierCache, safe_score
 
 
 def set_seed_offset(name: str) -> int:
@@ -119,10 +50,7 @@ def eval_batch(policy, tokenizer, rows: list[dict], sampling, format_prompt: Cal
     `format_prompt(row) -> (text, question span)`; `verifiers(row)` -> the row's verifier;
     `batch_index`: the batch's position within its set (seeds HF's sampler, see `batch_seed`).
     """
-    import torch
 
-    from flowtracer.rewards import safe_score
-    from flowtracer.sampling import row_seeds
 
     name = rows[0]["eval_set"]
     prompts, spans = zip(*(format_prompt(r) for r in rows))
@@ -134,7 +62,6 @@ def eval_batch(policy, tokenizer, rows: list[dict], sampling, format_prompt: Cal
     else:  # HF's sampler, seeded per batch: reproducible for the same batch size (and faster)
         torch.manual_seed(batch_seed(seed, name, batch_index))
     with torch.no_grad():
-        from flowtracer.rollout import sample  # lazy: the package imports no model code at import time
 
         gen = sample(policy, tokenizer, list(prompts), list(spans), sampling, row_seeds=seeds)
     records = []
@@ -184,7 +111,6 @@ def evaluate(policy, tokenizer, sets: dict[str, tuple[EvalSet, list[dict]]], bas
     `format_prompt(row, spec) -> (text, span)`; `on_batch(name, n_rows)` reports progress.
     Returns `summarize`'s dict plus "records" (every `eval_batch` record, in set and row order).
     """
-    from flowtracer.rewards import VerifierCache
 
     verifiers = VerifierCache()
     records = []

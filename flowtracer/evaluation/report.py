@@ -6,6 +6,9 @@ import json
 import re
 from typing import Any
 
+from rich.console import Console
+from rich.table import Table
+
 
 def _columns(result: dict[str, Any]) -> list[str]:
     """Metric columns over all sets: avg@k, pass@k' (by k'), maj@k, in that order."""
@@ -35,8 +38,6 @@ def rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 def print_table(result: dict[str, Any], title: str = "evaluation", console=None) -> None:
     """One rich table per set (its metrics) and the macro average, printed to `console`."""
-    from rich.console import Console
-    from rich.table import Table
 
     console = console or Console()
     for name, m in result["sets"].items():

@@ -1,7 +1,7 @@
 """Pure-torch FlowTracer flow engine (no Lightning, no transformers).
 
 attention map -> token DAG -> reachability h -> Doob h-transform W' -> node flow f -> throughput tau,
-plus the backbone (widest-path decomposition, heavy edges). See METHOD.md, sections "The graph",
+plus the backbone (widest-path decomposition, heavy edges). See docs/method.md, sections "The graph",
 "Answer conditioning" and "Flow, throughput, backbone".
 
     res = trace_flow(attn, source_mask, answer_mask, valid_mask=valid)

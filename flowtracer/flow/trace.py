@@ -1,4 +1,4 @@
-"""trace_flow: answer-conditioned flow from the question through the attention DAG (METHOD.md).
+"""trace_flow: answer-conditioned flow from the question through the attention DAG (docs/method.md).
 
 Pipeline per sequence, all batched, float64, two triangular solves and a few in-place passes:
   W (capacities) -> h (reachability, (I - W) h = 1_A) -> W' (Doob h-transform)
@@ -57,18 +57,6 @@ class FlowResult:
     def edge_flow(self) -> Tensor:
         """phi[b, i, k] = f(i) W'(i, k), see `edge_flow`."""
         return edge_flow(self)
-
-    def dominant_paths(self, b: int, k: int, *, min_cover: float | None = None):
-        """See `flowtracer.flow.dominant_paths`."""
-        from .paths import dominant_paths
-
-        return dominant_paths(self, b, k, min_cover=min_cover)
-
-    def backbone_edges(self, b: int, min_frac: float, *, include_sink: bool = False):
-        """See `flowtracer.flow.backbone_edges`."""
-        from .paths import backbone_edges
-
-        return backbone_edges(self, b, min_frac, include_sink=include_sink)
 
 
 def edge_flow(res: FlowResult) -> Tensor:

@@ -18,7 +18,7 @@ class Score:
     parsed: the answer text that was checked; ``response[start:end] == parsed`` whenever both are set.
     fallback: the answer was found by a fallback extractor (``last_number``, ``last_line``), not by
         an explicit answer marker; the trainer does not accept such an answer from a truncated
-        response (flowtracer.step.score).
+        response (flowtracer.train.step.score).
     """
 
     reward: float

@@ -62,7 +62,7 @@ class MathVerifier:
         return self.timeout_seconds if main else None
 
     def _parse(self, text: str, timeout: int | None) -> list:
-        from math_verify import parse  # lazy: importing sympy costs ~0.5 s
+        from math_verify import parse  # heavy (sympy): imported on first use
 
         if "\\boxed" not in text and "$" not in text:
             text = "\\boxed{" + text + "}"
@@ -70,7 +70,7 @@ class MathVerifier:
 
     def equal(self, gold: str, pred: str) -> bool:
         """True when `pred` is mathematically equivalent to `gold`."""
-        from math_verify import verify
+        from math_verify import verify  # heavy (sympy): imported on first use
 
         timeout = self._timeout()
         try:

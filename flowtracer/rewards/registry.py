@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import importlib
 import json
 from typing import Any
 
@@ -31,8 +33,6 @@ def get_verifier(name: str, **kwargs: Any):
 
 
 def _import_reward(name: str, kwargs: dict):
-    import functools
-    import importlib
 
     module_name, _, attr = name.partition(":")
     try:

@@ -10,7 +10,7 @@ from flowtracer.rewards.extract import FALLBACK_EXTRACTORS, check_extraction, ex
 
 
 def _registered() -> dict:
-    from reasoning_gym.factory import DATASETS  # lazy: importing reasoning_gym takes ~1 s
+    from reasoning_gym.factory import DATASETS  # heavy: imported on first use
 
     return DATASETS
 
@@ -43,7 +43,7 @@ class ReasoningGymVerifier:
 
     def _scorer(self, name: str) -> Callable[[str | None, dict], float]:
         if name not in self._scorers:
-            from reasoning_gym import get_score_answer_fn
+            from reasoning_gym import get_score_answer_fn  # heavy: imported on first use
 
             self._scorers[name] = get_score_answer_fn(name)
         return self._scorers[name]

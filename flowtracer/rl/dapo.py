@@ -2,7 +2,7 @@
 
 * Dynamic sampling: a group whose G rewards are all equal has zero advantage and gives no
   gradient. Drop such groups and refill the batch with groups sampled from more prompts, for at most
-  `max_extra_rounds` extra generation rounds (flowtracer.dapo_sampling runs the rounds). If the cap
+  `max_extra_rounds` extra generation rounds (flowtracer.train.refill runs the rounds). If the cap
   is reached first, the batch is topped up with dropped groups (zero advantage, no gradient) so its
   size and shape stay fixed: micro-batching and DDP see the batch they were planned for.
 * Overlong handling of responses that hit max_new_tokens without EOS:
@@ -14,35 +14,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
+
+from flowtracer.config import DapoConfig
 
 OVERLONG_MODES = ("off", "mask", "penalty")
 
 
-@dataclass
-class DapoConfig:
-    """DAPO knobs (all off by default).
-
-    Args:
-        dynamic_sampling: drop zero-reward-variance groups and refill the batch from more prompts.
-        max_extra_rounds: cap on extra generation rounds per step for the refill.
-        overlong: "off", "mask" (truncated responses give no gradient) or "penalty" (soft
-            overlong punishment on the reward).
-        overlong_buffer: tokens before max_new_tokens where the penalty ramps from 0 to -factor
-            (DAPO: 4096 of 20480); 0 = a penalty of -factor only at max_new_tokens.
-        overlong_penalty: the penalty at max_new_tokens (DAPO: 1.0).
-        spread_eps: a group counts as zero-variance when max - min of its rewards is <= this.
-    """
-
-    dynamic_sampling: bool = False
-    max_extra_rounds: int = 2
-    overlong: str = "off"
-    overlong_buffer: int = 0
-    overlong_penalty: float = 1.0
-    spread_eps: float = 0.0
 
 
 def informative_groups(rewards: Tensor, group_ids: Tensor, eps: float = 0.0) -> tuple[Tensor, Tensor]:

@@ -1,4 +1,4 @@
-"""The token-weighted PPO-clip policy loss of GRPO (METHOD.md step 5), with optional k3 KL."""
+"""The token-weighted PPO-clip policy loss of GRPO (docs/method.md step 5), with optional k3 KL."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Shared plumbing of the analysis tools (trace, probe): prompts -> scored RolloutBatch -> arm scores.
 
 Outside training there is no Trainer or GRPOModule; the tools use the trainer's own Lightning-free
-pieces (flowtracer.step: scoring, the teacher-forced pass) and the arms' scores.
+pieces (flowtracer.train.step: scoring, the teacher-forced pass) and the arms' scores.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import argparse
 import torch
 from torch import Tensor
 
+from flowtracer.batch import Generated, RolloutBatch
 from flowtracer.credit import FlowCredit
 from flowtracer.credit.attention import received_attention
 from flowtracer.data.datamodule import DEFAULT_INSTRUCTION  # the quickstart's instruction
@@ -19,10 +20,9 @@ from flowtracer.data.sources import load_rows
 from flowtracer.generation import question_mask
 from flowtracer.rewards import VerifierCache
 from flowtracer.rewards.base import safe_score
-from flowtracer.rollout import Generated, RolloutBatch
-from flowtracer.step.forward import teacher_forced_pass
-from flowtracer.step.score import rollout_batch as build_rollout_batch
-from flowtracer.step.score import score_responses
+from flowtracer.train.step.forward import teacher_forced_pass
+from flowtracer.train.step.score import rollout_batch as build_rollout_batch
+from flowtracer.train.step.score import score_responses
 
 QUICKSTART_SOURCES = ("data/arith_train.jsonl", "data/arith_val.jsonl")  # 80 + 20 = 100 problems
 
@@ -60,7 +60,7 @@ def judge(verifiers: Verifiers, rows: list[dict], texts: list[str]) -> list:
 def rollout_batch(tokenizer, verifiers: Verifiers, rows: list[dict], gen: Generated,
                   prompts: list[str]) -> tuple[RolloutBatch, list[str | None]]:
     """A RolloutBatch of one response per row (each its own group, zero advantages) and the parsed
-    answers, scored exactly as the trainer scores (flowtracer.step.score)."""
+    answers, scored exactly as the trainer scores (flowtracer.train.step.score)."""
     scored = score_responses(tokenizer, verifiers, rows, gen)
     rb = build_rollout_batch(gen, scored, prompts=prompts, answers=[str(r.get("answer")) for r in rows],
                              group_size=1, advantage=None)

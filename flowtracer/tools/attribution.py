@@ -31,17 +31,23 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import sys
 from pathlib import Path
 
 import torch
+import yaml
 from torch import Tensor
 
+from flowtracer.config import SamplingConfig
 from flowtracer.credit.attention import received_attention
 from flowtracer.credit.select import select_mask
 from flowtracer.data.chains import INSTRUCTION, used_result_spans
+from flowtracer.evaluation.ranking import auroc, covers_all, precision_at_k
+from flowtracer.evaluation.stats import bootstrap_mean_ci, fmt_ci
+from flowtracer.generation import generate, response_token_offsets
+from flowtracer.model.policy import load_policy
 from flowtracer.rewards.spans import char_span_to_token_mask
-from flowtracer.rollout import SamplingConfig, generate, response_token_offsets
 from flowtracer.tools.analysis import (
     Verifiers,
     arm_scores,
@@ -51,8 +57,6 @@ from flowtracer.tools.analysis import (
     rollout_batch,
     teacher_force,
 )
-from flowtracer.tools.ranking import auroc, covers_all, precision_at_k
-from flowtracer.tools.stats import bootstrap_mean_ci, fmt_ci
 
 SCORERS = ("flow_top", "flow_bottom", "attention_mean", "attention_max", "entropy", "random")
 METRICS = {"q_auroc": "question AUROC", "q_prec": "question P@k", "r_auroc": "response AUROC",
@@ -192,7 +196,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--out", default="results/attribution_chains", help="writes <out>.csv and <out>.md")
     args = p.parse_args(argv)
     if args.config:
-        import yaml
 
         cfg = yaml.safe_load(open(args.config)) or {}
         unknown = set(cfg) - set(vars(args))
@@ -205,9 +208,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str]) -> int:
-    import os
 
-    from flowtracer.policy import load_policy
 
     args = parse_args(argv)
     torch.manual_seed(args.seed)

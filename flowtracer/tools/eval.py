@@ -5,7 +5,7 @@
     flowtracer eval --config experiments/quickstart.yaml --model exported/merged         # an export
 
 The sets are the config's ``data.eval_sets`` (or its single validation set, "default"), with the
-config's prompt settings and ``model.val_sampling`` as defaults (flowtracer.evaluation.EvalSet).
+config's prompt settings and ``model.val_sampling`` as defaults (flowtracer.config.EvalSet).
 The policy: --ckpt_path = a fit checkpoint on its run's base model and LoRA settings (the run's
 config.yaml; --config then only says what to evaluate on, default that same config.yaml);
 --model = a model folder, bundled name or hub id, as is (e.g. a `flowtracer export --merge`
@@ -23,6 +23,15 @@ import dataclasses
 import json
 import re
 from pathlib import Path
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from flowtracer.evaluation.engine import evaluate
+from flowtracer.evaluation.report import markdown, print_table, to_json
+from flowtracer.model.policy import load_policy
+from flowtracer.runs.csvlog import atomic_write_text
+from flowtracer.tools.runs import instantiate, load_checkpoint_into, merged_configs, run_config, run_dir_of
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -45,8 +54,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def _policy(args, settings):
     """(policy, tokenizer, label, default out folder) as --ckpt_path / --model / the config say."""
-    from flowtracer.policy import load_policy
-    from flowtracer.tools.runs import instantiate, load_checkpoint_into, run_config, run_dir_of
 
     if args.ckpt_path:  # the run's own model and LoRA settings, then its trained tensors
         trained, _ = instantiate(run_config(args.ckpt_path))
@@ -61,7 +68,6 @@ def _policy(args, settings):
 
 
 def _device(name: str):
-    import torch
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -85,10 +91,7 @@ def _selected(data, sets_arg: str | None, limit: int | None) -> dict:
 
 def run(args) -> tuple[dict, Path]:
     """Evaluate as `args` say; returns (result, out folder). Writes nothing."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from flowtracer.evaluation.engine import evaluate
-    from flowtracer.tools.runs import instantiate, merged_configs, run_config
 
     if not (args.config or args.ckpt_path):
         raise ValueError("give --config (what to evaluate on), --ckpt_path (a run), or both")
@@ -119,8 +122,6 @@ def run(args) -> tuple[dict, Path]:
 
 def write(result: dict, out: Path) -> None:
     """eval.json, eval.md, eval_samples.jsonl in `out`, each written atomically."""
-    from flowtracer.csvlog import atomic_write_text
-    from flowtracer.evaluation.report import markdown, to_json
 
     out.mkdir(parents=True, exist_ok=True)
     samples = result.pop("records")
@@ -130,7 +131,6 @@ def write(result: dict, out: Path) -> None:
 
 
 def main(argv: list[str]) -> int:
-    from flowtracer.evaluation.report import print_table
 
     args = parse_args(argv)
     result, out = run(args)

@@ -22,6 +22,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from flowtracer.model.policy import is_lora
+from flowtracer.tools.runs import instantiate, load_checkpoint_into, run_config
+
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="flowtracer export", description=__doc__.split("\n\n")[0])
@@ -34,7 +37,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def export_policy(policy, tokenizer, out: Path, merge: bool) -> str:
     """Write `policy` to `out` (a fresh folder); returns what was written ("adapter" | "merged" | "full")."""
-    from flowtracer.policy import is_lora
 
     if is_lora(policy) and not merge:
         policy.save_pretrained(out, safe_serialization=True)
@@ -48,7 +50,6 @@ def export_policy(policy, tokenizer, out: Path, merge: bool) -> str:
 
 
 def main(argv: list[str]) -> int:
-    from flowtracer.tools.runs import instantiate, load_checkpoint_into, run_config
 
     args = parse_args(argv)
     out = Path(args.out)

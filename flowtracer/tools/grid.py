@@ -34,6 +34,8 @@ report from the repository alone.
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import itertools
 import json
 import os
@@ -45,6 +47,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from flowtracer.runs.csvlog import atomic_write_text
+from flowtracer.tools.report import read_metrics, write_report
 
 SEED_KEYS = ("seed_everything", "model.seed", "data.seed")
 
@@ -214,7 +222,6 @@ def _poll(cell: Cell) -> None:
 
 def _progress(cell: Cell) -> tuple[str, str]:
     """(last rl_step, last reward/mean) from the cell's metrics.csv, '' if none yet."""
-    from flowtracer.tools.report import read_metrics
 
     try:
         train, _ = read_metrics(cell.metrics_path)
@@ -227,7 +234,6 @@ def _progress(cell: Cell) -> tuple[str, str]:
 
 
 def _table(grid: Grid):
-    from rich.table import Table
 
     colours = {"pending": "dim", "done": "green", "finished": "bold green", "running": "yellow",
                "failed": "bold red"}
@@ -249,10 +255,7 @@ SUMMARY_KEYS = ("rl_step", "step", "epoch", "reward/", "accuracy", "val/", "time
 
 def write_cell_summary(cell: Cell) -> None:
     """<results>/<cell>.csv (metrics.csv, report columns only) and <cell>.json, each written atomically."""
-    import csv
-    import io
 
-    from flowtracer.csvlog import atomic_write_text
 
     rows = list(csv.DictReader(open(cell.run_dir / "metrics.csv")))
     cols = [c for c in (rows[0] if rows else {}) if c.startswith(SUMMARY_KEYS)]
@@ -278,8 +281,6 @@ def mark_done(grid: Grid) -> None:
 
 def run_grid(grid: Grid, *, live: bool = True, poll_s: float = 1.0) -> list[Cell]:
     """Run every unfinished cell, `grid.parallel` at a time; returns the cells with their states."""
-    from rich.console import Console
-    from rich.live import Live
 
     mark_done(grid)
     grid.out.mkdir(parents=True, exist_ok=True)
@@ -327,7 +328,6 @@ def main(argv: list[str]) -> int:
         mark_done(grid)
     else:
         run_grid(grid, live=not args.no_live and sys.stderr.isatty())
-    from flowtracer.tools.report import write_report
 
     paths = write_report(grid)
     print(f"report: {paths['md']}  {paths['html']}")

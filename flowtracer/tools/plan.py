@@ -6,7 +6,7 @@
 
 The model's shape comes from a named shape (qwen3-0.6b, qwen3-1.7b, qwen3-4b, qwen3-8b,
 smollm2-135m; Qwen3 hub ids map to them), or a local folder's config.json; nothing is downloaded
-and no weights are read. The memory model is flowtracer.planner (the one `fit` checks against).
+and no weights are read. The memory model is flowtracer.memory.planner (the one `fit` checks against).
 """
 
 from __future__ import annotations
@@ -14,15 +14,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from flowtracer.planner import (
-    GIB,
-    HEADROOM,
-    RunSpec,
-    device_memory,
-    largest_micro_batch,
-    plan,
-    resolve_shape,
-)
+import torch
+import yaml
+
+from flowtracer.memory.planner import GIB, HEADROOM, RunSpec, device_memory, largest_micro_batch, plan, resolve_shape
 
 _ATTENTION_ARMS = ("FlowCredit", "AttentionCredit")
 
@@ -84,7 +79,6 @@ def report(name: str, run: RunSpec, world: int, budget: float | None, shape) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    import yaml
 
     ap = argparse.ArgumentParser(prog="flowtracer plan", description=__doc__.splitlines()[0])
     ap.add_argument("--config", required=True, help="a `flowtracer fit` YAML")
@@ -105,7 +99,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _local_budget(accelerator: str) -> float | None:
-    import torch
 
     if accelerator == "cuda":
         return device_memory("cuda") if torch.cuda.is_available() else None

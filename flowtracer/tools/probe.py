@@ -25,17 +25,21 @@ Greedy decoding on both sides makes every change an effect of the mask, not of s
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from flowtracer.config import SamplingConfig
 from flowtracer.credit.select import select_mask
-from flowtracer.generation import eos_ids
-from flowtracer.rollout import SamplingConfig, generate
+from flowtracer.evaluation.stats import fmt_ci, wilson_ci
+from flowtracer.generation import eos_ids, generate
+from flowtracer.model.policy import load_policy
 from flowtracer.tools.analysis import (
     ARMS,
     QUICKSTART_SOURCES,
@@ -64,7 +68,6 @@ class ProbeResult:
 
     def table(self) -> list[dict]:
         """One row per arm: rates over eligible problems with 95% Wilson intervals (lo/hi)."""
-        from flowtracer.tools.stats import wilson_ci
 
         n = self.n_eligible
         out = []
@@ -76,7 +79,6 @@ class ProbeResult:
         return out
 
     def markdown(self) -> str:
-        from flowtracer.tools.stats import fmt_ci
 
         lines = [f"{self.n_eligible}/{self.n_problems} problems eligible; {self.frac:.0%} of the reasoning "
                  "tokens masked per arm; rates with 95% Wilson intervals", "",
@@ -88,8 +90,6 @@ class ProbeResult:
 
     def write_results(self, prefix: str, command: str) -> None:
         """<prefix>.csv (the table) and <prefix>.md (the command and the markdown table)."""
-        import csv
-        from pathlib import Path
 
         Path(prefix).parent.mkdir(parents=True, exist_ok=True)
         rows = self.table()
@@ -247,7 +247,6 @@ def run_probe(model, tokenizer, rows: list[dict], *, frac: float = 0.2, max_new_
 
 
 def main(argv: list[str]) -> int:
-    from flowtracer.policy import load_policy
 
     p = tool_parser("flowtracer probe", __doc__)
     p.add_argument("--data", nargs="+", default=list(QUICKSTART_SOURCES), help="problem sources (load_rows grammar)")

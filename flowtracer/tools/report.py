@@ -20,6 +20,8 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
+
 
 def _float(v: str | None) -> float | None:
     if v is None or v == "":
@@ -187,11 +189,10 @@ def markdown_table(table: list[dict]) -> str:
 
 def _plot(table: list[dict], out: Path, key: str, ylabel: str, val: bool = False) -> Path:
     """Mean over seeds per group (a band of the 95% t-interval of the mean), against the RL step."""
-    import matplotlib
+    import matplotlib  # optional (plots extra), and its backend must be set before pyplot loads
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
+    import matplotlib.pyplot as plt  # optional (plots extra)
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
     for t in table:

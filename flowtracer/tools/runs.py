@@ -11,7 +11,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
+from jsonargparse import ArgumentParser
+
+from flowtracer.data import PromptDataModule
+from flowtracer.train.module import GRPOModule
 
 
 def run_dir_of(ckpt_path: str | os.PathLike) -> Path:
@@ -62,10 +67,7 @@ def instantiate(cfg: dict[str, Any]):
     Parsed by jsonargparse exactly as `flowtracer fit` does (defaults, dataclasses, types); the
     model weights are not loaded yet (`module.configure_model()` does).
     """
-    from jsonargparse import ArgumentParser
 
-    from flowtracer.data import PromptDataModule
-    from flowtracer.module import GRPOModule
 
     parser = ArgumentParser(exit_on_error=False)
     parser.add_class_arguments(GRPOModule, "model")
@@ -78,7 +80,6 @@ def instantiate(cfg: dict[str, Any]):
 def load_checkpoint_into(module, ckpt_path: str | os.PathLike) -> dict[str, Any]:
     """Load the checkpoint's trainable tensors into `module.policy`; returns the checkpoint's
     flowtracer state (rl_step, ...). Every trainable tensor must be in the checkpoint."""
-    import torch
 
     path = Path(ckpt_path)
     if not path.is_file():

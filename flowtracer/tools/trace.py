@@ -26,12 +26,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from rich.console import Console
+from rich.text import Text
 
+from flowtracer.batch import RolloutBatch
+from flowtracer.config import SamplingConfig
 from flowtracer.credit import RolloutCallback
 from flowtracer.credit.select import rank_in_response, select_mask
-from flowtracer.flow import trace_flow
-from flowtracer.layers import check_layers
-from flowtracer.rollout import RolloutBatch, SamplingConfig, generate
+from flowtracer.data.chains import INSTRUCTION
+from flowtracer.data.sources import load_rows
+from flowtracer.flow import backbone_edges, dominant_paths, trace_flow
+from flowtracer.generation import generate
+from flowtracer.model.layers import check_layers
+from flowtracer.model.policy import load_policy
 from flowtracer.tools.analysis import (
     DEFAULT_INSTRUCTION,
     Verifiers,
@@ -41,6 +48,7 @@ from flowtracer.tools.analysis import (
     teacher_force,
     tool_parser,
 )
+from flowtracer.tools.attribution import ground_truth, scorer_scores
 
 
 @dataclass
@@ -78,8 +86,8 @@ def trace_row(tokenizer, rb: RolloutBatch, b: int, *, top_frac: float = 0.4, n_p
     hub = select_mask(tau.unsqueeze(0), resp, top_frac=top_frac)[0] & bool(res.reached[0])
     cols = valid[0].nonzero().squeeze(-1)
     index = {int(c): i for i, c in enumerate(cols.tolist())}  # sequence column -> token index
-    paths = [([index[c] for c in p], float(f)) for p, f in res.dominant_paths(0, n_paths)]
-    edges = [(index[i], index[k], float(f)) for i, k, f in res.backbone_edges(0, edge_frac)]
+    paths = [([index[c] for c in p], float(f)) for p, f in dominant_paths(res, 0, n_paths)]
+    edges = [(index[i], index[k], float(f)) for i, k, f in backbone_edges(res, 0, edge_frac)]
     ids = one.input_ids[0, cols].tolist()
     role = ["answer" if a else "response" if r else "question" if q else "prompt"
             for a, r, q in zip(ans[0, cols].tolist(), resp[0, cols].tolist(), src[0, cols].tolist())]
@@ -92,7 +100,6 @@ def trace_row(tokenizer, rb: RolloutBatch, b: int, *, top_frac: float = 0.4, n_p
 def add_arms_and_truth(trace: Trace, tokenizer, rb: RolloutBatch, b: int, row: dict, qspan, *,
                        top_frac: float = 0.4, seed: int = 0) -> Trace:
     """Fill trace.arms and trace.truth for row `b` of `rb` (attn filled), a chain problem `row`."""
-    from flowtracer.tools.attribution import ground_truth, scorer_scores
 
     idx = torch.tensor([b])
     one = rb.inputs_of(idx)  # row b's inputs; then the outputs of the pass that scored it
@@ -150,8 +157,6 @@ def _norm(trace: Trace) -> list[float]:
 
 def render_terminal(trace: Trace, console=None) -> None:
     """Tokens on a red background whose strength is the throughput; hubs bold underlined."""
-    from rich.console import Console
-    from rich.text import Text
 
     console = console or Console()
     text = Text()
@@ -274,11 +279,11 @@ def _arms_html(trace: Trace) -> str:
 def render_png(trace: Trace, path: str | Path) -> Path:
     """The token graph: nodes along a line coloured by throughput, backbone edges as arcs (width =
     flow), the dominant paths' edges in blue."""
-    import matplotlib
+    import matplotlib  # optional (plots extra), and its backend must be set before pyplot loads
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Arc
+    import matplotlib.pyplot as plt  # optional (plots extra)
+    from matplotlib.patches import Arc  # optional (plots extra)
 
     n = len(trace.tokens)
     fig, ax = plt.subplots(figsize=(max(8, 0.22 * n), 4.5), dpi=110)
@@ -355,7 +360,6 @@ class TraceCallback(RolloutCallback):
 
 
 def main(argv: list[str]) -> int:
-    from flowtracer.policy import load_policy
 
     p = tool_parser("flowtracer trace", __doc__)
     p.add_argument("--prompt", help="the question (or --chains)")
@@ -373,8 +377,6 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     chain = None
     if args.chains is not None:
-        from flowtracer.data.chains import INSTRUCTION
-        from flowtracer.data.sources import load_rows
 
         rows = load_rows(args.chains_data)
         if not 0 <= args.chains < len(rows):

@@ -1,0 +1,74 @@
+"""Scale-out helpers for GRPOModule under Lightning's DDP/FSDP strategies.
+
+Each process takes a contiguous block of the step's prompts (whole groups: group statistics stay
+within a process), generates and scores its own rollouts, and the gradients are averaged by the
+strategy. Rollout metrics are computed on the rollouts of every process (gathered), so they are the
+ones a 1-process run with the same global batch logs; counts are summed; rank 0 writes the logs.
+With one process every helper is the identity.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# Metrics that are counts over the rollouts of a process: summed across processes, not averaged.
+SUM_METRICS = frozenset({"reward/errors", "answer/no_span", "adv/num_groups", "adv/zero_variance_groups"})
+
+
+def rank_world(trainer) -> tuple[int, int]:
+    if trainer is None:
+        return 0, 1
+    return int(trainer.global_rank), int(trainer.world_size)
+
+
+def attached_trainer(module):
+    """The module's trainer, or None when it runs outside one (a bare module in a test or a tool)."""
+    try:
+        return module.trainer
+    except RuntimeError:  # Lightning raises when no trainer is attached
+        return None
+
+
+def shard(rows: list, rank: int, world: int) -> tuple[list, list[int]]:
+    """This process's block of `rows` and their positions in the full list."""
+    n = len(rows) // world
+    lo = rank * n
+    return rows[lo:lo + n], list(range(lo, lo + n))
+
+
+def gather_cat(module, t: Tensor) -> Tensor:
+    """Concatenate `t` (same shape on every process) along dim 0 over processes, in rank order."""
+    _, world = rank_world(attached_trainer(module))
+    if world == 1:
+        return t
+    return module.all_gather(t).flatten(0, 1)
+
+
+def all_sum(module, t: Tensor) -> Tensor:
+    _, world = rank_world(attached_trainer(module))
+    if world == 1:
+        return t
+    return module.trainer.strategy.reduce(t.detach().clone().float(), reduce_op="sum")
+
+
+def gather_objects(module, obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] (every process gets the list)."""
+    _, world = rank_world(attached_trainer(module))
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def log_synced(module, metrics: dict[str, float], batch_size: int) -> None:
+    """Log step metrics reduced over processes (mean, or sum for SUM_METRICS); rank 0 writes them."""
+    _, world = rank_world(attached_trainer(module))
+    sync = world > 1
+    means = {k: v for k, v in metrics.items() if k not in SUM_METRICS}
+    sums = {k: v for k, v in metrics.items() if k in SUM_METRICS}
+    module.log_dict(means, on_step=True, on_epoch=False, batch_size=batch_size, sync_dist=sync)
+    if sums:
+        module.log_dict(sums, on_step=True, on_epoch=False, batch_size=batch_size, sync_dist=sync,
+                        reduce_fx="sum")

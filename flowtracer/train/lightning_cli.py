@@ -1,0 +1,296 @@
+"""fit, validate and sft: LightningCLI over the GRPO (or SFT) module and its data module.
+
+    flowtracer fit --config experiments/quickstart.yaml
+    flowtracer fit --config experiments/quickstart.yaml --trainer.max_steps 4 --model.seed 1
+    flowtracer fit --config experiments/quickstart.yaml --print_config
+    flowtracer fit --config experiments/quickstart.yaml --ckpt_path last   # resume the latest run
+    flowtracer sft --config experiments/sft_chains.yaml                   # supervised warm start
+
+A run writes under lightning_logs/<name>/version_N/: config.yaml (resolved), metrics.csv,
+rollouts.jsonl and checkpoints/. A resumed run (`--ckpt_path last`, or a path inside a run folder)
+continues in the folder of its checkpoint: metrics.csv and rollouts.jsonl go on where the
+checkpoint left them (flowtracer.runs.checkpoints). Errors a user can cause end in one line naming
+the fix, exit status 2, and are found before anything is written (flowtracer.train.preflight).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import warnings
+
+from jsonargparse import ArgumentError
+from lightning.pytorch import Callback, LightningDataModule, LightningModule
+from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.cli import LightningCLI
+
+from flowtracer import credit
+from flowtracer.credit.base import RolloutCallback
+from flowtracer.data import PromptDataModule
+from flowtracer.errors import USER_ERRORS, fail
+from flowtracer.runs.checkpoints import StepCheckpoint
+from flowtracer.train.module import GRPOModule
+from flowtracer.train.preflight import ConfigError, check_checkpoint, preflight
+from flowtracer.train.sft import SFTDataModule, SFTModule
+
+# Config loggers of these classes get flowtracer's crash-safe drop-in (same arguments).
+_CSV_LOGGERS = ("lightning.pytorch.loggers.CSVLogger", "lightning.pytorch.loggers.csv_logs.CSVLogger", "CSVLogger")
+_SAFE_CSV = "flowtracer.runs.csvlog.CSVLogger"
+# --ckpt_path values that name no file: ours ("last" = newest of this run name) and Lightning's
+_CKPT_KEYWORDS = ("last", "best", "hpc")
+
+
+def _default_loggers(name: str = "run") -> list[dict]:
+    loggers = [{"class_path": _SAFE_CSV,
+                "init_args": {"save_dir": "lightning_logs", "name": name}}]
+    try:
+        import tensorboard  # noqa: F401  (optional: the TensorBoard logger only where it is installed)
+
+        loggers.append({"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                        "init_args": {"save_dir": "lightning_logs", "name": name}})
+    except ImportError:
+        pass
+    return loggers
+
+
+class FlowtracerCLI(LightningCLI):
+    """LightningCLI with flowtracer's defaults: CSV (+TensorBoard) logs, last.ckpt, rich progress."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # test/predict are not offered: `flowtracer test` is `flowtracer eval` (per-benchmark
+        # evaluation of a checkpoint or model folder), and a policy has nothing to "predict".
+        full = LightningCLI.subcommands()
+        return {k: full[k] for k in ("fit", "validate")}
+
+    def add_arguments_to_parser(self, parser) -> None:
+        # Always on, configurable under `checkpoint.*` / `progress_bar.*`; `trainer.callbacks` stays
+        # free for the credit arm, so swapping arms in YAML never drops checkpointing.
+        # StepCheckpoint = ModelCheckpoint that saves once the step's logs are on disk (crash-safe resume)
+        parser.add_lightning_class_args(StepCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 1,
+                             "checkpoint.save_top_k": 0})
+        parser.add_lightning_class_args(RichProgressBar, "progress_bar")
+
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        # Before LightningCLI torch.loads the checkpoint for its hyper-parameters and before the
+        # trainer opens a run folder; `last` is resolved (and checked) in before_instantiate_classes.
+        sub = self.config.get(self.config.get("subcommand") or "")
+        path = sub.get("ckpt_path") if sub is not None else None
+        if path is not None and path not in _CKPT_KEYWORDS and not str(path).startswith("registry"):
+            check_checkpoint(str(path))
+
+    def before_instantiate_classes(self) -> None:
+        # `--ckpt_path last` resumes the newest checkpoint of this run name.
+        sub = self.config.get(self.subcommand) if self.subcommand else None
+        if sub is None:
+            return
+        if sub.get("ckpt_path") == "last":
+            sub["ckpt_path"] = _latest_checkpoint(sub)
+            check_checkpoint(sub["ckpt_path"])
+        for lg in _loggers(sub):
+            if lg.get("class_path") in _CSV_LOGGERS:
+                lg["class_path"] = _SAFE_CSV
+        _ensure_csv_logger(sub)
+        if sub.get("ckpt_path"):
+            _continue_run_folder(sub)
+        _share_version(sub)
+
+    def instantiate_classes(self) -> None:
+        # An arm's (or the model's) own ValueError reaches us wrapped in jsonargparse's union report
+        # (every subtype it tried, the whole value); show the one line of the class that raised it.
+        try:
+            super().instantiate_classes()
+        except ValueError as err:
+            raise _init_error(err) from err
+
+    def before_fit(self) -> None:
+        # Every input check runs here, before Lightning writes config.yaml or opens a log folder.
+        cbs = [cb for cb in self.trainer.callbacks]
+        preflight(self.model, self.datamodule, self.trainer.world_size, _rollout_callbacks(cbs),
+                  device=self.trainer.strategy.root_device)
+        self.model.preflight_done = True
+
+
+def _init_error(err: BaseException) -> BaseException:
+    """The innermost cause of a jsonargparse instantiation error, prefixed with the config key and
+    class whose __init__ raised it; `err` itself when the cause is jsonargparse's own."""
+    inner = err
+    while inner.__cause__ is not None:
+        inner = inner.__cause__
+    frames = []
+    tb = inner.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    if inner is err or not frames or "jsonargparse" in frames[-1].f_code.co_filename:
+        return err
+    owner = next((f.f_locals["self"] for f in frames if f.f_code.co_name == "__init__" and "self" in f.f_locals), None)
+    return ConfigError(f"{_config_key(owner)}: {inner}")
+
+
+def _config_key(obj) -> str:
+    name = type(obj).__name__
+    for cls, key in ((Callback, "trainer.callbacks"), (LightningModule, "model"), (LightningDataModule, "data")):
+        if isinstance(obj, cls):
+            return f"{key} {name}"
+    return name if obj is not None else "config"
+
+
+def _config_message(text: str) -> str:
+    """One line for a jsonargparse error. For a class given by class_path (a credit arm), its
+    union report (every subtype tried, the whole value) shrinks to the reason that class gave."""
+    lines = text.splitlines()
+    at = next((i for i, ln in enumerate(lines) if "Problem with given class_path" in ln), None)
+    if at is None:
+        return (" ".join(text.split()) + " (run `flowtracer fit --help` or --print_config to see every key "
+                "and its type)")
+    key = re.search(r'Parser key "([^"]+)"', text)
+    class_path = re.search(r"class_path '([^']+)'", lines[at]).group(1)
+    depth = len(lines[at]) - len(lines[at].lstrip())
+    reason = []
+    for ln in lines[at + 1:]:
+        if len(ln) - len(ln.lstrip()) <= depth:
+            break
+        reason.append(ln.strip())
+    where, reason = key.group(1) if key else "config", " ".join(reason)
+    if "has no attribute" in reason or "No module named" in reason:
+        arms = ", ".join(n for n in credit.__all__ if n.endswith("Credit") and n != "ScoreCredit")
+        return f"{where} {class_path}: {reason}; check the class_path (credit arms: flowtracer.credit.{{{arms}}})"
+    return f"{where} {class_path}: {reason} (its options: `flowtracer fit --{where}.help {class_path}`)"
+
+
+HELP = ("flowtracer: RLVR with FlowTracer token credit. Lightning subcommands: fit, validate; sft (supervised "
+        "warm start, fit's flags). Tools (each with --help): eval (alias test: per-benchmark avg@k / pass@k / "
+        "maj@k of a checkpoint or model), export (checkpoint -> PEFT adapter or merged HF model), plan (memory "
+        "per phase before launch), grid, trace, probe, attribution.")
+
+
+def _rollout_callbacks(callbacks):
+    return [cb for cb in callbacks if isinstance(cb, RolloutCallback)]
+
+
+def _loggers(cfg) -> list:
+    loggers = cfg["trainer"].get("logger") or []
+    loggers = loggers if isinstance(loggers, list) else [loggers]
+    return [lg for lg in loggers if hasattr(lg, "get") and lg.get("init_args") is not None]
+
+
+def _ensure_csv_logger(cfg) -> None:
+    """metrics.csv in every run: a config whose loggers (TensorBoard, W&B, MLflow, ...) include no
+    CSV logger gets the crash-safe one first, in the first logger's save_dir/name (so the run folder,
+    rollouts.jsonl and checkpoints stay where that logger puts them). `logger: false` stays off."""
+    loggers = cfg["trainer"].get("logger")
+    if loggers in (None, True, False) or (isinstance(loggers, list) and not loggers):
+        return  # the defaults (which include it), or logging switched off
+    listed = loggers if isinstance(loggers, list) else [loggers]
+    if any(hasattr(lg, "get") and lg.get("class_path") == _SAFE_CSV for lg in listed):
+        return
+    first = next((lg.get("init_args") for lg in listed if hasattr(lg, "get") and lg.get("init_args")), None) or {}
+    args = {"save_dir": first.get("save_dir") or "lightning_logs", "name": first.get("name") or "run"}
+    if isinstance(first.get("version"), int):  # a folder version (W&B's is a run id string)
+        args["version"] = first["version"]
+    cfg["trainer"]["logger"] = [{"class_path": _SAFE_CSV, "init_args": args}, *listed]
+
+
+def _share_version(cfg) -> None:
+    """Loggers with the same save_dir/name (CSV + TensorBoard) write into one version_N folder.
+
+    Each logger would otherwise pick "the next free version" on its own, and the second one to
+    look finds the first one's folder already made (CSV in version_0, TensorBoard in version_1).
+    Only the launching process pins it; DDP's other ranks do not write logs.
+    """
+    if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0":
+        return
+    groups: dict[str, list] = {}
+    for lg in _loggers(cfg):
+        args = lg["init_args"]
+        # only folder-versioned loggers: W&B's `version` is a run id, MLflow has none
+        if str(lg.get("class_path")).endswith(("CSVLogger", "TensorBoardLogger")) and "save_dir" in args:
+            root = os.path.join(str(args.get("save_dir") or "lightning_logs"), str(args.get("name") or ""))
+            groups.setdefault(os.path.realpath(root), []).append(args)
+    for root, members in groups.items():
+        if len(members) < 2 or any(a.get("version") is not None for a in members):
+            continue
+        used = [int(d[len("version_"):]) for d in (os.listdir(root) if os.path.isdir(root) else [])
+                if d.startswith("version_") and d[len("version_"):].isdigit()]
+        for a in members:
+            a["version"] = max(used, default=-1) + 1
+
+
+def _continue_run_folder(cfg) -> None:
+    """Resume into the run folder that holds the checkpoint (<save_dir>/<name>/version_N/checkpoints/),
+    so metrics.csv and rollouts.jsonl continue instead of starting a new version_N+1."""
+    ckpt = os.path.realpath(str(cfg["ckpt_path"]))
+    run_dir = os.path.dirname(os.path.dirname(ckpt))
+    version = os.path.basename(run_dir)
+    for lg in _loggers(cfg):
+        args = lg["init_args"]
+        if args.get("version") is not None or not version.startswith("version_"):
+            continue
+        root = os.path.realpath(os.path.join(str(args.get("save_dir", "lightning_logs")), str(args.get("name") or "")))
+        if os.path.dirname(run_dir) == root and version[len("version_"):].isdigit():
+            args["version"] = int(version[len("version_"):])
+
+
+def _latest_checkpoint(cfg) -> str:
+    first = next(iter(_loggers(cfg)), None)
+    name = first["init_args"].get("name", "run") if first is not None else "run"
+    save_dir = first["init_args"].get("save_dir", "lightning_logs") if first is not None else "lightning_logs"
+    pattern = os.path.join(str(save_dir), str(name), "version_*", "checkpoints", "last.ckpt")
+    found = sorted(glob.glob(pattern), key=os.path.getmtime)
+    if not found:
+        raise FileNotFoundError(f"--ckpt_path last: no {pattern} yet; start the run without --ckpt_path")
+    return found[-1]
+
+
+
+
+def run_lightning_cli(cli_cls, module_cls, datamodule_cls, args: list[str] | None, name: str = "run") -> int:
+    """LightningCLI with flowtracer's defaults; user errors end in one line and exit status 2."""
+    trainer_defaults = {
+        "logger": _default_loggers(name),
+        "log_every_n_steps": 1,
+        "num_sanity_val_steps": 0,
+        "check_val_every_n_epoch": None,
+    }
+    try:
+        # exit_on_error=False: a bad key or type raises, and is reported below in one line
+        # instead of jsonargparse's full usage text
+        no_exit = {"exit_on_error": False}
+        cli_cls(module_cls, datamodule_cls, args=args, trainer_defaults=trainer_defaults,
+                save_config_kwargs={"overwrite": True},
+                parser_kwargs={**no_exit, "description": HELP, **{c: no_exit for c in ("fit", "validate")}})
+    except ArgumentError as err:
+        fail("flowtracer", err, f"config: {_config_message(str(err))}")
+    except USER_ERRORS as err:
+        fail("flowtracer", err, str(err))
+    return 0
+
+
+def _quiet_warnings() -> None:
+    # The module saves only after its optimizer steps; Lightning's generic manual-optimisation
+    # advice about pre-step state does not apply.
+    warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")
+    # The data position is a function of the step (PromptDataModule.train_batch,
+    # SFTDataModule.train_batch), not of the pacing dataloader, so resuming mid-epoch is exact.
+    warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
+
+
+class SFTCLI(FlowtracerCLI):
+    def before_fit(self) -> None:  # the RL preflight does not apply; the data module checks its rows
+        self.datamodule.setup("fit")
+
+
+def main(argv: list[str]) -> int:
+    """`flowtracer fit|validate ...` (argv starts with the subcommand)."""
+    _quiet_warnings()
+    return run_lightning_cli(FlowtracerCLI, GRPOModule, PromptDataModule, argv)
+
+
+def sft_main(argv: list[str]) -> int:
+    """`flowtracer sft ...`: LightningCLI's fit over SFTModule / SFTDataModule (same flags as fit)."""
+    _quiet_warnings()
+    return run_lightning_cli(SFTCLI, SFTModule, SFTDataModule, ["fit", *argv], name="sft")

@@ -1,0 +1,287 @@
+"""Pre-flight checks: every input a user can get wrong is refused before anything is written.
+
+`preflight(module, datamodule, world_size)` runs before `trainer.fit` (the CLI calls it from
+`before_fit`; the module's `setup` calls it for programmatic use). It loads the data and the model,
+then checks the settings, every row's reference answer, every prompt's length against the model's
+context, the chat template and the credit arm's attention layers. Each failure raises
+`ConfigError` with one message: what is wrong, where, and the setting that fixes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+
+from flowtracer.data.sources import DataError
+from flowtracer.generation import ENGINES
+from flowtracer.memory import planner
+from flowtracer.memory.planner import RunSpec
+from flowtracer.model.layers import resolve_layers
+from flowtracer.rl.advantages import ADVANTAGE_MODES
+from flowtracer.rl.dapo import OVERLONG_MODES
+from flowtracer.rl.loss import AGGREGATIONS
+from flowtracer.train.step.placement import check_callbacks
+
+
+class ConfigError(ValueError):
+    """A setting or input that cannot work; the message names the fix."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def check_settings(module, datamodule, world_size: int = 1) -> None:
+    """Value ranges and batch arithmetic of the model and data settings."""
+    s, v, loss, opt = module.sampling, module.val_sampling, module.loss_cfg, module.optim
+
+    for name, cfg in (("sampling", s), ("val_sampling", v)):
+        _require(isinstance(cfg.num_generations, int) and cfg.num_generations >= 1,
+                 f"model.{name}.num_generations = {cfg.num_generations}: must be a positive int")
+        _require(cfg.max_new_tokens >= 1, f"model.{name}.max_new_tokens = {cfg.max_new_tokens}: must be >= 1")
+        _require(cfg.temperature >= 0, f"model.{name}.temperature = {cfg.temperature}: must be >= 0 (0 = greedy)")
+        _require(0 < cfg.top_p <= 1, f"model.{name}.top_p = {cfg.top_p}: must be in (0, 1] (1 = off)")
+        _require(cfg.cache_implementation in (None, "dynamic", "static", "offloaded", "offloaded_static"),
+                 f"model.{name}.cache_implementation = {cfg.cache_implementation!r}: use null (dynamic) or "
+                 "'static' (or 'offloaded', 'offloaded_static')")
+        _require(cfg.top_k >= 0, f"model.{name}.top_k = {cfg.top_k}: must be >= 0 (0 = off)")
+        check_generation(name, cfg)
+    check_dapo(module)
+    g = s.num_generations
+    _require(g >= 2, f"model.sampling.num_generations = {g}: GRPO needs >= 2 responses per prompt to "
+                     "form a group (a group of 1 has no advantage); set model.sampling.num_generations: 8")
+    _require(loss.advantage in ADVANTAGE_MODES,
+             f"model.loss.advantage = {loss.advantage!r}: use one of {', '.join(ADVANTAGE_MODES)}")
+    _require(loss.aggregation in AGGREGATIONS,
+             f"model.loss.aggregation = {loss.aggregation!r}: use one of {', '.join(AGGREGATIONS)}")
+    _require(loss.eps_low >= 0 and loss.eps_high >= 0,
+             f"model.loss.eps_low / eps_high = {loss.eps_low} / {loss.eps_high}: clip ranges must be >= 0")
+    _require(loss.beta >= 0, f"model.loss.beta = {loss.beta}: the KL coefficient must be >= 0 (0 = off)")
+    _require(loss.beta == 0 or (module.lora is not None and module.lora.enabled),
+             f"model.loss.beta = {loss.beta} needs LoRA (the reference is the model with adapters off); "
+             "enable model.lora or set model.loss.beta: 0")
+    _require(opt.lr > 0, f"model.optim.lr = {opt.lr}: the learning rate must be > 0")
+    _require(opt.ppo_epochs >= 1, f"model.optim.ppo_epochs = {opt.ppo_epochs}: must be >= 1")
+    _require(opt.grad_clip >= 0, f"model.optim.grad_clip = {opt.grad_clip}: must be >= 0 (0 = off)")
+    _require(opt.micro_batch_size >= 0,
+             f"model.optim.micro_batch_size = {opt.micro_batch_size}: must be >= 0 (0 = whole mini-batch)")
+    p = datamodule.prompts_per_step
+    _require(p % world_size == 0,
+             f"data.prompts_per_step = {p} is not divisible by the {world_size} processes (devices x nodes): "
+             f"each process takes whole prompts; set data.prompts_per_step to a multiple of {world_size}")
+    local = (p // world_size) * g
+    _require(opt.mini_batches >= 1 and local % opt.mini_batches == 0,
+             f"model.optim.mini_batches = {opt.mini_batches} does not divide the {local} rollouts of a step "
+             f"(per process: {p // world_size} prompts x G={g}); pick a divisor of {local}")
+
+
+def check_generation(name: str, cfg) -> None:
+    """The chunking and engine knobs of one SamplingConfig (flowtracer.generation)."""
+
+    size = cfg.generation_batch_size
+    _require(size == "auto" or (isinstance(size, int) and size >= 0),
+             f"model.{name}.generation_batch_size = {size!r}: use a row count >= 0 (0 = all rows) or auto")
+    _require(cfg.generation_token_budget >= 0,
+             f"model.{name}.generation_token_budget = {cfg.generation_token_budget}: must be >= 0 (0 = off)")
+    _require(cfg.engine in ENGINES, f"model.{name}.engine = {cfg.engine!r}: use one of {', '.join(ENGINES)}")
+    _require(not (cfg.engine == "hf_paged" and cfg.seed_per_prompt),
+             f"model.{name}.engine = hf_paged samples with transformers' own sampler: set "
+             f"model.{name}.seed_per_prompt: false or model.{name}.engine: hf")
+
+
+def check_dapo(module) -> None:
+    """DAPO knobs (flowtracer.rl.dapo)."""
+
+    d = getattr(module, "dapo", None)
+    if d is None:
+        return
+    _require(d.overlong in OVERLONG_MODES,
+             f"model.dapo.overlong = {d.overlong!r}: use one of {', '.join(OVERLONG_MODES)}")
+    _require(d.max_extra_rounds >= 0, f"model.dapo.max_extra_rounds = {d.max_extra_rounds}: must be >= 0")
+    _require(0 <= d.overlong_buffer < module.sampling.max_new_tokens,
+             f"model.dapo.overlong_buffer = {d.overlong_buffer}: must be in [0, max_new_tokens = "
+             f"{module.sampling.max_new_tokens})")
+
+
+def check_references(module, rows: list[dict], where: str) -> None:
+    """Every row's reference answer must be something its verifier can check."""
+    for i, row in enumerate(rows):
+        name = row.get("verifier", "math")
+        try:
+            verifier = module.verifiers(row)
+        except (ValueError, TypeError, ImportError, AttributeError) as exc:
+            raise ConfigError(f"{where} row {i + 1}: verifier {name!r} could not be built ({exc}); "
+                              "set data.verifier to a registered name or 'module:function'") from exc
+        check = getattr(verifier, "check_reference", None)
+        problem = check(row["answer"]) if check is not None else None
+        if problem:
+            q = row["question"][:60]
+            raise ConfigError(f"{where} row {i + 1} (question {q!r}): the answer {str(row['answer'])[:60]!r} "
+                              f"cannot be checked by the {name!r} verifier ({problem}); fix or drop that row")
+
+
+def check_prompts(module, datamodule, rows: list[dict], where: str) -> None:
+    """Chat template present when asked for, and prompt + response within the model's context."""
+    tok = module.tokenizer
+    context = _context_length(module.policy)
+    budget = max(module.sampling.max_new_tokens, module.val_sampling.max_new_tokens)
+    for i, row in enumerate(rows):
+        try:
+            text, _ = datamodule.format_prompt(tok, row["question"])
+        except DataError as exc:
+            raise ConfigError(f"{module.model_name}: {exc}") from exc
+        if context is None:
+            return  # nothing to compare against; the template was checked on the first row
+        n = len(tok(text, add_special_tokens=False)["input_ids"])
+        if n + budget > context:
+            raise ConfigError(
+                f"{where} row {i + 1}: the prompt is {n} tokens and responses may take {budget} more, "
+                f"beyond the model's context of {context} tokens ({module.model_name}); lower "
+                "model.sampling.max_new_tokens, shorten data.instruction/system_prompt, or drop long rows")
+
+
+def check_capture_layers(module, callbacks) -> None:
+    """Attention layers a credit arm asks for must exist in the model."""
+    n = _num_layers(module.policy)
+    for cb in callbacks:
+        if not getattr(cb, "needs_attention", False) or n is None:
+            continue
+        try:
+            resolve_layers(cb.capture_layers, n)
+        except ValueError as exc:
+            raise ConfigError(f"trainer.callbacks {type(cb).__name__}: {exc}") from exc
+
+
+def check_checkpoint(path: str) -> None:
+    """`--ckpt_path` must be a Lightning checkpoint file. Checked before LightningCLI reads its
+    hyper-parameters (a torch.load traceback otherwise) and before a run folder is opened."""
+
+    fix = ("pass a checkpoint a run wrote (<save_dir>/<name>/version_N/checkpoints/last.ckpt), "
+           "--ckpt_path last for the newest one of this run name, or no --ckpt_path to start fresh")
+    if not os.path.isfile(path):
+        raise ConfigError(f"--ckpt_path {path} {'is a folder' if os.path.isdir(path) else 'does not exist'}; {fix}")
+    try:  # mmap: the tensors are not read, so a large checkpoint costs nothing here
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # a text file, a truncated zip, a pickle of other objects...
+        raise ConfigError(f"--ckpt_path {path} is not a checkpoint (torch.load: {type(exc).__name__}); {fix}") from exc
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise ConfigError(f"--ckpt_path {path} is a torch file but not a Lightning checkpoint (no state_dict); {fix}")
+
+
+def check_credit_callbacks(callbacks) -> None:
+    """At most one arm sets token weights; the callbacks agree on one attention layer selection."""
+
+    try:
+        check_callbacks(callbacks)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def preflight(module, datamodule, world_size: int = 1, callbacks=(), device=None) -> None:
+    """All checks, in the order a user would fix them: settings, data, model, prompts, layers, memory."""
+    check_settings(module, datamodule, world_size)
+    check_credit_callbacks(callbacks)
+    datamodule.setup("fit")
+    module.configure_model()
+    for split, rows in (("training data", datamodule.train_rows), ("validation data", datamodule.val_rows)):
+        src = datamodule.train_source
+        if not split.startswith("training"):
+            src = datamodule.val_source or datamodule.train_source
+        check_references(module, rows, f"{split} {src}")
+        check_prompts(module, datamodule, rows, f"{split} {src}")
+    check_capture_layers(module, callbacks)
+    check_memory(module, datamodule, world_size, callbacks, device)  # also resolves generation_batch_size: auto
+
+
+def _config(model):
+    cfg = getattr(model, "config", None)
+    return getattr(cfg, "get_text_config", lambda: cfg)() if cfg is not None else None
+
+
+def _context_length(model) -> int | None:
+    cfg = _config(model)
+    n = getattr(cfg, "max_position_embeddings", None)
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
+def _num_layers(model) -> int | None:
+    n = getattr(_config(model), "num_hidden_layers", None)
+    return int(n) if isinstance(n, int) else None
+
+
+def check_memory(module, datamodule, world_size: int = 1, callbacks=(), device=None) -> None:
+    """The planner's peak (flowtracer.memory.planner) must fit the device; resolves `generation_batch_size: auto`.
+
+    Device: CUDA = its total memory; CPU = the RAM shared by the processes of this node
+    (FLOWTRACER_MEMORY_GB overrides both). The message names the setting to change.
+    """
+
+
+
+    if module.policy is None or getattr(module.policy, "config", None) is None:
+        return
+    if device is None:
+        trainer = getattr(module, "_trainer", None)
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+    device = torch.device(device)
+    shape = planner.shape_from_config(module.policy.config)
+    rows = (datamodule.train_rows or [])
+    texts = [datamodule.format_prompt(module.tokenizer, r["question"])[0] for r in rows]
+    prompt_tokens = max((len(x) for x in module.tokenizer(texts, add_special_tokens=False)["input_ids"]), default=1)
+    budget = planner.device_memory(device) / (world_size if device.type == "cpu" else 1)
+    run = memory_runspec(module, datamodule.prompts_per_step // max(world_size, 1), prompt_tokens, callbacks, device)
+    p = planner.plan(shape, run, budget)
+    if isinstance(module.sampling.generation_batch_size, str):
+        module.sampling = dataclasses.replace(module.sampling, generation_batch_size=p.generation_rows)
+    v = module.val_sampling
+    if isinstance(v.generation_batch_size, str):  # validation: val_batch_size prompts x k samples
+        val = dataclasses.replace(run, rollouts=datamodule.val_batch_size * v.num_generations,
+                                  num_generations=v.num_generations, max_new_tokens=v.max_new_tokens)
+        rows = planner.auto_rows(shape, val, budget, sum(planner.resident_bytes(shape, val)))
+        module.val_sampling = dataclasses.replace(v, generation_batch_size=rows)
+    if p.peak > budget:
+        raise ConfigError(f"the planned peak memory is {p.peak / planner.GIB:.1f} GiB in phase {p.peak_phase!r}, "
+                          f"more than the {budget / planner.GIB:.1f} GiB of {device.type}: "
+                          f"{_memory_fix(shape, run, p, budget)} (see `flowtracer plan --config ...`)")
+
+
+def memory_runspec(module, prompts: int, prompt_tokens: int, callbacks, device):
+    """The planner's view of a module's settings (per process)."""
+
+    s, o, lora = module.sampling, module.optim, module.lora
+    enabled = lora is not None and lora.enabled
+    return RunSpec(
+        rollouts=prompts * s.num_generations, num_generations=s.num_generations, prompt_tokens=prompt_tokens,
+        max_new_tokens=s.max_new_tokens, dtype=module.model_dtype, lora_r=lora.r if enabled else None,
+        lora_targets=tuple(lora.target_modules) if enabled else (),
+        gradient_checkpointing=module.gradient_checkpointing, micro_batch_size=o.micro_batch_size,
+        mini_batches=o.mini_batches, logits_budget_mb=module.logits_budget_mb,
+        needs_attention=any(getattr(cb, "needs_attention", False) for cb in callbacks),
+        generation_batch_size=s.generation_batch_size, generation_token_budget=s.generation_token_budget,
+        accelerator=torch_device_type(device))
+
+
+def torch_device_type(device) -> str:
+    return "cpu" if str(device).startswith("cpu") else "cuda"
+
+
+def _memory_fix(shape, run, p, budget: float) -> str:
+    """The knob that lowers the phase that does not fit."""
+
+    resident = sum(planner.resident_bytes(shape, run))
+    if resident > budget * planner.HEADROOM:
+        return ("the weights and optimizer states alone do not fit: enable LoRA (model.lora), set "
+                "model.model_dtype: bfloat16, or pick a smaller model")
+    if p.peak_phase == "generate":
+        rows = planner.auto_rows(shape, run, budget, resident)
+        return (f"set model.sampling.generation_batch_size: auto (or at most {rows} rows)" if rows < p.generation_rows
+                else "lower model.sampling.max_new_tokens or num_generations")
+    micro = planner.largest_micro_batch(shape, run, budget)
+    if micro >= 1:
+        return f"lower model.optim.micro_batch_size to {micro} or less"
+    if not run.gradient_checkpointing:
+        return "set model.gradient_checkpointing: true and model.optim.micro_batch_size: 1"
+    return "lower model.sampling.max_new_tokens (even one sequence per micro-batch does not fit)"

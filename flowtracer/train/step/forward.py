@@ -1,0 +1,234 @@
+"""The teacher-forced forward of an RL step: log-probs and entropies at the sampling temperature,
+optionally with the attention map captured in the same forward.
+
+The policy gradient is taken for the distribution that produced the samples: rollouts drawn at
+temperature T > 0 are scored with log_softmax(logits / T) everywhere a log-prob or an entropy feeds
+the loss (ratio, KL) or a credit arm (EntropyCredit), as TRL, verl and torchtune do
+(`logprob_temperature`). Greedy decoding (T = 0) has no sampling distribution to match; it scores at
+T = 1. top-k / top-p truncation is NOT applied here: log-probs are those of the full tempered
+distribution, so they are exact for untruncated sampling; with truncation a sampled token's
+probability under the truncated sampler is larger by the kept mass (the same approximation TRL and
+verl make). The ratio of the first PPO epoch is 1 either way.
+
+Full-vocabulary logits are never materialised for the whole batch: positions are projected in
+chunks whose float32 logits fit a byte budget, and with a graph each chunk is recomputed in the
+backward (activation checkpointing).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.utils.checkpoint
+
+from flowtracer.model import kernels
+from flowtracer.model.capture import BACKENDS, MAX_CHUNK_BYTES, auto_budget, capture_attention, unwrap
+
+
+def logprob_temperature(sampling_temperature: float) -> float:
+    """The temperature log-probs are taken at: the sampling temperature, or 1 for greedy (T = 0)."""
+    return float(sampling_temperature) if sampling_temperature > 0 else 1.0
+
+
+@dataclass
+class TeacherForcedOutput:
+    """What one teacher-forced pass returns (all (B, T) / (B, T, T) float32, zero where undefined)."""
+
+    logprobs: torch.Tensor
+    entropy: torch.Tensor
+    attn: torch.Tensor | None
+    layers: tuple[int, ...] | None = None
+    attn_seconds: float = 0.0  # of the forward's wall time, the part spent recomputing the map
+
+
+def teacher_forced_pass(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    capture_layers: str | Sequence[int] | None = "middle",
+    position_ids: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    with_grad: bool = False,
+    attn_chunk_bytes: int | None = None,
+    logits_chunk_bytes: int | None = None,
+    backend: str = "auto",
+    stats_mask: torch.Tensor | None = None,
+) -> TeacherForcedOutput:
+    """One teacher-forced forward over prompt+response: log-probs, entropies and the attention map.
+
+    Args:
+        model: a transformers causal LM (or a peft wrapper of one), any dtype/device.
+        input_ids: (B, T) token ids; prompts may be left-padded and responses right-padded.
+        attention_mask: (B, T) 1 for real tokens, 0 for padding (default: all ones).
+        capture_layers: "middle" (default), "early", "late", "all", a list of layer indices, or None
+            to skip the attention map.
+        position_ids: default ``cumsum(attention_mask) - 1`` (what ``generate`` uses), so a padded
+            row sees the same positions as its unpadded sequence.
+        temperature: logits are divided by it before log-softmax (match the sampling temperature).
+        with_grad: keep the autograd graph for the log-probs (entropies and the map are always
+            detached statistics).
+        attn_chunk_bytes / logits_chunk_bytes: memory budgets of the chunked recompute and of the
+            chunked vocabulary projection (full-vocabulary logits are never materialised at once);
+            default 1/4 and 1/2 of what (B, T, vocab) logits would take, each at most 256 MiB
+            (with_grad: 256 MiB). With grad and more than one chunk, each chunk's logits are
+            recomputed in the backward (activation checkpointing), so the budget also bounds what
+            the autograd graph keeps.
+        stats_mask: (B, T) bool, the positions whose log-prob/entropy are wanted (e.g. the response
+            tokens); the others stay 0 and cost nothing. Default: every token with a real predecessor.
+        backend: "auto" (fused Triton kernels for the map and the token statistics on CUDA in
+            bf16/fp16, torch elsewhere), "torch" or "triton".
+
+    Returns:
+        TeacherForcedOutput with ``logprobs[b, t] = log p(input_ids[b, t] | tokens < t)`` and
+        ``entropy[b, t]`` of that predictive distribution (0 where t is the first real token or
+        padding), and ``attn`` (B, T, T) or None.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    valid = attention_mask.bool()
+    if position_ids is None:
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
+    lm = unwrap(model)
+    head = lm.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(lm).__name__} has no output embeddings (lm_head); a causal LM is required")
+    capture_ctx = (capture_attention(model, capture_layers, attention_mask=attention_mask,
+                                     chunk_bytes=attn_chunk_bytes, backend=backend)
+                   if capture_layers is not None else contextlib.nullcontext())
+    with torch.enable_grad() if with_grad else torch.no_grad():
+        with capture_ctx as captured:
+            h, last_logits = _last_hidden(model, lm, input_ids, attention_mask, position_ids)
+        stats_backend = "torch" if with_grad else backend  # the kernel has no backward
+        wanted = valid if stats_mask is None else valid & stats_mask.bool()
+        logprobs, entropy = _token_stats(
+            lm, head, h, input_ids, valid, temperature, logits_chunk_bytes, stats_backend, wanted=wanted)
+        _check_head(lm, head, h[:, -1], last_logits)
+    if captured is None:
+        return TeacherForcedOutput(logprobs=logprobs, entropy=entropy, attn=None)
+    return TeacherForcedOutput(logprobs=logprobs, entropy=entropy, attn=captured.attn, layers=captured.layers,
+                               attn_seconds=captured.seconds)
+
+
+def _last_hidden(model, lm, input_ids, attention_mask, position_ids):
+    """(the decoder's final hidden states (B, T, d), the model's own logits of the last position).
+
+    logits_to_keep=1: the model's head runs on the last position only (checked against ours);
+    the chunked projection does the rest without a (B, T, vocab) tensor.
+    """
+    decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else getattr(lm, lm.base_model_prefix)
+    hidden: list[torch.Tensor] = []
+
+    def grab(_module, _args, output):
+        hidden.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)
+
+    handle = decoder.register_forward_hook(grab)
+    try:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                    use_cache=False, logits_to_keep=1)
+    finally:
+        handle.remove()
+    if len(hidden) != 1:
+        raise RuntimeError(f"{type(lm).__name__}: expected one decoder call in the forward, saw {len(hidden)}")
+    return hidden[0], out.logits[:, -1]
+
+
+def _project(lm, head, h: torch.Tensor) -> torch.Tensor:
+    logits = head(h)
+    cap = getattr(getattr(lm, "config", None), "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def _token_stats(lm, head, h, input_ids, valid, temperature, chunk_bytes, backend="torch", wanted=None):
+    """Log-prob of each realised token and entropy of its predictive distribution, chunked over positions.
+
+    Only positions in `wanted` (default `valid`) are projected. Under autograd (h requires grad) the
+    log-probs keep their graph and the entropies do not; when the positions span more than one
+    chunk, every chunk runs under activation checkpointing, so no more than one chunk of logits
+    (and of saved log-softmax output) is alive at a time, in the forward and in the backward.
+    """
+    B, T = input_ids.shape
+    logprobs = torch.zeros(B, T, dtype=torch.float32, device=h.device)
+    entropy = torch.zeros(B, T, dtype=torch.float32, device=h.device)
+    # Token t is predicted from position t-1; defined only when both are real tokens.
+    target = torch.zeros_like(valid)
+    target[:, 1:] = valid[:, 1:] & valid[:, :-1]
+    if wanted is not None:
+        target &= wanted.bool()
+    b_idx, t_idx = target.nonzero(as_tuple=True)
+    if b_idx.numel() == 0:
+        return logprobs, entropy
+    vocab = head.weight.shape[0] if hasattr(head, "weight") else head.out_features
+    grad = torch.is_grad_enabled() and h.requires_grad
+    if chunk_bytes is None:
+        chunk_bytes = MAX_CHUNK_BYTES if grad else auto_budget(B * T * vocab * h.element_size() / 2)
+    fused = not grad and kernels.use_triton(backend, h, need_dot=False)
+    # Per row: the logits, plus (torch path) float32 log-probs and probabilities; the probabilities
+    # reuse the logits' buffer when that is float32 already (never under autograd).
+    extra = 0 if fused else (4 if h.dtype == torch.float32 and not grad else 8)
+    rows = max(1, int(chunk_bytes) // (vocab * (h.element_size() + extra)))
+    tokens = input_ids[b_idx, t_idx]
+    checkpointed = grad and b_idx.numel() > rows
+    lp_parts, ent_parts = [], []
+    for s in range(0, b_idx.numel(), rows):
+        hb = h[b_idx[s : s + rows], t_idx[s : s + rows] - 1]
+        tok = tokens[s : s + rows]
+        if fused:
+            try:
+                lp, ent = kernels.token_stats(_project(lm, head, hb), tok, 1.0 / temperature)
+                lp_parts.append(lp)
+                ent_parts.append(ent)
+                continue
+            except Exception as exc:  # noqa: BLE001 - fall back to torch, loudly, once
+                if backend == "triton":
+                    raise
+                kernels.disable_triton(exc)
+                fused = False
+        if checkpointed:
+            # The backward recomputes this chunk's logits instead of keeping them (the memory budget).
+            lp, ent = torch.utils.checkpoint.checkpoint(
+                _chunk_stats, lm, head, hb, tok, temperature, use_reentrant=False)
+        else:
+            lp, ent = _chunk_stats(lm, head, hb, tok, temperature)
+        lp_parts.append(lp)
+        ent_parts.append(ent)
+    logprobs = logprobs.index_put((b_idx, t_idx), torch.cat(lp_parts))
+    entropy = entropy.index_put((b_idx, t_idx), torch.cat(ent_parts))
+    return logprobs, entropy
+
+
+def _chunk_stats(lm, head, hb, tokens, temperature):
+    """(log p(token), entropy) for one chunk of hidden states; only the log-probs carry a graph."""
+    logits = _project(lm, head, hb)
+    if temperature != 1.0:
+        logits = logits / temperature
+    logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+    lp = logp.gather(-1, tokens[:, None]).squeeze(-1)
+    with torch.no_grad():
+        reuse = logits.dtype == torch.float32 and not (logits.requires_grad or logp.requires_grad)
+        logp = logp.detach()
+        probs = torch.exp(logp, out=logits) if reuse else logp.exp()
+        del logits
+        # H = -sum p log p, as a batched dot product (no extra (rows, vocab) temporary).
+        ent = -torch.bmm(probs.unsqueeze(1), logp.unsqueeze(2)).view(-1)
+    return lp, ent
+
+
+def _check_head(lm, head, h_last: torch.Tensor, model_logits: torch.Tensor) -> None:
+    """Refuse models whose forward transforms logits in a way the chunked projection does not replicate."""
+    with torch.no_grad():
+        ours = _project(lm, head, h_last[:, None]).squeeze(1).float()
+        theirs = model_logits.float()
+        tol = 1e-2 * (1.0 + theirs.abs().max())
+        if ours.shape != theirs.shape or (ours - theirs).abs().max() > tol:
+            raise ValueError(
+                f"{type(lm).__name__}: the model's logits differ from lm_head(hidden states); flowtracer "
+                "cannot compute log-probs for this model class"
+            )

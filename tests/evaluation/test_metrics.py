@@ -1,0 +1,71 @@
+"""avg@k, unbiased pass@k (against brute-force subset enumeration), maj@k, macro average."""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import numpy as np
+import pytest
+from conftest import brute_pass_at_k
+
+from flowtracer.evaluation.metrics import (
+    answer_key,
+    default_pass_ks,
+    macro_average,
+    majority_correct,
+    pass_at_k,
+    set_metrics,
+)
+
+
+def test_pass_at_k_equals_subset_enumeration():
+    rng = np.random.default_rng(0)
+    for n in range(1, 8):
+        for k in range(1, n + 1):
+            rows = [rng.permutation([True] * c + [False] * (n - c)).tolist() for c in range(n + 1)]
+            got = pass_at_k([n] * len(rows), [sum(r) for r in rows], k)  # vectorised over problems
+            want = [brute_pass_at_k(r, k) for r in rows]
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+
+
+def test_pass_at_k_stable_for_large_n():
+    n, c, k = 400, 3, 200  # C(400, 200) overflows float64; the product form does not
+    exact = 1 - Fraction(math.comb(n - c, k), math.comb(n, k))
+    assert pass_at_k([n], [c], k)[0] == pytest.approx(float(exact), rel=1e-12)
+    with pytest.raises(ValueError, match="k <= n"):
+        pass_at_k([4], [1], 5)
+
+
+def test_majority_vote_ties_go_to_the_first_answer():
+    keys = [["1", "2", "2", "1"],   # tie 2-2: "1" came first -> sample 0 decides
+            ["3", None, "4", "4"],  # "4" wins 2-1
+            [None, None, None, None]]  # nothing extracted: unsolved
+    correct = np.array([[False, True, True, False], [True, False, False, False], [False] * 4])
+    assert majority_correct(keys, correct).tolist() == [False, False, False]
+    correct[0, 0] = True
+    correct[1, 2] = True
+    assert majority_correct(keys, correct).tolist() == [True, True, False]
+
+
+def test_answer_key_normalises_what_the_verifier_would_accept():
+    assert answer_key("1,000") == answer_key("1000") == answer_key(" 1000. ")
+    assert answer_key("2.0") == answer_key("2") and answer_key("$5$") == answer_key("\\text{5}")
+    assert answer_key("\\frac{1}{2}") != answer_key("2") and answer_key(None) is None
+
+
+def test_set_metrics_and_macro_average():
+    correct = np.array([[1, 0, 0, 1], [0, 0, 0, 0], [1, 1, 1, 1]], dtype=bool)
+    keys = [["5", "6", "7", "5"], ["1", "1", "2", "2"], ["9"] * 4]
+    m = set_metrics(correct, keys)
+    assert default_pass_ks(4) == [1, 2, 4]
+    assert m["avg@4"] == pytest.approx(6 / 12)
+    assert m["pass@1"] == pytest.approx(m["avg@4"])  # pass@1 is the mean accuracy
+    assert m["pass@4"] == pytest.approx(2 / 3)
+    assert m["pass@2"] == pytest.approx((brute_pass_at_k([1, 0, 0, 1], 2) + 0 + 1) / 3)
+    assert m["maj@4"] == pytest.approx(2 / 3)
+    per_set = {"a": m, "b": {"avg@16": 0.1}, "c": {"avg@1": 0.3}}
+    assert macro_average(per_set, ["a", "b"]) == pytest.approx((0.5 + 0.1) / 2)  # each set counts once
+    assert macro_average(per_set, []) is None
+    with pytest.raises(ValueError, match="raise k"):
+        set_metrics(correct, keys, pass_ks=[8])

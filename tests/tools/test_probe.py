@@ -1,0 +1,139 @@
+"""`flowtracer probe` on a tiny model: it runs, each arm masks the requested share of the reasoning
+tokens, and regenerating with nothing masked reproduces the original answers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import ROOT
+
+from flowtracer.credit.select import num_selected
+from flowtracer.model.policy import load_policy
+from flowtracer.tools.analysis import Verifiers, load_problems
+from flowtracer.tools.probe import ProbeResult, probe_batch, probe_masks, regenerate, run_probe
+
+
+def test_probe_masks_have_requested_size():
+    g = torch.Generator().manual_seed(0)
+    reasoning = torch.rand(6, 40, generator=g) < 0.5
+    reasoning[0] = False  # a row with nothing to mask
+    flow = torch.rand(6, 40, generator=g)
+    scores = {"flow_top": flow, "flow_bottom": flow, "random": torch.rand(6, 40, generator=g)}
+    masks = probe_masks(scores, reasoning, 0.2)
+    want = num_selected(reasoning.sum(-1), 0.2)
+    for arm, m in masks.items():
+        assert not (m & ~reasoning).any(), arm  # only reasoning tokens are masked
+        assert torch.equal(m.sum(-1), torch.zeros(6, dtype=torch.long) if arm == "none" else want), arm
+    top, bottom, s = masks["flow_top"], masks["flow_bottom"], scores["flow_top"]
+    for b in range(1, 6):  # the top-k by flow score above the bottom-k, row by row
+        assert s[b][top[b]].min() >= s[b][bottom[b]].max()
+
+
+def test_probe_runs_on_tiny_model(tiny_model_dir):
+    model, tok = load_policy(tiny_model_dir, lora=None)
+    model.eval()
+    rows = load_problems([str(ROOT / "data/arith_train.jsonl")], 6)
+    # A random tiny model rarely writes a number: probe given responses so that answers parse.
+    responses = [f"{r['question'][8:-1]} = {r['answer']}" for r in rows]
+    torch.manual_seed(0)
+    result = ProbeResult(frac=0.2)
+    masks = probe_batch(model, tok, rows, result, verifiers=Verifiers(), max_new_tokens=6, responses=responses)
+    assert result.n_problems == 6 and result.n_eligible == 6
+    n_reason = torch.tensor([len(r) - len(str(row["answer"])) for r, row in zip(responses, rows)])
+    want = num_selected(n_reason, 0.2)  # one char per token: reasoning = the text before the answer
+    for arm in ("flow_top", "flow_bottom", "random", "entropy", "attention"):
+        assert torch.equal(masks[arm].sum(-1), want), arm
+        assert result.masked_tokens[arm] == int(want.sum())
+    assert result.reasoning_tokens == int(n_reason.sum())
+    assert {r["arm"] for r in result.records} == {"flow_top", "flow_bottom", "random", "entropy", "attention"}
+    table = {r["arm"]: r for r in result.table()}
+    assert set(table) == {"none", "flow_top", "flow_bottom", "random", "entropy", "attention"}
+    assert all(0.0 <= r["changed"] <= 1.0 and 0.0 <= r["flipped"] <= 1.0 for r in table.values())
+    assert "| flow_top |" in result.markdown()
+
+
+def test_none_arm_changes_no_greedy_answer(tiny_model_dir):
+    """Nothing masked: regenerating each greedy response from its cut gives back its answer (0 changed,
+    0 flipped). The same probe on those responses with the answer swapped reports every one changed,
+    so the 0 is a measurement and not a constant."""
+    model, tok = load_policy(tiny_model_dir, lora=None)
+    model.eval()
+    # the 5th character is the answer: a random tiny model's greedy text then always has one
+    rows = [{**r, "verifier": "faulty_rewards:fifth_char"}
+            for r in load_problems([str(ROOT / "data/arith_train.jsonl")], 6)]
+    greedy = ProbeResult(frac=0.2)
+    probe_batch(model, tok, rows, greedy, verifiers=Verifiers(), max_new_tokens=8)
+    assert greedy.n_problems == greedy.n_eligible == 6
+    assert greedy.changed["none"] == 0 and greedy.flipped["none"] == 0
+    originals = [r["original"] for r in greedy.records if r["arm"] == "random"]
+    assert len(originals) == 6 and all(len(o) >= 5 for o in originals)
+    swapped = [o[:4] + ("1" if o[4] == "0" else "0") + o[5:] for o in originals]
+    given = ProbeResult(frac=0.2)
+    probe_batch(model, tok, rows, given, verifiers=Verifiers(), max_new_tokens=8, responses=swapped)
+    assert given.n_eligible == 6 and given.changed["none"] == 6
+
+
+def test_regenerate_matches_generate_and_masking_changes_logits(tiny_model_dir):
+    """Shared-prefill greedy decoding with nothing blocked = HF generate on each unpadded context;
+    blocking a token changes the continuation's logits (the mask reaches the model)."""
+    model, tok = load_policy(tiny_model_dir, lora=None)
+    model.eval()
+    prompts = ["<|im_start|>user\nWhat is 12 + 30?<|im_end|>\n", "<|im_start|>user\nHi<|im_end|>\n"]
+    segs = ["12 + 30 = ", "abc"]
+    P = tok(prompts, return_tensors="pt", padding=True)
+    S = [tok(s)["input_ids"] for s in segs]
+    W = max(map(len, S))
+    seg_ids = torch.tensor([[tok.pad_token_id] * (W - len(s)) + s for s in S])
+    seg_valid = torch.tensor([[False] * (W - len(s)) + [True] * len(s) for s in S])
+    blocked = torch.zeros(2, 2, W, dtype=torch.bool)
+    blocked[1, :, -2] = True  # arm 1 blocks the second-to-last segment token
+    new = regenerate(model, P["input_ids"], P["attention_mask"].bool(), seg_ids, seg_valid, blocked, 8,
+                     [tok.eos_token_id], tok.pad_token_id)
+    for b in range(2):
+        ctx = tok(prompts[b] + segs[b], return_tensors="pt")
+        ref = model.generate(**ctx, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id,
+                             eos_token_id=tok.eos_token_id)[0, ctx["input_ids"].shape[1]:]
+        got = new[b * 2][: len(ref)]
+        assert got.tolist() == ref.tolist()
+    assert new.shape[0] == 4
+    ids = tok(prompts[0] + segs[0], return_tensors="pt")["input_ids"]
+    hole = torch.ones_like(ids)
+    hole[0, -2] = 0
+    pos = torch.arange(ids.shape[1]).unsqueeze(0)
+    full = model(input_ids=ids, position_ids=pos).logits[0, -1]
+    masked = model(input_ids=ids, attention_mask=hole, position_ids=pos).logits[0, -1]
+    assert not torch.allclose(full, masked)
+
+
+def test_probe_cli_batches(tiny_model_dir, tmp_path, capsys):
+    from flowtracer.cli import main
+
+    out = tmp_path / "probe.json"
+    main(["probe", "--model", tiny_model_dir, "--data", str(ROOT / "data/arith_val.jsonl"), "--n", "5",
+          "--batch-size", "2", "--max-new-tokens", "8", "--out", str(out), "--results", str(tmp_path / "probe")])
+    assert "| arm | answer changed | correctness flipped | masked share |" in capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert data["n_problems"] == 5 and len(data["table"]) == 6
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "probe.csv")))
+    assert [r["arm"] for r in rows] == [r["arm"] for r in data["table"]]
+    for r in rows:  # a rate lies inside its interval (or no eligible problem: no interval)
+        assert r["changed_lo"] == "nan" or float(r["changed_lo"]) <= float(r["changed"]) <= float(r["changed_hi"])
+    assert "flowtracer probe" in (tmp_path / "probe.md").read_text()
+
+
+def test_run_probe_rejects_bad_frac(tiny_model_dir):
+    model, tok = load_policy(tiny_model_dir, lora=None)
+    with pytest.raises(ValueError, match="--frac"):
+        run_probe(model, tok, [], frac=1.5)
+
+
+def test_probe_problems_from_a_generated_task(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # reasoning-gym rows are cached under ./data/cache
+    from flowtracer.tools.analysis import load_problems
+
+    rows = load_problems(["reasoning_gym:chain_sum"], 5)
+    assert len(rows) == 5 and all(r["question"] and r["answer"] is not None for r in rows)
