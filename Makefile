@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench check-install clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,9 @@ test: setup
 
 demo: setup
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/flowtracer fit --config experiments/quickstart.yaml
+
+check-install:  # a fresh venv with `pip install .` trains one step and evaluates offline
+	bash scripts/check_install.sh
 
 bench: setup
 	$(BIN)/python benchmarks/flow_bench.py

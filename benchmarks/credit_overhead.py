@@ -1,7 +1,7 @@
 """What the credit step adds to an RL step: each arm's on_rollout_batch, plus the attention capture.
 
-    .venv/bin/python benchmarks/credit_overhead.py            # CPU: random tiny Llama, B=8, responses 256 and 1024
-    .venv/bin/python benchmarks/credit_overhead.py --smoke    # seconds, checks that it runs
+    python benchmarks/credit_overhead.py            # CPU: random tiny Llama, B=8, responses 256 and 1024
+    python benchmarks/credit_overhead.py --smoke    # seconds, checks that it runs
     python benchmarks/credit_overhead.py --device cuda --model qwen2.5-1.5b-shape --dtype bfloat16
 
 CPU mode (model "tiny-llama"): the denominator is one teacher-forced forward+backward of the batch

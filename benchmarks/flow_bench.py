@@ -1,7 +1,7 @@
 """Speed and memory of flowtracer.flow.trace_flow on CPU (2 threads), next to a per-node loop.
 
-    .venv/bin/python benchmarks/flow_bench.py            # full table, about 1-2 minutes
-    .venv/bin/python benchmarks/flow_bench.py --quick    # B=1 only
+    python benchmarks/flow_bench.py            # full table, about 1-2 minutes
+    python benchmarks/flow_bench.py --quick    # B=1 only
     python benchmarks/flow_bench.py --device cuda        # on a GPU (adds T=8192), in one process
 
 Each (B, T) runs in its own subprocess, so peak memory is measured, not estimated: the extra peak

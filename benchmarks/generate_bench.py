@@ -1,6 +1,6 @@
 """Rollout generation: which HF generate settings are fastest here? Prints a table.
 
-    .venv/bin/python benchmarks/generate_bench.py --reps 3
+    python benchmarks/generate_bench.py --reps 3
 
 Bundled SmolLM2-135M-Instruct + LoRA r=8 (as in benchmarks/step_vs_trl.py), one-digit-addition
 prompts, G=8 samples each, 48 new tokens at temperature 1, through `flowtracer.rollout.generate`

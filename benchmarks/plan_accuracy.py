@@ -1,6 +1,6 @@
 """Planner accuracy on CPU: predicted vs measured peak memory per phase. Prints a table.
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/plan_accuracy.py [--cases smollm2,tiny-lora,tiny-full]
+    OMP_NUM_THREADS=2 python benchmarks/plan_accuracy.py [--cases smollm2,tiny-lora,tiny-full]
 
 For each case the model is built (the bundled SmolLM2-135M-Instruct, or a random tiny Qwen3 with
 the test tokenizer) and three phases run as the trainer runs them: `generate` (responses forced to

@@ -1,6 +1,6 @@
 """Print the bad-input table: each case of tests/test_bad_inputs.py -> the one error line it gets.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python scripts/bad_input_table.py
+    HF_HUB_OFFLINE=1 python scripts/bad_input_table.py
 
 Runs every case the way the test does (a tiny random model, a 1-step config), catches the exit and
 prints a markdown table of case, exit status and the `flowtracer: error:` message.

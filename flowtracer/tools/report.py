@@ -189,10 +189,10 @@ def markdown_table(table: list[dict]) -> str:
 
 def _plot(table: list[dict], out: Path, key: str, ylabel: str, val: bool = False) -> Path:
     """Mean over seeds per group (a band of the 95% t-interval of the mean), against the RL step."""
-    import matplotlib  # optional (plots extra), and its backend must be set before pyplot loads
+    import matplotlib  # heavy: imported for plots only, and the backend is set before pyplot loads
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # optional (plots extra)
+    import matplotlib.pyplot as plt  # heavy: plots only
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
     for t in table:

@@ -279,11 +279,11 @@ def _arms_html(trace: Trace) -> str:
 def render_png(trace: Trace, path: str | Path) -> Path:
     """The token graph: nodes along a line coloured by throughput, backbone edges as arcs (width =
     flow), the dominant paths' edges in blue."""
-    import matplotlib  # optional (plots extra), and its backend must be set before pyplot loads
+    import matplotlib  # heavy: imported for plots only, and the backend is set before pyplot loads
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # optional (plots extra)
-    from matplotlib.patches import Arc  # optional (plots extra)
+    import matplotlib.pyplot as plt  # heavy: plots only
+    from matplotlib.patches import Arc  # heavy: plots only
 
     n = len(trace.tokens)
     fig, ax = plt.subplots(figsize=(max(8, 0.22 * n), 4.5), dpi=110)
