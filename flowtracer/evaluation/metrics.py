@@ -16,12 +16,11 @@
 
 from __future__ import annotations
 
-import re
 from typing import Iterable, Sequence
 
 import numpy as np
 
-_TEXT = re.compile(r"\\(?:text|mathrm|textbf)\{([^{}]*)\}")
+from flowtracer.rewards.latex import plain
 
 
 def pass_at_k(n: Sequence[int] | np.ndarray, c: Sequence[int] | np.ndarray, k: int) -> np.ndarray:
@@ -50,14 +49,12 @@ def avg_at_k(correct: np.ndarray) -> float:
 
 
 def answer_key(parsed: str | None) -> str | None:
-    """The normalised form answers are voted by: LaTeX text wrappers, $, spaces, thousands
-    separators and a trailing period dropped, lower case; plain numbers by value ("2.0" = "2")."""
+    """The normalised form answers are voted by: the verifier's string form (flowtracer.rewards.latex.plain:
+    currency, degrees, units, text wrappers, spaces, thousands separators and a trailing period
+    dropped, lower case); plain numbers by value ("2.0" = "2")."""
     if parsed is None:
         return None
-    s = _TEXT.sub(r"\1", str(parsed))
-    s = s.replace("$", "").replace("\\left", "").replace("\\right", "").replace("\\!", "")
-    s = re.sub(r"(?<=\d),(?=\d{3}\b)", "", s)
-    s = re.sub(r"\s+", "", s).rstrip(".").lower()
+    s = plain(str(parsed))
     try:
         value = float(s)
     except ValueError:

@@ -1,35 +1,19 @@
-"""Math answers checked with math-verify (symbolic equivalence), with a plain-string fallback."""
+"""Math answers checked by value: normalised markup, choice letters, words, math-verify (symbolic equivalence)."""
 
 from __future__ import annotations
 
-import re
 import threading
 from typing import Any
 
 from flowtracer.rewards.base import Score
 from flowtracer.rewards.extract import FALLBACK_EXTRACTORS, boxed, check_extraction, extract_answer
+from flowtracer.rewards.latex import canonical, choice_letter, chosen_letter, plain, plain_number, word_answer
 
-_TEXT = re.compile(r"\\(?:text|mathrm|textbf)\{([^{}]*)\}")
-_NUMBER = re.compile(r"^\s*[-+]?(\d[\d,]*\.?\d*|\.\d+)(e[-+]?\d+)?\s*$", re.IGNORECASE)
-
-
-def _normalise(s: str) -> str:
-    s = _TEXT.sub(r"\1", s)
-    s = s.replace("$", "").replace("\\left", "").replace("\\right", "").replace("\\!", "")
-    s = re.sub(r"(?<=\d),(?=\d{3}\b)", "", s)  # 1,000 -> 1000
-    return re.sub(r"\s+", "", s).rstrip(".").lower()
-
-
-def _fallback_equal(gold: str, pred: str) -> bool:
-    """Normalised string equality, or numeric equality when both sides are plain numbers."""
-    g, p = _normalise(gold), _normalise(pred)
-    if g == p:
-        return True
-    try:
-        a, b = float(g), float(p)
-    except ValueError:
-        return False
-    return abs(a - b) <= 1e-6 * max(1.0, abs(a))
+# How `match` decided; every way but "string" (a literal copy of the reference) proves the reference checkable.
+CHECKABLE = ("number", "choice", "words", "math-verify")
+# A fraction with a known value, for the dependency check: math-verify must parse and equate both sides.
+_PROBE = ("\\boxed{\\frac{1}{2}}", "\\boxed{0.5}")
+INSTALL = "pip install 'math-verify[antlr4_13_2]'"
 
 
 class MathVerifier:
@@ -38,11 +22,15 @@ class MathVerifier:
     The final answer is found by the first extractor in `extraction` that matches, in the given
     order (``answer_tag``, ``boxed``, ``hash``, ``last_number``, ``last_line``; see
     flowtracer.rewards.extract). A ``\\boxed{}`` inside the chosen ``<answer>``/``####`` text
-    narrows the answer to the box content. The answer and the reference are both parsed as the
-    content of a ``\\boxed{}`` by math-verify (so bare LaTeX such as ``\\frac12`` or ``2\\sqrt{2}``
-    parses), and compared with ``verify(gold, pred)``. If math-verify raises or parses nothing on
-    either side, normalised string / numeric equality decides. `reference` is the answer string
-    (or a dict with an ``"answer"`` key).
+    narrows the answer to the box content. Both sides are normalised first
+    (flowtracer.rewards.latex: currency, thin spaces, degrees, units, ``\\dfrac``), then compared
+    by the first rule that applies (`match`): plain numbers by value (``32,348`` = ``32348``);
+    a multiple-choice reference (``\\text{(C)}``) by the letter the answer names first; a word
+    reference (``\\text{Evelyn}``) by its words, case-insensitively; anything else by math-verify
+    (``verify(gold, pred)`` on both parsed as the content of a ``\\boxed{}``: ``x = 5`` = ``5``,
+    ``\\frac12`` = ``0.5``, intervals, matrices, sets), and, where math-verify parses nothing or
+    raises, normalised string equality. `reference` is the answer string (or a dict with an
+    ``"answer"`` key).
 
     Threads: math-verify enforces `timeout_seconds` with ``signal.alarm``, which only works in the
     main thread. Called from another thread (a dataloader or reward worker) the timeout is switched
@@ -64,22 +52,38 @@ class MathVerifier:
     def _parse(self, text: str, timeout: int | None) -> list:
         from math_verify import parse  # heavy (sympy): imported on first use
 
-        if "\\boxed" not in text and "$" not in text:
-            text = "\\boxed{" + text + "}"
-        return parse(text, parsing_timeout=timeout)
+        return parse("\\boxed{" + text + "}", parsing_timeout=timeout)
 
-    def equal(self, gold: str, pred: str) -> bool:
-        """True when `pred` is mathematically equivalent to `gold`."""
+    def match(self, gold: str, pred: str) -> str | None:
+        """How `pred` was found equal to `gold` (one of CHECKABLE, or "string"), or None."""
+        g, p = canonical(gold), canonical(pred)
+        a, b = plain_number(g), plain_number(p)
+        if a is not None and b is not None:
+            return "number" if a == b else None  # exact: 11111111100 != 11111111101
+        letter = choice_letter(g)
+        if letter is not None:
+            return "choice" if chosen_letter(p) == letter else None
+        words = word_answer(g)
+        if words is not None:
+            return "words" if word_answer(p, bare_min=1) == words else None
+        if self._math_verify(g, p):
+            return "math-verify"
+        return "string" if plain(g) == plain(p) else None
+
+    def _math_verify(self, gold: str, pred: str) -> bool:
         from math_verify import verify  # heavy (sympy): imported on first use
 
         timeout = self._timeout()
         try:
             g, p = self._parse(gold, timeout), self._parse(pred, timeout)
-            if g and p:
-                return bool(verify(g, p, timeout_seconds=timeout))
-        except Exception:  # math-verify errors (timeouts, sympy failures) fall back to strings
-            pass
-        return _fallback_equal(gold, pred)
+            # [expression, text], or only [text] when nothing parsed; verify would then compare strings
+            return len(g) >= 2 and len(p) >= 2 and bool(verify(g, p, timeout_seconds=timeout))
+        except Exception:  # math-verify errors (timeouts, sympy failures): the string rule decides
+            return False
+
+    def equal(self, gold: str, pred: str) -> bool:
+        """True when `pred` is mathematically equivalent to `gold`."""
+        return self.match(gold, pred) is not None
 
     def __call__(self, response: str, reference: Any) -> Score:
         name, found = extract_answer(response, self.extraction)
@@ -97,15 +101,28 @@ class MathVerifier:
         return Score(reward, (start, end), parsed, fallback=name in FALLBACK_EXTRACTORS)
 
     def check_reference(self, reference: Any) -> str | None:
-        """Why `reference` cannot be checked (empty, or math-verify parses no expression), else None."""
+        """Why `reference` cannot be checked, else None.
+
+        A reference is checkable when the verifier matches it against itself by a rule that knows
+        its value (a number, a choice letter, words, or a math-verify expression); one that only a
+        literal copy would match (math-verify parses nothing from it) is refused.
+        """
         if isinstance(reference, dict):
             reference = reference.get("answer")
         if reference is None or not str(reference).strip():
             return "empty answer"
-        if _NUMBER.match(str(reference)):
-            return None  # the common case, no sympy needed
+        if self.match(str(reference), str(reference)) in CHECKABLE:
+            return None
+        return "math-verify parses no expression from it"
+
+    def check_ready(self) -> str | None:
+        """Why this verifier cannot grade here (math-verify missing or broken), else None."""
         try:
-            parsed = self._parse(str(reference), self._timeout())
-        except Exception as exc:  # math-verify raises many types on malformed LaTeX
-            return f"math-verify failed: {type(exc).__name__}"
-        return None if len(parsed) >= 2 else "math-verify parses no expression from it"
+            from math_verify import parse, verify  # heavy (sympy): imported on first use
+
+            ok = verify(parse(_PROBE[0]), parse(_PROBE[1]))
+        except Exception as exc:  # ImportError, or a broken install (antlr runtime mismatch, ...)
+            return f"math-verify is missing or broken ({type(exc).__name__}: {exc}); install it with `{INSTALL}`"
+        if not ok:
+            return f"math-verify is installed but judges 1/2 != 0.5 (a broken install); reinstall it with `{INSTALL}`"
+        return None
