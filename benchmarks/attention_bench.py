@@ -64,7 +64,7 @@ def load_model(weights: str, impl: str):
     ctx = no_init_weights() if no_init_weights is not None else contextlib.nullcontext()
     with ctx:
         model = AutoModelForCausalLM.from_config(smollm2_config(), attn_implementation=impl)
-    model.load_state_dict(torch.load(weights))
+    model.load_state_dict(torch.load(weights, weights_only=True))
     return model.eval()
 
 

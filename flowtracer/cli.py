@@ -14,7 +14,7 @@ import importlib
 import sys
 
 from flowtracer import __version__
-from flowtracer.errors import USER_ERRORS, fail
+from flowtracer.errors import run_or_fail
 
 # name -> (module:function, one line for `flowtracer --help`)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -56,10 +56,7 @@ def main(args: list[str] | None = None) -> int:
         return 2
     module, func = SUBCOMMANDS[name][0].split(":")
     entry = getattr(importlib.import_module(module), func)
-    try:
-        code = entry(argv if name in LIGHTNING else argv[1:])
-    except USER_ERRORS as err:
-        fail(f"flowtracer {name}", err, str(err))
+    code = run_or_fail(f"flowtracer {name}", entry, argv if name in LIGHTNING else argv[1:])
     return int(code or 0)
 
 

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from flowtracer.errors import InputError
+
 LEGACY_SET = "default"  # the one eval set of a config without data.eval_sets (data.val_source / val_size)
 CHAIN_OPS = ("+", "-", "*")  # operators the chains generator knows
 
@@ -223,14 +225,14 @@ class EvalSet:
     @classmethod
     def from_config(cls, name: str, cfg: dict) -> "EvalSet":
         if not isinstance(cfg, dict) or "source" not in cfg:
-            raise ValueError(f"data.eval_sets.{name} needs a `source` (e.g. hf:HuggingFaceH4/MATH-500@test)")
+            raise InputError(f"data.eval_sets.{name} needs a `source` (e.g. hf:HuggingFaceH4/MATH-500@test)")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(cfg) - known)
         if unknown:
-            raise ValueError(f"data.eval_sets.{name}: unknown key(s) {unknown}; valid: {sorted(known)}")
+            raise InputError(f"data.eval_sets.{name}: unknown key(s) {unknown}; valid: {sorted(known)}")
         spec = cls(**cfg)
         if spec.k is not None and spec.k < 1:
-            raise ValueError(f"data.eval_sets.{name}.k must be >= 1, got {spec.k}")
+            raise InputError(f"data.eval_sets.{name}.k must be >= 1, got {spec.k}")
         return spec
 
     def row_verifier_kwargs(self) -> dict[str, Any]:
@@ -243,7 +245,7 @@ class EvalSet:
         """The SamplingConfig of this set: `base` (model.val_sampling) with this set's overrides."""
         k = self.k or base.num_generations
         if self.pass_ks and (max(self.pass_ks) > k or min(self.pass_ks) < 1):
-            raise ValueError(f"eval set {self.source}: pass_ks {self.pass_ks} must lie in 1..k = {k}; "
+            raise InputError(f"eval set {self.source}: pass_ks {self.pass_ks} must lie in 1..k = {k}; "
                              "raise k or drop the larger k'")
         over = {"num_generations": self.k, "temperature": self.temperature, "top_p": self.top_p,
                 "max_new_tokens": self.max_new_tokens}
@@ -279,14 +281,14 @@ class ChainSpec:
         depths = self.depth if isinstance(self.depth, tuple) else (self.depth,)
         dis = self.distractors if isinstance(self.distractors, tuple) else (self.distractors,)
         if not depths or min(depths) < 1:
-            raise ValueError(f"chains: depth must be >= 1, got {self.depth}")
+            raise InputError(f"chains: depth must be >= 1, got {self.depth}")
         if not dis or min(dis) < 0 or self.distractor_steps < 0:
-            raise ValueError("chains: distractors and distractor_steps must be >= 0")
+            raise InputError("chains: distractors and distractor_steps must be >= 0")
         if self.distractor_steps and max(dis) == 0:
-            raise ValueError("chains: distractor_steps need distractors >= 1 to build on")
+            raise InputError("chains: distractor_steps need distractors >= 1 to build on")
         if not self.ops or set(self.ops) - set(CHAIN_OPS):
-            raise ValueError(f"chains: ops must be a non-empty subset of {sorted(CHAIN_OPS)}, got {self.ops}")
+            raise InputError(f"chains: ops must be a non-empty subset of {sorted(CHAIN_OPS)}, got {self.ops}")
         if not 0 <= self.low <= self.high:
-            raise ValueError(f"chains: need 0 <= low <= high, got {self.low}, {self.high}")
+            raise InputError(f"chains: need 0 <= low <= high, got {self.low}, {self.high}")
         if max(depths) + 1 + max(dis) + self.distractor_steps > 26:
-            raise ValueError("chains: more than 26 variables; lower depth or distractors")
+            raise InputError("chains: more than 26 variables; lower depth or distractors")

@@ -34,13 +34,13 @@ def test_fit_two_steps_writes_run_folder(tmp_path, tiny_model_dir):
     assert len(records) == 2 * 2 * 4  # steps x prompts x G
     assert {"prompt", "response", "reward", "advantage", "weights", "tokens"} <= set(records[0])
     assert len(records[0]["weights"]) == len(records[0]["tokens"])
-    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["state_dict"] and all("lora_" in k for k in ckpt["state_dict"])  # adapter-only
     assert ckpt["flowtracer"]["rl_step"] == 2
 
 
 def trainable_state(ckpt_path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(ckpt_path, weights_only=False)["state_dict"]
+    return torch.load(ckpt_path, weights_only=True)["state_dict"]
 
 
 def assert_weights_moved(a: dict, b: dict) -> None:

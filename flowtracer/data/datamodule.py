@@ -11,10 +11,10 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from flowtracer.config import LEGACY_SET, EvalSet
 from flowtracer.data import prompts
 from flowtracer.data.sources import DataError, load_rows
-from flowtracer.config import LEGACY_SET
-from flowtracer.config import LEGACY_SET, EvalSet
+from flowtracer.rewards.extract import check_extraction
 
 DEFAULT_INSTRUCTION = "Answer with just the final answer inside <answer></answer>."
 _DEFAULT_GENERATED_SIZE = 1000
@@ -55,6 +55,10 @@ class PromptDataModule(L.LightningDataModule):
             files: the row's "verifier" field, else "math").
         verifier_kwargs (dict | None, default None): init args of the verifier, stored in every
             row as "verifier_kwargs", e.g. ``{extraction: [answer_tag, last_number]}`` for "math".
+        answer_extraction (list[str] | None, default None): extractors (flowtracer.rewards.extract)
+            that locate the answer span when the reward is a function returning a bare number
+            (``verifier: module:function``), in order, first match wins; None = answer_tag, boxed,
+            hash, last_number. A reward that returns a Score with a span is not affected.
         task_kwargs (dict | None, default None): config fields of a reasoning-gym task, e.g.
             ``{min_digits: 1, max_digits: 1}``; passed to ``reasoning_gym.create_dataset``.
         instruction (str | None, default "Answer with just the final answer inside
@@ -87,6 +91,7 @@ class PromptDataModule(L.LightningDataModule):
         answer_field: str = "answer",
         verifier: str | None = None,
         verifier_kwargs: dict[str, Any] | None = None,
+        answer_extraction: list[str] | None = None,
         task_kwargs: dict[str, Any] | None = None,
         instruction: str | None = DEFAULT_INSTRUCTION,
         system_prompt: str | None = None,
@@ -106,6 +111,7 @@ class PromptDataModule(L.LightningDataModule):
         self.question_field, self.answer_field = question_field, answer_field
         self.verifier, self.task_kwargs = verifier, dict(task_kwargs or {})
         self.verifier_kwargs = dict(verifier_kwargs or {})
+        self.answer_extraction = list(check_extraction(answer_extraction)) if answer_extraction else None
         self.instruction, self.system_prompt = instruction, system_prompt
         self.use_chat_template, self.cache_dir = use_chat_template, cache_dir
         self.train_rows: list[dict] | None = None
@@ -149,10 +155,8 @@ class PromptDataModule(L.LightningDataModule):
                 f"{self.train_source}: no training rows left after carving val_size={self.val_size} "
                 "validation rows; lower val_size or give val_source"
             )
-        if self.verifier_kwargs:
-            train = [{**r, "verifier_kwargs": self.verifier_kwargs} for r in train]
-            val = [{**r, "verifier_kwargs": self.verifier_kwargs} for r in val]
-        self.train_rows, self.val_rows = train, val
+        shared = self._shared_fields()
+        self.train_rows, self.val_rows = [{**r, **shared} for r in train], [{**r, **shared} for r in val]
         self._setup_eval_sets()
 
     def setup_eval(self) -> None:
@@ -164,7 +168,7 @@ class PromptDataModule(L.LightningDataModule):
             return self.setup()
         if self.legacy_validation and self.val_size:
             val = self._load(self.val_source, self.val_size, self.seed + 1)
-            self.val_rows = [{**r, "verifier_kwargs": self.verifier_kwargs} for r in val] if self.verifier_kwargs else val
+            self.val_rows = [{**r, **self._shared_fields()} for r in val]
         self._setup_eval_sets()
 
     def _setup_eval_sets(self) -> None:
@@ -174,13 +178,20 @@ class PromptDataModule(L.LightningDataModule):
             self.val_rows = [{**r, "eval_set": LEGACY_SET, "eval_index": i} for i, r in enumerate(self.val_rows)]
             self.eval_rows = {LEGACY_SET: self.val_rows} if self.val_rows else {}
             return
-        shared = {"verifier_kwargs": self.verifier_kwargs} if self.verifier_kwargs else {}
+        shared = self._shared_fields()
         self.eval_rows = {}
         for name, spec in self.eval_specs.items():
             rows = load_set_rows(name, spec, seed=self.seed + 1, cache_dir=self.cache_dir,
                                  default_verifier=self.verifier)
             self.eval_rows[name] = [{**shared, **r} for r in rows]  # a set's own verifier_kwargs win
         self.val_rows = [r for rows in self.eval_rows.values() for r in rows]
+
+    def _shared_fields(self) -> dict[str, Any]:
+        """Grading settings every row carries (only those set)."""
+        out: dict[str, Any] = {"verifier_kwargs": self.verifier_kwargs} if self.verifier_kwargs else {}
+        if self.answer_extraction:
+            out["answer_extraction"] = self.answer_extraction
+        return out
 
     # ---------------------------------------------------------------- training position
     @property

@@ -31,13 +31,14 @@ import os
 from pathlib import Path
 from typing import Any
 from flowtracer.data.chains import make_rows
+from flowtracer.errors import InputError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 GRAMMAR = "'reasoning_gym:<task>', 'chains', 'hf:<id>[:<config>][@<split>]' or a local .jsonl/.json/.parquet file"
 _FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """A data source could not be read as asked; the message says how to fix it."""
 
 

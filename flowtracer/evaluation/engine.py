@@ -28,6 +28,7 @@ from flowtracer.evaluation.metrics import answer_key, macro_average, set_metrics
 from flowtracer.generation import sample
 from flowtracer.generation.sampler import row_seeds
 from flowtracer.rewards import VerifierCache, safe_score
+from flowtracer.rewards.extract import row_extraction
 
 
 def set_seed_offset(name: str) -> int:
@@ -69,7 +70,7 @@ def eval_batch(policy, tokenizer, rows: list[dict], sampling, format_prompt: Cal
         correct, keys = [], []
         texts = gen.responses[i * k:(i + 1) * k]
         for text in texts:
-            score, _ = safe_score(verifiers(row), text, row["answer"])
+            score, _ = safe_score(verifiers(row), text, row["answer"], locate=row_extraction(row))
             correct.append(bool(score.reward >= threshold))
             keys.append(answer_key(score.parsed))
         records.append({"set": name, "index": int(row["eval_index"]), "question": row["question"],

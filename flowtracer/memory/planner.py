@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from flowtracer.errors import InputError
+
 GIB = 2**30
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2}
 # Activation elements saved per token and layer for the backward (calibrated, see module docstring):
@@ -118,7 +120,7 @@ def resolve_shape(name: str) -> ModelShape:
     path = path / "config.json" if path.is_dir() else path
     if path.name == "config.json" and path.is_file():
         return shape_from_config(json.loads(path.read_text()))
-    raise ValueError(f"no model shape for {name!r}: pass --shape one of {', '.join(SHAPES)} "
+    raise InputError(f"no model shape for {name!r}: pass --shape one of {', '.join(SHAPES)} "
                      "or a folder holding config.json")
 
 
@@ -307,3 +309,21 @@ def _mem_available() -> float:
     except OSError:
         pass
     return device_memory("cpu") / 2
+
+
+def memory_fix(shape, run, p, budget: float) -> str:
+    """The setting that lowers the phase of plan `p` that does not fit `budget` bytes."""
+    resident = sum(resident_bytes(shape, run))
+    if resident > budget * HEADROOM:
+        return ("the weights and optimizer states alone do not fit: enable LoRA (model.lora), set "
+                "model.model_dtype: bfloat16, or pick a smaller model")
+    if p.peak_phase == "generate":
+        rows = auto_rows(shape, run, budget, resident)
+        return (f"set model.sampling.generation_batch_size: auto (or at most {rows} rows)" if rows < p.generation_rows
+                else "lower model.sampling.max_new_tokens or num_generations")
+    micro = largest_micro_batch(shape, run, budget)
+    if micro >= 1:
+        return f"lower model.optim.micro_batch_size to {micro} or less"
+    if not run.gradient_checkpointing:
+        return "set model.gradient_checkpointing: true and model.optim.micro_batch_size: 1"
+    return "lower model.sampling.max_new_tokens (even one sequence per micro-batch does not fit)"

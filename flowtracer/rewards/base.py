@@ -7,6 +7,8 @@ import numbers
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from flowtracer.rewards.extract import FALLBACK_EXTRACTORS, extract_answer
+
 
 @dataclass(frozen=True)
 class Score:
@@ -33,12 +35,15 @@ class Verifier(Protocol):
     def __call__(self, response: str, reference: Any) -> Score: ...
 
 
-def safe_score(verifier: Any, response: str, reference: Any) -> tuple[Score, str | None]:
+def safe_score(verifier: Any, response: str, reference: Any,
+               locate: tuple[str, ...] | None = None) -> tuple[Score, str | None]:
     """Call `verifier` and never raise: returns ``(score, error)``.
 
     A raised exception, a non-number reward or a NaN/inf reward becomes ``Score(0.0, None, None)``
     and an error string (the trainer counts these). A plain number returned by a user reward function
-    is accepted and wrapped as ``Score(reward, None, None)``.
+    is accepted as the reward; its answer span is then located in the response by the extractors
+    `locate` (flowtracer.rewards.extract, first match wins), independently of the reward, so credit
+    arms still find the answer tokens; with `locate` None the span stays None.
     """
     try:
         out = verifier(response, reference)
@@ -53,4 +58,7 @@ def safe_score(verifier: Any, response: str, reference: Any) -> tuple[Score, str
         return Score(0.0), f"reward is not finite: {reward!r}"
     if isinstance(out, Score):
         return Score(float(reward), out.answer_span, out.parsed, out.fallback), None
-    return Score(float(reward)), None
+    name, found = extract_answer(response, locate) if locate else ("", None)
+    if found is None:
+        return Score(float(reward)), None
+    return Score(float(reward), found[1], found[0], fallback=name in FALLBACK_EXTRACTORS), None

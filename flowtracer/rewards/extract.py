@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
+from flowtracer.errors import InputError
+
 Extracted = tuple[str, tuple[int, int]]
 
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
@@ -96,9 +98,18 @@ EXTRACTORS: dict[str, Callable[[str], Extracted | None]] = {
 }
 
 
+# The math verifier's order, and where a reward function that returns a bare number gets its answer span.
+DEFAULT_EXTRACTION = ("answer_tag", "boxed", "hash", "last_number")
+
 # Extractors that find an answer without an explicit answer marker: in a truncated response they
 # would name an arbitrary intermediate value as the answer.
 FALLBACK_EXTRACTORS = frozenset({"last_number", "last_line"})
+
+
+def row_extraction(row: dict) -> tuple[str, ...]:
+    """The extractors that locate the answer span of a reward that returns a bare number: the row's
+    ``answer_extraction`` (data.answer_extraction), else DEFAULT_EXTRACTION."""
+    return tuple(row.get("answer_extraction") or DEFAULT_EXTRACTION)
 
 
 def check_extraction(names: tuple[str, ...] | list[str]) -> tuple[str, ...]:
@@ -106,7 +117,7 @@ def check_extraction(names: tuple[str, ...] | list[str]) -> tuple[str, ...]:
     names = tuple(names)
     unknown = [n for n in names if n not in EXTRACTORS]
     if unknown or not names:
-        raise ValueError(f"unknown extractor(s) {unknown or names}; valid: {', '.join(EXTRACTORS)}")
+        raise InputError(f"unknown extractor(s) {unknown or names}; valid: {', '.join(EXTRACTORS)}")
     return names
 
 

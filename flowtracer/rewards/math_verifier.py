@@ -6,7 +6,7 @@ import threading
 from typing import Any
 
 from flowtracer.rewards.base import Score
-from flowtracer.rewards.extract import FALLBACK_EXTRACTORS, boxed, check_extraction, extract_answer
+from flowtracer.rewards.extract import DEFAULT_EXTRACTION, FALLBACK_EXTRACTORS, boxed, check_extraction, extract_answer
 from flowtracer.rewards.latex import canonical, choice_letter, chosen_letter, plain, plain_number, word_answer
 
 # How `match` decided; every way but "string" (a literal copy of the reference) proves the reference checkable.
@@ -39,7 +39,7 @@ class MathVerifier:
 
     def __init__(
         self,
-        extraction: tuple[str, ...] | list[str] = ("answer_tag", "boxed", "hash", "last_number"),
+        extraction: tuple[str, ...] | list[str] = DEFAULT_EXTRACTION,
         timeout_seconds: int | None = 5,
     ):
         self.extraction = check_extraction(extraction)

@@ -7,6 +7,7 @@ import importlib
 import json
 from typing import Any
 
+from flowtracer.errors import InputError
 from flowtracer.rewards.countdown import CountdownVerifier
 from flowtracer.rewards.math_verifier import MathVerifier
 from flowtracer.rewards.rgym import ReasoningGymVerifier
@@ -27,7 +28,7 @@ def get_verifier(name: str, **kwargs: Any):
     if ":" in name:
         return _import_reward(name, kwargs)
     if name not in VERIFIERS:
-        raise ValueError(f"unknown verifier {name!r}; valid names: {', '.join(VERIFIERS)} "
+        raise InputError(f"unknown verifier {name!r}; valid names: {', '.join(VERIFIERS)} "
                          "or 'package.module:function'")
     return VERIFIERS[name](**kwargs)
 
@@ -38,12 +39,12 @@ def _import_reward(name: str, kwargs: dict):
     try:
         obj = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
-        raise ValueError(f"reward {name!r} could not be imported ({exc}); check the module is on "
+        raise InputError(f"reward {name!r} could not be imported ({exc}); check the module is on "
                          "PYTHONPATH and the name after ':' exists") from exc
     if isinstance(obj, type):
         return obj(**kwargs)
     if not callable(obj):
-        raise ValueError(f"reward {name!r} is a {type(obj).__name__}, not a function or class")
+        raise InputError(f"reward {name!r} is a {type(obj).__name__}, not a function or class")
     return functools.partial(obj, **kwargs) if kwargs else obj
 
 

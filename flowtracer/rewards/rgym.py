@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any, Callable
 
+from flowtracer.errors import InputError
 from flowtracer.rewards.base import Score
 from flowtracer.rewards.extract import FALLBACK_EXTRACTORS, check_extraction, extract_answer
 
@@ -36,7 +37,7 @@ class ReasoningGymVerifier:
     ):
         if task is not None and task not in _registered():
             valid = ", ".join(sorted(_registered()))
-            raise ValueError(f"unknown reasoning-gym task {task!r}; valid: {valid}")
+            raise InputError(f"unknown reasoning-gym task {task!r}; valid: {valid}")
         self.task = task
         self.extraction = check_extraction(extraction)
         self._scorers: dict[str, Callable[[str | None, dict], float]] = {}
@@ -64,7 +65,7 @@ class ReasoningGymVerifier:
         entry = json.loads(reference) if isinstance(reference, str) else reference
         name = self.task or entry.get("metadata", {}).get("source_dataset")
         if name is None:
-            raise ValueError(
+            raise InputError(
                 "reasoning-gym entry has no metadata.source_dataset; pass task=... to the verifier"
             )
         how, found = extract_answer(response, self.extraction)

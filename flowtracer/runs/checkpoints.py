@@ -10,6 +10,9 @@ logs, because:
     past the checkpoint (written after it, and about to be redone), and any torn last line;
   - the prompts and sampling of step s are functions of (seed, s) (GRPOModule._seed_everything),
     and the checkpoint holds the weights, optimizer, scheduler, loop counters and guard counts.
+Reading one: `load_checkpoint_file` unpickles tensors, containers, numbers, strings and the
+project's settings dataclasses only (``weights_only=True``); a file holding anything else is
+refused, because unpickling it could run code the file carries.
 """
 
 from __future__ import annotations
@@ -26,7 +29,36 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from flowtracer.config import ChainSpec, DapoConfig, EvalSet, LoraSpec, LossConfig, OptimConfig, SamplingConfig
+from flowtracer.errors import InputError
 from flowtracer.runs.csvlog import atomic_write_text, fsync_dir
+
+# What a checkpoint may hold besides tensors and plain containers: the hyper-parameters of a module
+# built in Python (the CLI stores them as plain dicts).
+SAFE_TYPES = (SamplingConfig, LossConfig, OptimConfig, DapoConfig, LoraSpec, EvalSet, ChainSpec)
+
+
+class UnsafeCheckpointError(InputError):
+    """A checkpoint file that holds objects other than weights and settings."""
+
+
+def load_checkpoint_file(path: str | os.PathLike, *, mmap: bool = False) -> Any:
+    """`torch.load(path, weights_only=True)` on the CPU, with the project's settings types allowed.
+
+    UnsafeCheckpointError (one line naming the risk) when the file pickles any other object;
+    other failures (not a torch file, truncated) propagate for the caller to describe.
+    """
+    try:
+        with torch.serialization.safe_globals(list(SAFE_TYPES)):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as exc:  # torch raises UnpicklingError (or RuntimeError) for a refused global
+        if "Weights only load failed" not in str(exc):
+            raise
+        found = str(exc).split("Unsupported global: GLOBAL ")[-1].split(" ")[0] if "GLOBAL" in str(exc) else "objects"
+        raise UnsafeCheckpointError(
+            f"{path} holds {found} besides weights and settings; unpickling it could run code the file "
+            "carries, so it is refused (only checkpoints written by `flowtracer fit` or `sft` load; if you "
+            "wrote this file yourself, save tensors and plain values only)") from exc
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -17,9 +17,11 @@ from flowtracer.credit.attention import received_attention
 from flowtracer.data.datamodule import DEFAULT_INSTRUCTION  # the quickstart's instruction
 from flowtracer.data.prompts import format_prompt
 from flowtracer.data.sources import load_rows
+from flowtracer.errors import InputError
 from flowtracer.generation import question_mask
 from flowtracer.rewards import VerifierCache
 from flowtracer.rewards.base import safe_score
+from flowtracer.rewards.extract import row_extraction
 from flowtracer.train.step.forward import teacher_forced_pass
 from flowtracer.train.step.score import rollout_batch as build_rollout_batch
 from flowtracer.train.step.score import score_responses
@@ -29,9 +31,18 @@ QUICKSTART_SOURCES = ("data/arith_train.jsonl", "data/arith_val.jsonl")  # 80 + 
 
 def tool_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
     """The command line every analysis tool starts from: its docstring as help, and --model."""
-    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--model", default="smollm2-135m-instruct", help="bundled name, HF folder, .gguf or hub id")
     return p
+
+
+def require_positive(args, *names: str) -> None:
+    """Counts such as --n and --batch-size must be >= 1 (0 never means "all": say how many)."""
+    for name in names:
+        value = getattr(args, name.replace("-", "_"))
+        if value is not None and value < 1:
+            raise InputError(f"--{name} {value}: must be >= 1 (give the number you want; there is no 'all' value)")
 
 
 def load_problems(sources: list[str], n: int | None = None) -> list[dict]:
@@ -54,7 +65,8 @@ Verifiers = VerifierCache  # the module's cache of verifier instances, by (name,
 
 def judge(verifiers: Verifiers, rows: list[dict], texts: list[str]) -> list:
     """The verifier's Score of each text against its row's answer (never raises)."""
-    return [safe_score(verifiers(row), text, row.get("answer"))[0] for row, text in zip(rows, texts)]
+    return [safe_score(verifiers(row), text, row.get("answer"), locate=row_extraction(row))[0]
+            for row, text in zip(rows, texts)]
 
 
 def rollout_batch(tokenizer, verifiers: Verifiers, rows: list[dict], gen: Generated,
@@ -103,7 +115,7 @@ def given_responses(tokenizer, prompts: list[str], spans, responses: list[str]) 
                     return_offsets_mapping=True)
     toks = [tokenizer(r, add_special_tokens=False)["input_ids"] for r in responses]
     if not all(toks):
-        raise ValueError("an empty response was given; give non-empty responses or let the tool generate them")
+        raise InputError("an empty response was given; give non-empty responses or let the tool generate them")
     width = max(len(t) for t in toks)
     r = torch.full((len(toks), width), tokenizer.pad_token_id, dtype=torch.long)
     lens = torch.tensor([len(t) for t in toks])

@@ -43,6 +43,7 @@ from flowtracer.config import SamplingConfig
 from flowtracer.credit.attention import received_attention
 from flowtracer.credit.select import select_mask
 from flowtracer.data.chains import INSTRUCTION, used_result_spans
+from flowtracer.errors import InputError
 from flowtracer.evaluation.ranking import auroc, covers_all, precision_at_k
 from flowtracer.evaluation.stats import bootstrap_mean_ci, fmt_ci
 from flowtracer.generation import generate, response_token_offsets
@@ -54,6 +55,7 @@ from flowtracer.tools.analysis import (
     format_prompts,
     given_responses,
     load_problems,
+    require_positive,
     rollout_batch,
     teacher_force,
 )
@@ -79,7 +81,7 @@ def ground_truth(tokenizer, rb, rows: list[dict], qspans) -> dict[str, Tensor]:
     for i, row in enumerate(rows):  # per problem (text offsets), never per token
         meta, span = row.get("meta") or {}, qspans[i]
         if span is None or "dep_spans" not in meta:
-            raise ValueError("attribution needs chain problems with ground truth (meta.dep_spans); "
+            raise InputError("attribution needs chain problems with ground truth (meta.dep_spans); "
                              "use data/chains_*.jsonl or the 'chains' source")
         enc = tokenizer(rb.prompts[i], add_special_tokens=False, return_offsets_mapping=True)
         n = len(enc["input_ids"])
@@ -180,7 +182,7 @@ def write(table: list[dict], counts: dict, out: str, command: str) -> None:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="flowtracer attribution", description=__doc__,
+    p = argparse.ArgumentParser(prog="flowtracer attribution", allow_abbrev=False, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML file with any of the options below (flags override it)")
     p.add_argument("--model", default="smollm2-135m-instruct", help="bundled name, HF folder, .gguf or hub id")
@@ -201,9 +203,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         unknown = set(cfg) - set(vars(args))
         if unknown:
             known = sorted(set(vars(args)) - {"config"})
-            raise ValueError(f"{args.config}: unknown keys {sorted(unknown)}; known: {known}")
+            raise InputError(f"{args.config}: unknown keys {sorted(unknown)}; known: {known}")
         p.set_defaults(**cfg)
         args = p.parse_args(argv)  # flags given on the command line still win
+    require_positive(args, "n", "batch-size", "max-new-tokens")
     return args
 
 

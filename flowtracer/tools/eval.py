@@ -27,15 +27,17 @@ from pathlib import Path
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from flowtracer.errors import InputError
 from flowtracer.evaluation.engine import evaluate
 from flowtracer.evaluation.report import markdown, print_table, to_json
 from flowtracer.model.policy import load_policy
 from flowtracer.runs.csvlog import atomic_write_text
 from flowtracer.tools.runs import instantiate, load_checkpoint_into, merged_configs, run_config, run_dir_of
+from flowtracer.train.preflight import check_references
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="flowtracer eval", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="flowtracer eval", allow_abbrev=False, description=__doc__.split("\n\n")[0])
     p.add_argument("--config", action="append", default=None,
                    help="fit-style config with data.eval_sets (default: the run's config.yaml); repeat to "
                         "overlay several, e.g. --config run.yaml --config experiments/eval_math.yaml")
@@ -81,11 +83,11 @@ def _selected(data, sets_arg: str | None, limit: int | None) -> dict:
         wanted = [s.strip() for s in sets_arg.split(",") if s.strip()]
         unknown = [s for s in wanted if s not in data.eval_specs]
         if unknown:
-            raise ValueError(f"--sets {','.join(unknown)}: no such eval set; "
+            raise InputError(f"--sets {','.join(unknown)}: no such eval set; "
                              f"the config has {', '.join(data.eval_specs)}")
         names = [n for n in names if n in wanted]
     if not names:
-        raise ValueError("the config has no evaluation rows: set data.eval_sets (or val_source/val_size)")
+        raise InputError("the config has no evaluation rows: set data.eval_sets (or val_source/val_size)")
     return {n: (data.eval_specs[n], data.eval_rows[n][:limit] if limit else data.eval_rows[n]) for n in names}
 
 
@@ -94,14 +96,16 @@ def run(args) -> tuple[dict, Path]:
 
 
     if not (args.config or args.ckpt_path):
-        raise ValueError("give --config (what to evaluate on), --ckpt_path (a run), or both")
+        raise InputError("give --config (what to evaluate on), --ckpt_path (a run), or both")
     if (args.batch_size is not None and args.batch_size < 1) or (args.limit is not None and args.limit < 1):
-        raise ValueError("--batch_size and --limit must be >= 1")
+        raise InputError("--batch_size and --limit must be >= 1")
     cfg = merged_configs(args.config) if args.config else run_config(args.ckpt_path)
     settings, data = instantiate(cfg)  # sampling, seed, prompts and sets to evaluate with
     policy, tokenizer, label, default_out = _policy(args, settings)
     policy.to(_device(args.device))
     sets = _selected(data, args.sets, args.limit)
+    for name, (_, rows) in sets.items():  # the fit pre-flight's checks: math-verify works, references parse
+        check_references(settings, rows, f"eval set {name}")
     total = sum(len(rows) for _, rows in sets.values())
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns) as bar:

@@ -22,12 +22,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from flowtracer.errors import InputError
 from flowtracer.model.policy import is_lora
 from flowtracer.tools.runs import instantiate, load_checkpoint_into, run_config
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="flowtracer export", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="flowtracer export", allow_abbrev=False, description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt_path", required=True, help="a checkpoint of a fit run (<run>/checkpoints/last.ckpt)")
     p.add_argument("--out", required=True, help="folder to write (must not exist or be empty)")
     p.add_argument("--merge", action="store_true", help="fold LoRA adapters into the weights: a plain HF model")
@@ -54,7 +55,7 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"--out {out} already exists and is not empty; choose a new folder or delete it")
+        raise InputError(f"--out {out} already exists and is not empty; choose a new folder or delete it")
     module, _ = instantiate(run_config(args.ckpt_path, args.config))
     state = load_checkpoint_into(module, args.ckpt_path)
     policy = module.policy.eval()

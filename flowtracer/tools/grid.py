@@ -51,6 +51,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from flowtracer.errors import InputError
 from flowtracer.runs.csvlog import atomic_write_text
 from flowtracer.tools.report import read_metrics, write_report
 
@@ -119,17 +120,17 @@ def _label(value) -> str:
 def load_grid(path: str | Path, out: str | None = None, parallel: int | None = None) -> Grid:
     path = Path(path).resolve()
     if not path.exists():
-        raise FileNotFoundError(f"grid config {path} not found; pass --config experiments/grid_<name>.yaml")
+        raise InputError(f"grid config {path} not found; pass --config experiments/grid_<name>.yaml")
     spec = yaml.safe_load(path.read_text()) or {}
     here = path.parent
     base = spec.get("base") or []
     base = [here / b for b in ([base] if isinstance(base, str) else base)]
     for b in base:
         if not b.exists():
-            raise FileNotFoundError(f"grid base config {b} not found; fix `base:` in {path}")
+            raise InputError(f"grid base config {b} not found; fix `base:` in {path}")
     axes = spec.get("axes") or {}
     if not axes:
-        raise ValueError(f"{path} has no `axes:`; add e.g. `axes: {{seed: [0, 1]}}`")
+        raise InputError(f"{path} has no `axes:`; add e.g. `axes: {{seed: [0, 1]}}`")
     out_dir = (Path(out) if out else here / spec.get("out", f"../lightning_logs/grid_{path.stem}")).resolve()
     shared = dict(spec.get("overrides") or {})
 
@@ -139,20 +140,20 @@ def load_grid(path: str | Path, out: str | None = None, parallel: int | None = N
         opts = []
         if axis == "arm":
             if not isinstance(values, dict):
-                raise ValueError("axis `arm` maps arm names to config files, e.g. {flow: ablation_flow.yaml}")
+                raise InputError("axis `arm` maps arm names to config files, e.g. {flow: ablation_flow.yaml}")
             for name, cfg in values.items():
                 if isinstance(cfg, dict):  # inline overrides, e.g. {trainer.callbacks: [...]}
                     opts.append((axis, str(name), [], cfg))
                 else:
                     f = here / cfg
                     if not f.exists():
-                        raise FileNotFoundError(f"arm {name}: {f} not found; fix axes.arm in {path}")
+                        raise InputError(f"arm {name}: {f} not found; fix axes.arm in {path}")
                     opts.append((axis, str(name), [f], {}))
         elif axis == "seed":
             opts = [(axis, str(s), [], {k: s for k in SEED_KEYS}) for s in values]
         else:
             if not isinstance(values, list):
-                raise ValueError(f"axis {axis}: give a list of values, e.g. {axis}: [1, 2]")
+                raise InputError(f"axis {axis}: give a list of values, e.g. {axis}: [1, 2]")
             opts = [(axis, _label(v), [], {axis: v}) for v in values]
         choices.append(opts)
 
@@ -315,7 +316,7 @@ def run_grid(grid: Grid, *, live: bool = True, poll_s: float = 1.0) -> list[Cell
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="flowtracer grid", description=__doc__,
+    p = argparse.ArgumentParser(prog="flowtracer grid", allow_abbrev=False, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="grid YAML (base + axes)")
     p.add_argument("--out", help="output folder (default: the grid file's `out:`)")

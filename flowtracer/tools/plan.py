@@ -1,7 +1,7 @@
 """`flowtracer plan`: predicted peak memory of each phase of a config's RL step, without weights.
 
     flowtracer plan --config experiments/lora_qwen3_4b_dapo_1k.yaml --memory-gb 80
-    flowtracer plan --config experiments/quickstart.yaml              # this machine's RAM/GPU
+    flowtracer plan --config experiments/quickstart.yaml              # this machine's GPU (or RAM)
     flowtracer plan --config X --shape qwen3-1.7b --prompt-tokens 300  # another model / prompt length
 
 The model's shape comes from a named shape (qwen3-0.6b, qwen3-1.7b, qwen3-4b, qwen3-8b,
@@ -12,12 +12,23 @@ and no weights are read. The memory model is flowtracer.memory.planner (the one 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import torch
 import yaml
 
-from flowtracer.memory.planner import GIB, HEADROOM, RunSpec, device_memory, largest_micro_batch, plan, resolve_shape
+from flowtracer.errors import InputError
+from flowtracer.memory.planner import (
+    GIB,
+    HEADROOM,
+    RunSpec,
+    device_memory,
+    largest_micro_batch,
+    memory_fix,
+    plan,
+    resolve_shape,
+)
 
 _ATTENTION_ARMS = ("FlowCredit", "AttentionCredit")
 
@@ -48,8 +59,8 @@ def runspec_from_config(cfg: dict, prompt_tokens: int) -> tuple[str, RunSpec, in
     return str(model.get("model", "smollm2-135m-instruct")), run, world
 
 
-def report(name: str, run: RunSpec, world: int, budget: float | None, shape) -> list[str]:
-    """The lines `flowtracer plan` prints."""
+def report(name: str, run: RunSpec, world: int, budget: float | None, shape, where: str = "") -> list[str]:
+    """The lines `flowtracer plan` prints; `where` says whose memory `budget` is."""
     p = plan(shape, run, budget)
 
     def gib(b):
@@ -72,34 +83,46 @@ def report(name: str, run: RunSpec, world: int, budget: float | None, shape) -> 
                   f"<= {p.tokens_per_step:,} generated tokens per step per process"]
     if budget:
         fits = p.peak <= budget
-        lines.append(f"device memory {budget / GIB:.1f} GiB: peak {p.peak / GIB:.2f} GiB "
+        lines.append(f"device memory {budget / GIB:.1f} GiB ({where or 'given'}): peak {p.peak / GIB:.2f} GiB "
                      f"{'fits' if fits else 'DOES NOT FIT'} ({100 * p.peak / budget:.0f}%); largest micro_batch_size "
                      f"that fits: {largest_micro_batch(shape, run, budget)} (at {int(HEADROOM * 100)}% of the device)")
+        if not fits:
+            lines.append(f"does not fit: phase {p.peak_phase!r} needs {p.peak / GIB:.2f} GiB; "
+                         f"{memory_fix(shape, run, p, budget)}")
     return lines
 
 
 def main(argv: list[str] | None = None) -> int:
 
-    ap = argparse.ArgumentParser(prog="flowtracer plan", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="flowtracer plan", allow_abbrev=False, description=__doc__.splitlines()[0])
     ap.add_argument("--config", required=True, help="a `flowtracer fit` YAML")
     ap.add_argument("--shape", help="model shape or folder with config.json (default: the config's model)")
     ap.add_argument("--prompt-tokens", type=int, default=256, help="longest prompt in tokens (default 256)")
     ap.add_argument("--memory-gb", type=float, help="device memory to check against (default: this "
-                    "machine's GPU for gpu configs where present, else its RAM for cpu configs)")
+                    "machine's GPU for gpu configs, its RAM for cpu configs or where it has no GPU)")
     args = ap.parse_args(argv)
     path = Path(args.config)
     if not path.is_file():
-        raise FileNotFoundError(f"--config {path}: no such file")
+        raise InputError(f"--config {path}: no such file")
     cfg = yaml.safe_load(path.read_text()) or {}
     name, run, world = runspec_from_config(cfg, args.prompt_tokens)
     shape = resolve_shape(args.shape or name)
-    budget = args.memory_gb * GIB if args.memory_gb else _local_budget(run.accelerator)
-    print("\n".join(report(args.shape or name, run, world, budget, shape)))
+    budget, where = _budget(args.memory_gb, run.accelerator)
+    print("\n".join(report(args.shape or name, run, world, budget, shape, where)))
     return 0
 
 
-def _local_budget(accelerator: str) -> float | None:
-
+def _budget(memory_gb: float | None, accelerator: str) -> tuple[float, str]:
+    """(bytes, whose memory that is): --memory-gb, FLOWTRACER_MEMORY_GB, this machine's GPU, else its RAM."""
+    if memory_gb is not None:
+        if not memory_gb > 0:
+            raise InputError(f"--memory-gb {memory_gb}: give the device memory in GB (> 0)")
+        return memory_gb * GIB, "--memory-gb"
+    if os.environ.get("FLOWTRACER_MEMORY_GB"):
+        return device_memory(), "FLOWTRACER_MEMORY_GB"
+    if accelerator == "cuda" and torch.cuda.is_available():
+        return device_memory("cuda"), f"this machine's GPU 0, {torch.cuda.get_device_name(0)}"
     if accelerator == "cuda":
-        return device_memory("cuda") if torch.cuda.is_available() else None
-    return device_memory("cpu")
+        return device_memory("cpu"), ("this machine's RAM: the config is for a GPU and there is none here; "
+                                      "pass --memory-gb with the target GPU's memory")
+    return device_memory("cpu"), "this machine's RAM"

@@ -37,6 +37,7 @@ from torch import Tensor
 
 from flowtracer.config import SamplingConfig
 from flowtracer.credit.select import select_mask
+from flowtracer.errors import InputError
 from flowtracer.evaluation.stats import fmt_ci, wilson_ci
 from flowtracer.generation import eos_ids, generate
 from flowtracer.model.policy import load_policy
@@ -49,6 +50,7 @@ from flowtracer.tools.analysis import (
     given_responses,
     judge,
     load_problems,
+    require_positive,
     rollout_batch,
     teacher_force,
     tool_parser,
@@ -235,7 +237,7 @@ def probe_batch(model, tokenizer, rows: list[dict], result: ProbeResult, *, veri
 def run_probe(model, tokenizer, rows: list[dict], *, frac: float = 0.2, max_new_tokens: int = 32,
               batch_size: int = 20, layers="middle", seed: int = 0, **prompt_kw) -> ProbeResult:
     if not 0 < frac < 1:
-        raise ValueError(f"--frac must be in (0, 1), got {frac}")
+        raise InputError(f"--frac must be in (0, 1), got {frac}")
     result = ProbeResult(frac=frac)
     verifiers = Verifiers()
     model.eval()
@@ -260,6 +262,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--out", help="write the table and per-problem records to this JSON file")
     p.add_argument("--results", help="write the table to <RESULTS>.csv and <RESULTS>.md (e.g. results/probe_chains)")
     args = p.parse_args(argv)
+    require_positive(args, "n", "batch-size", "max-new-tokens")
     torch.manual_seed(args.seed)
     model, tokenizer = load_policy(os.path.expanduser(args.model), lora=None)
     rows = load_problems(args.data, args.n)

@@ -11,11 +11,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
-from jsonargparse import ArgumentParser
+from jsonargparse import ArgumentError, ArgumentParser
 
 from flowtracer.data import PromptDataModule
+from flowtracer.errors import InputError
+from flowtracer.runs.checkpoints import UnsafeCheckpointError, load_checkpoint_file
 from flowtracer.train.module import GRPOModule
 
 
@@ -28,10 +29,10 @@ def run_dir_of(ckpt_path: str | os.PathLike) -> Path:
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config {path} does not exist; pass --config with the run's config.yaml")
+        raise InputError(f"config {path} does not exist; pass --config with the run's config.yaml")
     cfg = yaml.safe_load(path.read_text()) or {}
     if not isinstance(cfg, dict):
-        raise ValueError(f"config {path} is not a mapping of keys (trainer, model, data)")
+        raise InputError(f"config {path} is not a mapping of keys (trainer, model, data)")
     return cfg
 
 
@@ -56,8 +57,8 @@ def run_config(ckpt_path: str | os.PathLike, given: str | None = None) -> dict[s
     """The config a checkpoint was trained with: `given`, else <run>/config.yaml."""
     path = Path(given) if given else run_dir_of(ckpt_path) / "config.yaml"
     if not given and not path.is_file():
-        raise FileNotFoundError(f"{path} is missing (the run folder of {ckpt_path} has no config.yaml); "
-                                "pass --config with the config the run was trained with")
+        raise InputError(f"{path} is missing (the run folder of {ckpt_path} has no config.yaml); "
+                         "pass --config with the config the run was trained with")
     return read_config(path)
 
 
@@ -72,7 +73,11 @@ def instantiate(cfg: dict[str, Any]):
     parser = ArgumentParser(exit_on_error=False)
     parser.add_class_arguments(GRPOModule, "model")
     parser.add_class_arguments(PromptDataModule, "data")
-    parsed = parser.parse_object({"model": cfg.get("model") or {}, "data": cfg.get("data") or {}})
+    try:
+        parsed = parser.parse_object({"model": cfg.get("model") or {}, "data": cfg.get("data") or {}})
+    except ArgumentError as exc:
+        raise InputError(f"config: {' '.join(str(exc).split())} (`flowtracer fit --print_config` lists every "
+                         "key and its type)") from exc
     init = parser.instantiate_classes(parsed)
     return init.model, init.data
 
@@ -83,15 +88,24 @@ def load_checkpoint_into(module, ckpt_path: str | os.PathLike) -> dict[str, Any]
 
     path = Path(ckpt_path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist; pass <run>/checkpoints/last.ckpt")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        raise InputError(f"checkpoint {path} does not exist; pass <run>/checkpoints/last.ckpt")
+    try:
+        ckpt = load_checkpoint_file(path)  # weights and settings only: a crafted pickle is refused unrun
+    except UnsafeCheckpointError:
+        raise
+    except Exception as exc:  # a text file, a truncated zip: not a torch file at all
+        raise InputError(f"{path} is not a checkpoint (torch.load: {type(exc).__name__}); "
+                         "pass <run>/checkpoints/last.ckpt") from exc
+    if not isinstance(ckpt, dict):
+        raise InputError(f"{path} is a torch file but not a checkpoint (no state_dict); "
+                         "pass <run>/checkpoints/last.ckpt")
     state = ckpt.get("state_dict") or {}
     module.configure_model()
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
     result = module.load_state_dict(state, strict=False)
     missing = sorted(trainable - set(state))
     if result.unexpected_keys or missing:
-        raise ValueError(
+        raise InputError(
             f"{path} does not fit the model of its config ({len(result.unexpected_keys)} unexpected, "
             f"{len(missing)} missing tensors, e.g. {(result.unexpected_keys or missing)[0]}); pass --config "
             "with the config the run was trained with (same model and lora settings)")

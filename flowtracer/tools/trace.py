@@ -35,6 +35,7 @@ from flowtracer.credit import RolloutCallback
 from flowtracer.credit.select import rank_in_response, select_mask
 from flowtracer.data.chains import INSTRUCTION
 from flowtracer.data.sources import load_rows
+from flowtracer.errors import InputError
 from flowtracer.flow import backbone_edges, dominant_paths, trace_flow
 from flowtracer.generation import generate
 from flowtracer.model.layers import check_layers
@@ -337,7 +338,7 @@ class TraceCallback(RolloutCallback):
 
     def __init__(self, every_n_steps: int = 10, num_rollouts: int = 2, layers: str | list[int] = "middle"):
         if every_n_steps < 1 or num_rollouts < 1:
-            raise ValueError("TraceCallback: every_n_steps and num_rollouts must be >= 1")
+            raise InputError("TraceCallback: every_n_steps and num_rollouts must be >= 1")
         self.every_n_steps, self.num_rollouts = every_n_steps, num_rollouts
         self.capture_layers = check_layers(layers)
         self._step = 0
@@ -380,11 +381,11 @@ def main(argv: list[str]) -> int:
 
         rows = load_rows(args.chains_data)
         if not 0 <= args.chains < len(rows):
-            raise ValueError(f"--chains {args.chains}: {args.chains_data} has problems 0..{len(rows) - 1}")
+            raise InputError(f"--chains {args.chains}: {args.chains_data} has problems 0..{len(rows) - 1}")
         chain = rows[args.chains]
         args.prompt, args.instruction = chain["question"], args.instruction or INSTRUCTION
     if not args.prompt:
-        raise ValueError("give --prompt \"<question>\" or --chains N")
+        raise InputError("give --prompt \"<question>\" or --chains N")
     model, tokenizer = load_policy(os.path.expanduser(args.model), lora=None)
     model.eval()
     kw = {"instruction": args.instruction} if args.instruction else {}

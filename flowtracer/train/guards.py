@@ -13,8 +13,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from flowtracer.errors import InputError, UserError
 
-class NumericalError(RuntimeError):
+
+class NumericalError(UserError, RuntimeError):
     """Training produced non-finite values too often to go on; the message says what to change."""
 
 
@@ -60,7 +62,7 @@ class SkipCounter:
 
     def __init__(self, max_consecutive: int = 5):
         if max_consecutive < 1:
-            raise ValueError(f"optim.max_consecutive_skips must be >= 1, got {max_consecutive}")
+            raise InputError(f"optim.max_consecutive_skips must be >= 1, got {max_consecutive}")
         self.max_consecutive = max_consecutive
         self.total = 0
         self.consecutive = 0

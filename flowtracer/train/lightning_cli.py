@@ -24,15 +24,18 @@ from jsonargparse import ArgumentError
 from lightning.pytorch import Callback, LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from flowtracer import credit
 from flowtracer.credit.base import RolloutCallback
 from flowtracer.data import PromptDataModule
-from flowtracer.errors import USER_ERRORS, fail
+from flowtracer.errors import fail, run_or_fail
 from flowtracer.runs.checkpoints import StepCheckpoint
 from flowtracer.train.module import GRPOModule
-from flowtracer.train.preflight import ConfigError, check_checkpoint, preflight
+from flowtracer.train.preflight import ConfigError, check_checkpoint, check_writable, preflight
 from flowtracer.train.sft import SFTDataModule, SFTModule
+from flowtracer.train.trainer_options import check_trainer_options
 
 # Config loggers of these classes get flowtracer's crash-safe drop-in (same arguments).
 _CSV_LOGGERS = ("lightning.pytorch.loggers.CSVLogger", "lightning.pytorch.loggers.csv_logs.CSVLogger", "CSVLogger")
@@ -56,6 +59,8 @@ def _default_loggers(name: str = "run") -> list[dict]:
 
 class FlowtracerCLI(LightningCLI):
     """LightningCLI with flowtracer's defaults: CSV (+TensorBoard) logs, last.ckpt, rich progress."""
+
+    manual_optimization = True  # the GRPO module: Trainer options are mapped or refused accordingly
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -87,6 +92,9 @@ class FlowtracerCLI(LightningCLI):
         sub = self.config.get(self.subcommand) if self.subcommand else None
         if sub is None:
             return
+        for note in check_trainer_options(sub, self.manual_optimization):
+            rank_zero_info(f"[flowtracer] {note}")
+        check_writable(_output_folders(sub))
         if sub.get("ckpt_path") == "last":
             sub["ckpt_path"] = _latest_checkpoint(sub)
             check_checkpoint(sub["ckpt_path"])
@@ -101,8 +109,11 @@ class FlowtracerCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         # An arm's (or the model's) own ValueError reaches us wrapped in jsonargparse's union report
         # (every subtype it tried, the whole value); show the one line of the class that raised it.
+        # Lightning refuses some Trainer settings itself (a device count this machine lacks, ...).
         try:
             super().instantiate_classes()
+        except MisconfigurationException as err:
+            raise ConfigError(f"trainer: {err}") from err
         except ValueError as err:
             raise _init_error(err) from err
 
@@ -116,7 +127,8 @@ class FlowtracerCLI(LightningCLI):
 
 def _init_error(err: BaseException) -> BaseException:
     """The innermost cause of a jsonargparse instantiation error, prefixed with the config key and
-    class whose __init__ raised it; `err` itself when the cause is jsonargparse's own."""
+    class whose __init__ raised it; jsonargparse's own errors (a value of the wrong type for a
+    class) keep their text. A ValueError while the config's objects are built is a config error."""
     inner = err
     while inner.__cause__ is not None:
         inner = inner.__cause__
@@ -126,7 +138,7 @@ def _init_error(err: BaseException) -> BaseException:
         frames.append(tb.tb_frame)
         tb = tb.tb_next
     if inner is err or not frames or "jsonargparse" in frames[-1].f_code.co_filename:
-        return err
+        return ConfigError(" ".join(str(err).split()))
     owner = next((f.f_locals["self"] for f in frames if f.f_code.co_name == "__init__" and "self" in f.f_locals), None)
     return ConfigError(f"{_config_key(owner)}: {inner}")
 
@@ -176,6 +188,17 @@ def _loggers(cfg) -> list:
     loggers = cfg["trainer"].get("logger") or []
     loggers = loggers if isinstance(loggers, list) else [loggers]
     return [lg for lg in loggers if hasattr(lg, "get") and lg.get("init_args") is not None]
+
+
+def _output_folders(cfg) -> list[tuple[str, str]]:
+    """(config key, folder) of everything a run writes: each logger's save_dir, checkpoint.dirpath."""
+    out = [(f"trainer.logger {lg.get('class_path', '').rsplit('.', 1)[-1]} save_dir",
+            str(lg["init_args"].get("save_dir") or "lightning_logs")) for lg in _loggers(cfg)]
+    if cfg.get("checkpoint.dirpath"):
+        out.append(("checkpoint.dirpath", str(cfg["checkpoint.dirpath"])))
+    if cfg["trainer"].get("default_root_dir"):
+        out.append(("trainer.default_root_dir", str(cfg["trainer"]["default_root_dir"])))
+    return out
 
 
 def _ensure_csv_logger(cfg) -> None:
@@ -242,7 +265,7 @@ def _latest_checkpoint(cfg) -> str:
     pattern = os.path.join(str(save_dir), str(name), "version_*", "checkpoints", "last.ckpt")
     found = sorted(glob.glob(pattern), key=os.path.getmtime)
     if not found:
-        raise FileNotFoundError(f"--ckpt_path last: no {pattern} yet; start the run without --ckpt_path")
+        raise ConfigError(f"--ckpt_path last: no {pattern} yet; start the run without --ckpt_path")
     return found[-1]
 
 
@@ -256,17 +279,17 @@ def run_lightning_cli(cli_cls, module_cls, datamodule_cls, args: list[str] | Non
         "num_sanity_val_steps": 0,
         "check_val_every_n_epoch": None,
     }
+    # exit_on_error=False: a bad key or type raises, and is reported below in one line instead of
+    # jsonargparse's full usage text; allow_abbrev=False: `--trainer.max_step` is an unknown key,
+    # not silently `--trainer.max_steps`
+    strict = {"exit_on_error": False, "allow_abbrev": False}
     try:
-        # exit_on_error=False: a bad key or type raises, and is reported below in one line
-        # instead of jsonargparse's full usage text
-        no_exit = {"exit_on_error": False}
-        cli_cls(module_cls, datamodule_cls, args=args, trainer_defaults=trainer_defaults,
-                save_config_kwargs={"overwrite": True},
-                parser_kwargs={**no_exit, "description": HELP, **{c: no_exit for c in ("fit", "validate")}})
+        run_or_fail("flowtracer", lambda: cli_cls(
+            module_cls, datamodule_cls, args=args, trainer_defaults=trainer_defaults,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={**strict, "description": HELP, **{c: strict for c in ("fit", "validate")}}))
     except ArgumentError as err:
         fail("flowtracer", err, f"config: {_config_message(str(err))}")
-    except USER_ERRORS as err:
-        fail("flowtracer", err, str(err))
     return 0
 
 
@@ -280,6 +303,8 @@ def _quiet_warnings() -> None:
 
 
 class SFTCLI(FlowtracerCLI):
+    manual_optimization = False  # automatic optimisation: Lightning's clipping and accumulation apply
+
     def before_fit(self) -> None:  # the RL preflight does not apply; the data module checks its rows
         self.datamodule.setup("fit")
 

@@ -45,10 +45,10 @@ from flowtracer.runs.csvlog import append_lines
 from flowtracer.train import distributed as dist
 from flowtracer.train import validation
 from flowtracer.train.guards import UpdateGuard, assert_finite_state, grads_finite, nonfinite_fields
-from flowtracer.train.preflight import preflight
+from flowtracer.train.preflight import ConfigError, preflight
 from flowtracer.train.refill import RolloutSource, sample_rollouts
 from flowtracer.train.step import PhaseTimer, Placement, logprob_temperature, micro, plan_credit
-from flowtracer.train.step.records import rollout_metrics, rollout_records, seed_step
+from flowtracer.train.step.records import rollout_metrics, rollout_records, seed_step, step_warnings
 from flowtracer.train.step.score import rollout_batch, score_responses
 
 
@@ -97,14 +97,14 @@ class GRPOModule(LightningModule):
         super().__init__()
         self.save_hyperparameters()
         if sampling.num_generations < 2:
-            raise ValueError(f"sampling.num_generations must be >= 2 for group advantages, got "
+            raise ConfigError(f"sampling.num_generations must be >= 2 for group advantages, got "
                              f"{sampling.num_generations}: set model.sampling.num_generations: 8")
         self.model_name, self.lora, self.model_dtype = model, lora, model_dtype
         self.attn_implementation, self.gradient_checkpointing = attn_implementation, gradient_checkpointing
         self.sampling, self.val_sampling, self.loss_cfg, self.optim = sampling, val_sampling, loss, optim
         self.seed, self.val_before_training, self.log_rollouts = seed, val_before_training, log_rollouts
         if not logits_budget_mb > 0:
-            raise ValueError(f"logits_budget_mb must be > 0, got {logits_budget_mb}: set model.logits_budget_mb: 512")
+            raise ConfigError(f"logits_budget_mb must be > 0, got {logits_budget_mb}: set model.logits_budget_mb: 512")
         self.fuse_credit, self.logits_budget_mb = bool(fuse_credit), float(logits_budget_mb)
         self.dapo = dapo
         self.automatic_optimization = False
@@ -130,7 +130,6 @@ class GRPOModule(LightningModule):
     def setup(self, stage: str) -> None:
         install_atomic_io(self.trainer)
         if stage == "fit" and not self.preflight_done:  # the CLI runs it earlier, before any output
-
             preflight(self, self.trainer.datamodule, self.trainer.world_size, self._rollout_callbacks())
             self.preflight_done = True
 
@@ -172,6 +171,8 @@ class GRPOModule(LightningModule):
         self.rl_step += 1
         metrics = {**self._rollout_metrics(rollouts, gen), **update_metrics, **rollouts.metrics,
                    **timer.metrics(int(gen.response_mask.sum()))}
+        for line in step_warnings(metrics, step + 1):  # also sets warn/* in the logged metrics
+            rank_zero_info(line)
         dist.log_synced(self, metrics, rollouts.batch_size)
         self.log_dict({"reward": metrics["reward/mean"], "acc": metrics["accuracy"]}, prog_bar=True,
                       on_step=True, on_epoch=False, logger=False, batch_size=rollouts.batch_size)

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from pathlib import Path
 
 import torch
 
 from flowtracer.data.sources import DataError
+from flowtracer.errors import InputError
 from flowtracer.generation import ENGINES
 from flowtracer.memory import planner
 from flowtracer.memory.planner import RunSpec
@@ -22,10 +24,13 @@ from flowtracer.model.layers import resolve_layers
 from flowtracer.rl.advantages import ADVANTAGE_MODES
 from flowtracer.rl.dapo import OVERLONG_MODES
 from flowtracer.rl.loss import AGGREGATIONS
+from flowtracer.runs.checkpoints import UnsafeCheckpointError, load_checkpoint_file
 from flowtracer.train.step.placement import check_callbacks
 
+DTYPES = ("float32", "bfloat16")  # the weights' dtypes a run trains in (model.model_dtype)
 
-class ConfigError(ValueError):
+
+class ConfigError(InputError):
     """A setting or input that cannot work; the message names the fix."""
 
 
@@ -63,6 +68,9 @@ def check_settings(module, datamodule, world_size: int = 1) -> None:
     _require(loss.beta == 0 or (module.lora is not None and module.lora.enabled),
              f"model.loss.beta = {loss.beta} needs LoRA (the reference is the model with adapters off); "
              "enable model.lora or set model.loss.beta: 0")
+    _require(module.model_dtype in DTYPES,
+             f"model.model_dtype = {module.model_dtype!r}: use float32 (the default) or bfloat16 (GPUs); float16 "
+             "training needs loss scaling, which the GRPO step does not do")
     _require(opt.lr > 0, f"model.optim.lr = {opt.lr}: the learning rate must be > 0")
     _require(opt.ppo_epochs >= 1, f"model.optim.ppo_epochs = {opt.ppo_epochs}: must be >= 1")
     _require(opt.grad_clip >= 0, f"model.optim.grad_clip = {opt.grad_clip}: must be >= 0 (0 = off)")
@@ -76,6 +84,13 @@ def check_settings(module, datamodule, world_size: int = 1) -> None:
     _require(opt.mini_batches >= 1 and local % opt.mini_batches == 0,
              f"model.optim.mini_batches = {opt.mini_batches} does not divide the {local} rollouts of a step "
              f"(per process: {p // world_size} prompts x G={g}); pick a divisor of {local}")
+
+
+def check_data_size(datamodule) -> None:
+    """A step's prompts are distinct rows: prompts_per_step cannot exceed the training rows."""
+    p, n = datamodule.prompts_per_step, len(datamodule.train_rows)
+    _require(p <= n, f"data.prompts_per_step = {p}, but the training data {datamodule.train_source} has {n} rows, "
+                     f"so every step would repeat rows; set data.prompts_per_step to at most {n}, or add rows")
 
 
 def check_generation(name: str, cfg) -> None:
@@ -107,7 +122,9 @@ def check_dapo(module) -> None:
 
 
 def check_references(module, rows: list[dict], where: str) -> None:
-    """Every row's reference answer must be something its verifier can check."""
+    """Every row's verifier can grade here (its dependencies import and work: `check_ready`), and
+    every row's reference answer is something that verifier can check (`check_reference`)."""
+    ready: set[int] = set()
     for i, row in enumerate(rows):
         name = row.get("verifier", "math")
         try:
@@ -115,6 +132,11 @@ def check_references(module, rows: list[dict], where: str) -> None:
         except (ValueError, TypeError, ImportError, AttributeError) as exc:
             raise ConfigError(f"{where} row {i + 1}: verifier {name!r} could not be built ({exc}); "
                               "set data.verifier to a registered name or 'module:function'") from exc
+        if id(verifier) not in ready:  # once per verifier: grading must not silently change mid-run
+            problem = getattr(verifier, "check_ready", lambda: None)()
+            if problem:
+                raise ConfigError(f"{where}: the {name!r} verifier cannot grade here: {problem}")
+            ready.add(id(verifier))
         check = getattr(verifier, "check_reference", None)
         problem = check(row["answer"]) if check is not None else None
         if problem:
@@ -164,11 +186,33 @@ def check_checkpoint(path: str) -> None:
     if not os.path.isfile(path):
         raise ConfigError(f"--ckpt_path {path} {'is a folder' if os.path.isdir(path) else 'does not exist'}; {fix}")
     try:  # mmap: the tensors are not read, so a large checkpoint costs nothing here
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        ckpt = load_checkpoint_file(path, mmap=True)
+    except UnsafeCheckpointError as exc:
+        raise ConfigError(f"--ckpt_path {exc}") from exc
     except Exception as exc:  # a text file, a truncated zip, a pickle of other objects...
         raise ConfigError(f"--ckpt_path {path} is not a checkpoint (torch.load: {type(exc).__name__}); {fix}") from exc
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise ConfigError(f"--ckpt_path {path} is a torch file but not a Lightning checkpoint (no state_dict); {fix}")
+
+
+def unwritable(path: str | os.PathLike) -> str | None:
+    """Why folder `path` could not be created or written to (without creating anything), else None."""
+    p = Path(path).expanduser().absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        return f"{p} is a file, not a folder"
+    if not os.access(p, os.W_OK | os.X_OK):
+        return f"{p} is not writable by this user"
+    return None
+
+
+def check_writable(places: list[tuple[str, str]]) -> None:
+    """Each (config key, folder) of a run's outputs can be written: found before training, not after step 1."""
+    for key, path in places:
+        problem = unwritable(path)
+        if problem:
+            raise ConfigError(f"{key} = {path}: {problem}; point it at a folder this user can write")
 
 
 def check_credit_callbacks(callbacks) -> None:
@@ -185,6 +229,7 @@ def preflight(module, datamodule, world_size: int = 1, callbacks=(), device=None
     check_settings(module, datamodule, world_size)
     check_credit_callbacks(callbacks)
     datamodule.setup("fit")
+    check_data_size(datamodule)
     module.configure_model()
     for split, rows in (("training data", datamodule.train_rows), ("validation data", datamodule.val_rows)):
         src = datamodule.train_source
@@ -245,7 +290,7 @@ def check_memory(module, datamodule, world_size: int = 1, callbacks=(), device=N
     if p.peak > budget:
         raise ConfigError(f"the planned peak memory is {p.peak / planner.GIB:.1f} GiB in phase {p.peak_phase!r}, "
                           f"more than the {budget / planner.GIB:.1f} GiB of {device.type}: "
-                          f"{_memory_fix(shape, run, p, budget)} (see `flowtracer plan --config ...`)")
+                          f"{planner.memory_fix(shape, run, p, budget)} (see `flowtracer plan --config ...`)")
 
 
 def memory_runspec(module, prompts: int, prompt_tokens: int, callbacks, device):
@@ -266,22 +311,3 @@ def memory_runspec(module, prompts: int, prompt_tokens: int, callbacks, device):
 
 def torch_device_type(device) -> str:
     return "cpu" if str(device).startswith("cpu") else "cuda"
-
-
-def _memory_fix(shape, run, p, budget: float) -> str:
-    """The knob that lowers the phase that does not fit."""
-
-    resident = sum(planner.resident_bytes(shape, run))
-    if resident > budget * planner.HEADROOM:
-        return ("the weights and optimizer states alone do not fit: enable LoRA (model.lora), set "
-                "model.model_dtype: bfloat16, or pick a smaller model")
-    if p.peak_phase == "generate":
-        rows = planner.auto_rows(shape, run, budget, resident)
-        return (f"set model.sampling.generation_batch_size: auto (or at most {rows} rows)" if rows < p.generation_rows
-                else "lower model.sampling.max_new_tokens or num_generations")
-    micro = planner.largest_micro_batch(shape, run, budget)
-    if micro >= 1:
-        return f"lower model.optim.micro_batch_size to {micro} or less"
-    if not run.gradient_checkpointing:
-        return "set model.gradient_checkpointing: true and model.optim.micro_batch_size: 1"
-    return "lower model.sampling.max_new_tokens (even one sequence per micro-batch does not fit)"

@@ -39,6 +39,7 @@ from flowtracer.config import LoraSpec
 from flowtracer.data import prompts
 from flowtracer.data.datamodule import DEFAULT_INSTRUCTION, is_generated
 from flowtracer.data.sources import DataError, load_rows
+from flowtracer.errors import InputError
 from flowtracer.model.policy import is_lora, load_policy
 from flowtracer.runs.checkpoints import install_atomic_io
 
@@ -186,7 +187,9 @@ class SFTModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         if not lr > 0 or not 0 <= min_lr_ratio <= 1:
-            raise ValueError("model.lr must be > 0 and model.min_lr_ratio in [0, 1]")
+            raise InputError("model.lr must be > 0 and model.min_lr_ratio in [0, 1]")
+        if model_dtype not in ("float32", "bfloat16"):
+            raise InputError(f"model.model_dtype = {model_dtype!r}: use float32 (the default) or bfloat16 (GPUs)")
         self.strict_loading = False  # checkpoints hold only the trainable weights
         self.lora = lora  # the dataclass itself (hparams may hold it as a plain dict)
         self.policy = self.tokenizer = None

@@ -115,7 +115,7 @@ def test_export_lora_round_trip_and_eval_agree(tmp_path, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     ckpt = _fit_tiny(tmp_path, tiny_model_dir)
-    state = torch.load(ckpt, weights_only=False)["state_dict"]
+    state = torch.load(ckpt, weights_only=True)["state_dict"]
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in state.items())  # adapters moved from 0
     adapter, merged = tmp_path / "adapter", tmp_path / "merged"
     main(["export", "--ckpt_path", str(ckpt), "--out", str(adapter)])

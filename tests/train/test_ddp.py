@@ -58,7 +58,7 @@ def test_ddp_two_processes_equal_one_process(tmp_path, tiny_model_dir):
             == [(r["prompt"], r["response"], r["reward"]) for r in b])
     assert not list(runs["ddp"].parent.glob("version_1"))  # one run folder, written by rank 0
     # the adapters moved (LoRA B starts at 0) and both runs moved them the same way
-    states = {n: torch.load(r / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"] for n, r in runs.items()}
+    states = {n: torch.load(r / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"] for n, r in runs.items()}
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in states["single"].items())
     for k, v in states["single"].items():
         torch.testing.assert_close(states["ddp"][k], v, atol=1e-5, rtol=1e-4, msg=k)

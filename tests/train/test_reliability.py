@@ -39,7 +39,7 @@ def test_non_finite_values_skip_the_update_and_are_counted(tmp_path, tiny_model_
     assert sorted(m) == [1, 2, 3, 4, 5, 6]
     assert [m[s]["guard/skipped_updates"] for s in m] == [1, 1, 1, 1, 0, 0]
     assert [m[s]["guard/skipped_total"] for s in m] == [1, 2, 3, 4, 4, 4]
-    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["flowtracer"]["rl_step"] == 6 and ckpt["flowtracer"]["skips"]["total"] == 4
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
 
@@ -69,7 +69,7 @@ def test_a_checkpoint_interrupted_mid_write_keeps_the_last_good_one(tmp_path, mo
     with pytest.raises(KeyboardInterrupt):
         io.save_checkpoint({"step": 2, "w": torch.zeros(3)}, path)
     monkeypatch.undo()
-    assert torch.load(path, weights_only=False)["step"] == 1
+    assert torch.load(path, weights_only=True)["step"] == 1
     assert os.listdir(path.parent) == ["last.ckpt"]
 
 
@@ -131,7 +131,7 @@ def test_sigkill_at_a_random_step_then_resume_logs_the_uninterrupted_metrics(tmp
         proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, f"the run ended before the kill (seed {seed})"
     ckpt = run / "checkpoints" / "last.ckpt"
-    at_kill = torch.load(ckpt, weights_only=False)["state_dict"] if ckpt.exists() else None
+    at_kill = torch.load(ckpt, weights_only=True)["state_dict"] if ckpt.exists() else None
     res = subprocess.run([sys.executable, "-m", "flowtracer.cli", "fit", "--config", str(cfg), "--ckpt_path", "last"],
                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=400)
     assert res.returncode == 0, res.stderr[-2000:]
@@ -140,9 +140,9 @@ def test_sigkill_at_a_random_step_then_resume_logs_the_uninterrupted_metrics(tmp
     for step, row in expected.items():
         for key, value in row.items():
             assert got[step][key] == pytest.approx(value, rel=1e-5, abs=1e-6), (seed, step, key)
-    final = torch.load(ckpt, weights_only=False)["state_dict"]
+    final = torch.load(ckpt, weights_only=True)["state_dict"]
     expected_state = torch.load(tmp_path / "full" / "logs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt",
-                                weights_only=False)["state_dict"]
+                                weights_only=True)["state_dict"]
     for k in expected_state:  # the adapters and (through them) the optimizer state were restored
         torch.testing.assert_close(final[k], expected_state[k], atol=1e-6, rtol=1e-5, msg=f"{k} seed {seed}")
     if at_kill is not None:  # the steps after the resume moved the weights on from the checkpoint

@@ -47,3 +47,23 @@ def rollout_metrics(rewards: Tensor, lengths: Tensor, truncated: Tensor, entropy
         "response/truncated_frac": truncated.mean().item(),
         "entropy": (entropy_sum / n_tokens).item() if entropy_sum is not None else 0.0,
     }
+
+
+FALLBACK_WARN = 0.5  # credit/fallback_frac above this: the arm is mostly plain GRPO
+
+
+def step_warnings(metrics: dict[str, float], step: int) -> list[str]:
+    """Warnings for the step line; each also sets a `warn/...` metric (1.0) in `metrics`, so it is logged.
+
+    credit/fallback_frac > 0.5: most responses got uniform weights because no answer span was
+    found, so the credit arm is mostly plain GRPO.
+    """
+    out = []
+    frac = metrics.get("credit/fallback_frac", 0.0)
+    if frac > FALLBACK_WARN:
+        metrics["warn/credit_fallback"] = 1.0
+        out.append(f"[flowtracer] step {step}: warning: credit/fallback_frac = {frac:.2f}: no answer span in most "
+                   "responses, so they got uniform weights (plain GRPO); have the reward return a Score with "
+                   "answer_span, or set data.answer_extraction to extractors that find the answer "
+                   f"(answer/no_span = {metrics.get('answer/no_span', 0):.0f})")
+    return out

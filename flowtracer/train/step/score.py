@@ -1,8 +1,11 @@
 """Scoring of one step's responses: verifier rewards, answer-token masks (the flow sinks) and the
 RolloutBatch the credit arms and the loss read. Shared by the trainer and the analysis tools.
 
-A response the verifier finds no answer in gets reward 0 and no answer span (credit falls back to
-uniform for it, counted in `answer/no_span`). A TRUNCATED response whose answer was only found by a
+A reward function that returns a bare number gets its answer span from the row's extractors
+(flowtracer.rewards.extract.row_extraction: data.answer_extraction, by default answer tag, box,
+####, last number), found independently of the reward. A response the verifier finds no answer
+in gets reward 0 and no answer span (credit falls back to uniform for it, counted in
+`answer/no_span`). A TRUNCATED response whose answer was only found by a
 fallback extractor (last number, last line: no explicit answer marker) is treated the same way: the
 model never finished its answer, and the last number of a cut-off derivation is an arbitrary
 intermediate value, not a flow sink (counted in `answer/truncated_fallback`). A closed
@@ -19,6 +22,7 @@ from torch import Tensor
 from flowtracer.batch import Generated, RolloutBatch
 from flowtracer.generation import response_token_offsets
 from flowtracer.rewards import Score, VerifierCache, char_span_to_token_mask, safe_score
+from flowtracer.rewards.extract import row_extraction
 from flowtracer.rl import group_advantages
 
 
@@ -39,7 +43,7 @@ def score_responses(tokenizer, verifiers: VerifierCache, rows: list[dict], gen: 
     answer_mask = torch.zeros_like(gen.response_mask, dtype=torch.bool)
     scores, errors, no_span, refused = [], 0, 0, 0
     for i, (row, text) in enumerate(zip(rows, gen.responses)):
-        score, error = safe_score(verifiers(row), text, row.get("answer"))
+        score, error = safe_score(verifiers(row), text, row.get("answer"), locate=row_extraction(row))
         errors += error is not None
         if score.answer_span is not None and score.fallback and bool(gen.truncated[i]):
             score, refused = Score(0.0), refused + 1

@@ -1,0 +1,80 @@
+"""Lightning Trainer options a flowtracer run cannot honour as Lightning means them: mapped onto
+flowtracer's own settings, or refused in one line naming the setting to use instead.
+
+The GRPO module optimises manually (one optimizer step per `model.optim.mini_batches`, gradient
+accumulation over `model.optim.micro_batch_size` pieces, clipping by `model.optim.grad_clip`), reads
+its prompts by step number (not from the dataloader), and sets its precision with `model.model_dtype`.
+Every run has a checkpoint callback (crash-safe resume, `checkpoint.*`) and a progress bar
+(`progress_bar.*`). Each Trainer argument, and what happens to it, is listed in docs/rl-step.md.
+Applied by the CLI to the parsed config before the Trainer is built (flowtracer.train.lightning_cli).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from flowtracer.errors import InputError
+
+# precision values the GRPO step runs in (its weights' dtype is model.model_dtype)
+_PRECISIONS = (None, 32, "32", "32-true")
+
+
+def _refuse(key: str, value, why: str) -> None:
+    raise InputError(f"trainer.{key} = {value}: {why}")
+
+
+def check_trainer_options(cfg, manual_optimization: bool = True) -> list[str]:
+    """Map or refuse the Trainer options of a parsed fit config (`cfg`: the subcommand's namespace,
+    changed in place). Returns one note per mapped option, for the log."""
+    t, notes = cfg["trainer"], []
+    _check_accelerator(t.get("accelerator"))
+    if t.get("barebones"):
+        _refuse("barebones", True, "it switches off the logs and checkpoints a flowtracer run writes; drop it "
+                "(trainer.logger: false, progress_bar.refresh_rate: 0 and trainer.enable_model_summary: false "
+                "remove most of the overhead)")
+    if t.get("enable_checkpointing") is False:
+        _refuse("enable_checkpointing", False, "every run keeps a checkpoint for crash-safe resume; to write fewer, "
+                "set checkpoint.every_n_train_steps: N (or checkpoint.save_last: false with save_top_k: 0)")
+    if t.get("enable_progress_bar") is False:
+        t["enable_progress_bar"] = None
+        cfg["progress_bar.refresh_rate"] = 0
+        notes.append("trainer.enable_progress_bar = false -> progress_bar.refresh_rate = 0 (bar hidden)")
+    if manual_optimization:
+        notes += _grpo_options(cfg)
+    return notes
+
+
+def _grpo_options(cfg) -> list[str]:
+    t, notes = cfg["trainer"], []
+    acc = t.get("accumulate_grad_batches")
+    if acc not in (None, 1):
+        _refuse("accumulate_grad_batches", acc, "the GRPO step takes one optimizer step per mini-batch of its own "
+                "rollouts; accumulate gradients inside a step with model.optim.micro_batch_size, or update on "
+                "more prompts at once with data.prompts_per_step")
+    clip, algorithm = t.get("gradient_clip_val"), t.get("gradient_clip_algorithm")
+    if algorithm not in (None, "norm"):
+        _refuse("gradient_clip_algorithm", algorithm, "the GRPO step clips the gradient norm only "
+                "(model.optim.grad_clip); drop the option")
+    if clip is not None:
+        cfg["model.optim.grad_clip"] = float(clip)
+        t["gradient_clip_val"], t["gradient_clip_algorithm"] = None, None
+        notes.append(f"trainer.gradient_clip_val = {clip} -> model.optim.grad_clip = {float(clip)} (norm)")
+    overfit = t.get("overfit_batches")
+    if overfit not in (None, 0, 0.0):
+        _refuse("overfit_batches", overfit, "step s's prompts are chosen by step number, not by the dataloader, "
+                "so it would change nothing; to train on a few prompts use data.train_size: N")
+    precision = t.get("precision")
+    if precision not in _PRECISIONS:
+        _refuse("precision", precision, "the GRPO step runs in the weights' own dtype; set model.model_dtype: "
+                "bfloat16 (GPU) or float32, and drop trainer.precision")
+    return notes
+
+
+def _check_accelerator(accelerator) -> None:
+    name = str(accelerator).lower() if accelerator is not None else "auto"
+    if name in ("gpu", "cuda") and not torch.cuda.is_available():
+        _refuse("accelerator", accelerator, "this machine has no CUDA GPU that torch can use "
+                f"(torch {torch.__version__}, torch.cuda.is_available() is False); use --trainer.accelerator cpu "
+                "(or auto), or install a CUDA build of torch on a GPU machine")
+    if name == "mps" and not torch.backends.mps.is_available():
+        _refuse("accelerator", accelerator, "Apple's MPS backend is not available here; use --trainer.accelerator cpu")
