@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
+import lightning.pytorch  # noqa: F401  (at collection: its log handler binds the session's stderr, not one test's capsys)
 import pytest
+import torch
 import yaml
-from conftest import read_metrics, write_config
+from conftest import ROOT, read_metrics, write_config
 from tiny import tiny_model, tiny_tokenizer
 
 from flowtracer.cli import main
@@ -40,6 +43,17 @@ def _file(tmp: Path, name: str, text: str) -> str:
     p = tmp / name
     p.write_text(text)
     return str(p)
+
+
+THREE_ROWS = "".join(json.dumps({"question": f"{i}+1?", "answer": str(i + 1)}) + "\n" for i in range(3))
+
+
+def _logger_under_a_file(tmp: Path) -> str:
+    """A config overlay whose logger writes under a regular file (unwritable, even for root)."""
+    blocker = _file(tmp, "blocker", "a file where a folder would go")
+    logger = {"class_path": "lightning.pytorch.loggers.CSVLogger",
+              "init_args": {"save_dir": str(Path(blocker) / "logs"), "name": "tiny"}}
+    return _file(tmp, "logger.yaml", yaml.safe_dump({"trainer": {"logger": logger}}))
 
 
 def _arm(name: str, **init_args) -> list[str]:
@@ -94,6 +108,22 @@ CASES = {
     "ckpt_path does not exist": (lambda t, m: ["--ckpt_path", str(t / "logs/tiny/version_0/checkpoints/last.ckpt")], ["last.ckpt", "does not exist", "--ckpt_path last"]),
     "model folder with corrupted weights": (lambda t, m: ["--model.model", m["bad_weights"]], ["bad_weights", "weights could not be read", "save_pretrained"]),
     "model folder without tokenizer files": (lambda t, m: ["--model.model", m["no_tokenizer"]], ["no_tokenizer", "no tokenizer files", "tokenizer.save_pretrained"]),
+    # silent coercions: each works as documented or is refused
+    "abbreviated option": (lambda t, m: ["--trainer.max_step", "3"], ["--trainer.max_step", "--help"]),
+    "float16 weights": (lambda t, m: ["--model.model_dtype", "float16"], ["model_dtype = 'float16'", "bfloat16", "loss scaling"]),
+    "more prompts per step than rows": (lambda t, m: ["--data.train_source", _file(t, "three.jsonl", THREE_ROWS), "--data.prompts_per_step", "4"], ["prompts_per_step = 4", "has 3 rows", "at most 3"]),
+    # Lightning Trainer options the GRPO module's manual optimisation cannot honour
+    "accumulate_grad_batches": (lambda t, m: ["--trainer.accumulate_grad_batches", "4"], ["accumulate_grad_batches = 4", "model.optim.micro_batch_size", "prompts_per_step"]),
+    "gradient clipping by value": (lambda t, m: ["--trainer.gradient_clip_val", "0.5", "--trainer.gradient_clip_algorithm", "value"], ["gradient_clip_algorithm = value", "model.optim.grad_clip"]),
+    "overfit_batches": (lambda t, m: ["--trainer.overfit_batches", "2"], ["overfit_batches = 2", "train_size"]),
+    "mixed precision": (lambda t, m: ["--trainer.precision", "bf16-mixed"], ["precision = bf16-mixed", "model.model_dtype"]),
+    "checkpointing switched off": (lambda t, m: ["--trainer.enable_checkpointing", "false"], ["enable_checkpointing = False", "every_n_train_steps"]),
+    "barebones trainer": (lambda t, m: ["--trainer.barebones", "true"], ["barebones = True", "logs and checkpoints"]),
+    "a device count Lightning refuses": (lambda t, m: ["--trainer.devices", "0"], ["trainer:", "devices"]),
+    "flash attention without flash-attn": (lambda t, m: ["--model.attn_implementation", "flash_attention_2"], ["flash_attention_2", "sdpa"]),
+    # outputs that could not be written: found before anything is
+    "unwritable log folder": (lambda t, m: ["--config", _logger_under_a_file(t)], ["save_dir", "is a file, not a folder"]),
+    "unwritable checkpoint folder": (lambda t, m: ["--checkpoint.dirpath", str(Path(_file(t, "afile", "x")) / "ckpts")], ["checkpoint.dirpath", "is a file, not a folder"]),
 }
 
 
@@ -109,7 +139,7 @@ def test_bad_input_is_one_clear_error(case, tmp_path, model_dirs, capsys, monkey
     assert done.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err and err[-1].startswith("flowtracer: error:"), err[-3:]
-    assert not any(line.startswith("Traceback") for line in err)
+    assert not any(line.startswith("Traceback") for line in err), "\n".join(err)
     for word in words:
         assert word in err[-1], (word, err[-1])
     # nothing written: no run folder, config, metrics or checkpoint, in the save_dir or the cwd
@@ -132,3 +162,152 @@ def test_faulty_reward_and_unlocatable_span_are_counted_and_the_run_goes_on(tmp_
         assert m["reward/errors"] == 4.0 and m["reward/mean"] == 0.25  # the 2 located-elsewhere 1.0s
         assert m["answer/no_span"] == 8.0 and m["credit/fallback_frac"] == 1.0
     assert (run / "checkpoints" / "last.ckpt").exists()
+
+
+def _one_line_exit(capsys, run, *words: str) -> str:
+    """`run()` ends in SystemExit(2) with one `error:` line holding every word, no traceback."""
+    with pytest.raises(SystemExit) as done:
+        run()
+    assert done.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and ": error: " in err[-1] and not any(line.startswith("Traceback") for line in err), err[-3:]
+    for word in words:
+        assert word in err[-1], (word, err[-1])
+    return err[-1]
+
+
+def _no_run_folder(tmp_path: Path) -> None:
+    assert not (tmp_path / "logs").exists() and not (tmp_path / "lightning_logs").exists()
+
+
+@pytest.mark.parametrize("how", ["absent", "broken"])
+def test_missing_or_broken_math_verify_stops_a_real_fit_at_preflight(how, tmp_path, tiny_model_dir, capsys,
+                                                                    monkeypatch):
+    cfg = write_config(tmp_path, tiny_model_dir, steps=1)
+    monkeypatch.chdir(tmp_path)
+    if how == "absent":
+        monkeypatch.setitem(sys.modules, "math_verify", None)  # `import math_verify` raises ImportError
+        words = ["math-verify is missing or broken", "ModuleNotFoundError", "pip install"]
+    else:
+        import math_verify
+
+        monkeypatch.setattr(math_verify, "verify", lambda *a, **k: False)  # imports, but grades nothing right
+        words = ["1/2 != 0.5", "reinstall"]
+    _one_line_exit(capsys, lambda: main(["fit", "--config", str(cfg)]), "the 'math' verifier cannot grade here", *words)
+    _no_run_folder(tmp_path)
+
+
+def test_a_code_bug_shows_its_traceback(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    # a user callback's KeyError is a bug, not a user error: it propagates (traceback), no one-line "error"
+    arm = [{"class_path": "faulty_callbacks.MissingKeyCredit"}]
+    cfg = write_config(tmp_path, tiny_model_dir, steps=1, callbacks=arm)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(KeyError, match="missing_key"):
+        main(["fit", "--config", str(cfg), "--model.val_before_training", "false"])
+    assert "error:" not in capsys.readouterr().err
+
+
+def test_out_of_memory_names_the_planner_and_the_knobs(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr("flowtracer.train.module.load_policy", no_memory)
+    cfg = write_config(tmp_path, tiny_model_dir, steps=1)
+    monkeypatch.chdir(tmp_path)
+    _one_line_exit(capsys, lambda: main(["fit", "--config", str(cfg)]), "out of memory (CUDA out of memory",
+                   "flowtracer plan", "generation_batch_size", "micro_batch_size", "gradient_checkpointing")
+    _no_run_folder(tmp_path)
+
+
+def test_gpu_accelerator_without_a_gpu(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = write_config(tmp_path, tiny_model_dir, steps=1)
+    monkeypatch.chdir(tmp_path)
+    _one_line_exit(capsys, lambda: main(["fit", "--config", str(cfg), "--trainer.accelerator", "gpu"]),
+                   "trainer.accelerator = gpu", "no CUDA GPU", "--trainer.accelerator cpu")
+    _no_run_folder(tmp_path)
+
+
+def test_trainer_clipping_and_progress_bar_are_mapped_onto_flowtracer_settings(tmp_path, tiny_model_dir):
+    cfg = write_config(tmp_path, tiny_model_dir, steps=1)
+    main(["fit", "--config", str(cfg), "--model.val_before_training", "false", "--trainer.gradient_clip_val", "0.25",
+          "--trainer.enable_progress_bar", "false"])
+    saved = yaml.safe_load((tmp_path / "logs" / "tiny" / "version_0" / "config.yaml").read_text())
+    assert saved["model"]["optim"]["grad_clip"] == 0.25 and saved["trainer"]["gradient_clip_val"] is None
+    assert saved["progress_bar"]["refresh_rate"] == 0 and saved["trainer"]["enable_progress_bar"] is None
+    assert read_metrics(tmp_path / "logs" / "tiny" / "version_0")[1]["train/lr"] > 0  # the step ran
+
+
+class _Payload:
+    """Unpickling this object calls open(marker, "w"): the file appears if the payload runs."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("command", ["export", "eval", "fit"])
+def test_a_crafted_checkpoint_is_refused_and_its_payload_never_runs(command, tmp_path, tiny_model_dir, capsys,
+                                                                    monkeypatch):
+    run = tmp_path / "run"
+    cfg = write_config(run, tiny_model_dir, steps=1)
+    (run / "config.yaml").write_text(cfg.read_text())  # a run folder: config.yaml beside checkpoints/
+    ckpt, marker = run / "checkpoints" / "last.ckpt", tmp_path / "payload_ran"
+    ckpt.parent.mkdir()
+    torch.save({"state_dict": {}, "hyper_parameters": _Payload(marker)}, ckpt)
+    monkeypatch.chdir(tmp_path)
+    argv = {"export": ["export", "--ckpt_path", str(ckpt), "--out", str(tmp_path / "out")],
+            "eval": ["eval", "--ckpt_path", str(ckpt), "--out", str(tmp_path / "out")],
+            "fit": ["fit", "--config", str(cfg), "--ckpt_path", str(ckpt)]}[command]
+    _one_line_exit(capsys, lambda: main(argv), "last.ckpt holds io.open", "could run code", "refused")
+    assert not marker.exists()
+    assert not (tmp_path / "out").exists() and not (run / "logs").exists() and not (tmp_path / "lightning_logs").exists()
+
+
+def test_plan_defaults_to_this_machine_and_says_when_it_does_not_fit(capsys, monkeypatch):
+    monkeypatch.delenv("FLOWTRACER_MEMORY_GB", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    quick, gpu = str(ROOT / "experiments/quickstart.yaml"), str(ROOT / "experiments/lora_qwen3_4b_dapo_1k.yaml")
+    assert main(["plan", "--config", quick]) == 0
+    assert "GiB (this machine's RAM): peak" in capsys.readouterr().out
+    assert main(["plan", "--config", gpu]) == 0
+    out = capsys.readouterr().out
+    assert "(this machine's RAM: the config is for a GPU and there is none here; pass --memory-gb" in out
+    assert main(["plan", "--config", gpu, "--memory-gb", "4"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "DOES NOT FIT" in out[-2] and out[-1].startswith("does not fit: phase")
+    assert "model.lora" in out[-1] or "model.optim.micro_batch_size" in out[-1] or "gradient_checkpointing" in out[-1]
+    assert main(["plan", "--config", gpu, "--memory-gb", "80"]) == 0
+    assert "fits (" in capsys.readouterr().out
+    _one_line_exit(capsys, lambda: main(["plan", "--config", quick, "--memory-gb", "0"]), "--memory-gb 0", "> 0")
+
+
+@pytest.mark.parametrize("flag", ["--n", "--batch-size"])
+def test_probe_counts_of_zero_are_refused(flag, tiny_model_dir, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _one_line_exit(capsys, lambda: main(["probe", "--model", tiny_model_dir, flag, "0"]), f"{flag} 0", ">= 1")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_reward_returning_a_bare_float_gets_answer_spans_from_the_extractors(tmp_path, tiny_model_dir, caplog):
+    # faulty_rewards:varied returns a float; the answer spans come from data.answer_extraction. The tiny
+    # model's 10-token responses are cut off, so the spans last_line finds in them are found, then
+    # refused as truncated fallbacks (counted): found by the extractors, not by the reward
+    # (tests/train/test_step.py checks the spans of finished responses token by token)
+    arm = [{"class_path": "flowtracer.credit.FlowCredit", "init_args": {}}]
+    cfg = write_config(tmp_path / "a", tiny_model_dir, steps=1, verifier="faulty_rewards:varied", callbacks=arm,
+                       answer_extraction=["last_line"])
+    main(["fit", "--config", str(cfg), "--model.val_before_training", "false"])
+    m = read_metrics(tmp_path / "a" / "logs" / "tiny" / "version_0")[1]
+    assert m["answer/truncated_fallback"] + (8 - m["answer/no_span"]) == 8  # every response had an answer found
+    # extractors that find nothing in these responses: every row falls back, warned in the step line and logged
+    cfg = write_config(tmp_path / "b", tiny_model_dir, steps=1, verifier="faulty_rewards:varied", callbacks=arm,
+                       answer_extraction=["answer_tag"])
+    with caplog.at_level("INFO"):
+        main(["fit", "--config", str(cfg), "--model.val_before_training", "false"])
+    m = read_metrics(tmp_path / "b" / "logs" / "tiny" / "version_0")[1]
+    assert m["answer/no_span"] == 8.0 and m["credit/fallback_frac"] == 1.0 and m["warn/credit_fallback"] == 1.0
+    warned = [r.getMessage() for r in caplog.records if "credit/fallback_frac = 1.00" in r.getMessage()]
+    assert warned and warned[0].startswith("[flowtracer] step 1: warning:") and "answer_extraction" in warned[0]

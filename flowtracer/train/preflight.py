@@ -229,7 +229,6 @@ def preflight(module, datamodule, world_size: int = 1, callbacks=(), device=None
     check_settings(module, datamodule, world_size)
     check_credit_callbacks(callbacks)
     datamodule.setup("fit")
-    check_data_size(datamodule)
     module.configure_model()
     for split, rows in (("training data", datamodule.train_rows), ("validation data", datamodule.val_rows)):
         src = datamodule.train_source
@@ -237,6 +236,7 @@ def preflight(module, datamodule, world_size: int = 1, callbacks=(), device=None
             src = datamodule.val_source or datamodule.train_source
         check_references(module, rows, f"{split} {src}")
         check_prompts(module, datamodule, rows, f"{split} {src}")
+    check_data_size(datamodule)
     check_capture_layers(module, callbacks)
     check_memory(module, datamodule, world_size, callbacks, device)  # also resolves generation_batch_size: auto
 

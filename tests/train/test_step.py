@@ -300,3 +300,27 @@ def test_a_truncated_response_gets_no_fallback_answer_span():
     assert scored.truncated_fallback == 1 and scored.no_span == 1
     rb = rollout_batch(gen, scored, prompts=["q"] * 4, answers=["7"] * 4, group_size=4)
     assert rb.metrics["answer/no_span"] == 1.0 and rb.metrics["answer/truncated_fallback"] == 1.0
+
+
+def test_a_bare_float_reward_gets_its_answer_span_from_the_row_extractors():
+    """A reward function returning a float keeps its reward; the answer tokens are found by the
+    row's extractors (data.answer_extraction), independently of the reward, and marked as the sink."""
+    from tiny import tiny_tokenizer
+
+    from flowtracer.rewards import VerifierCache
+    from flowtracer.tools.analysis import given_responses
+    from flowtracer.train.step.score import score_responses
+
+    tok = tiny_tokenizer()
+    texts = ["so <answer>42</answer> ok", "the box \\boxed{9} here", "no marker at all",
+             "<answer>5</answer> \\boxed{6}"]
+    gen = given_responses(tok, ["q"] * 4, [None] * 4, texts)
+    gen.truncated = torch.tensor([False, False, False, False])
+    base = {"question": "q", "answer": "1", "verifier": "faulty_rewards:varied"}  # a float: digits mod 3, / 2
+    scored = score_responses(tok, VerifierCache(), [base] * 4, gen)
+    assert scored.rewards.tolist() == [(sum(c.isdigit() for c in t) % 3) / 2 for t in texts]
+    marked = [tok.decode(gen.input_ids[i][scored.answer_mask[i]]) for i in range(4)]
+    assert marked == ["42", "9", "", "5"] and scored.no_span == 1  # default order: answer tag, box, ####, number
+    only_box = score_responses(tok, VerifierCache(), [{**base, "answer_extraction": ["boxed"]}] * 4, gen)
+    marked = [tok.decode(gen.input_ids[i][only_box.answer_mask[i]]) for i in range(4)]
+    assert marked == ["", "9", "", "6"] and only_box.rewards.tolist() == scored.rewards.tolist()
