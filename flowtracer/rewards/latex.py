@@ -15,9 +15,10 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
-_CURRENCY = re.compile(r"\\\$|\\textdollar\b|\$")  # currency signs and inline-math delimiters alike
-_NEG_SPACE = re.compile(r"\\!\s*")  # "10,\\!080": a negative thin space joins what it separates
-_SPACING = re.compile(r"\\[,;:> ]|\\(?:q?quad|thinspace|medspace|thickspace)\b|~")
+# (?<!\\): after a backslash these are a LaTeX line break (two backslashes: matrix rows), not a command
+_CURRENCY = re.compile(r"(?<!\\)\\\$|\\textdollar\b|(?<!\\)\$")  # currency and inline-math delimiters alike
+_NEG_SPACE = re.compile(r"(?<!\\)\\!\s*")  # "10,\\!080": a negative thin space joins what it separates
+_SPACING = re.compile(r"(?<!\\)\\[,;:> ]|\\(?:q?quad|thinspace|medspace|thickspace)\b|~")
 _LEFT_RIGHT = re.compile(r"\\(?:left|right|big|Big|bigg|Bigg)\b\s*")
 _DEGREES = re.compile(r"\s*(?:\^\s*\{?\s*\\circ\s*\}?|°|\\degree\b|\^\s*\{?\s*\\text\{\s*o\s*\}\s*\}?)")
 _FRAC = re.compile(r"\\[dt]frac\b")
