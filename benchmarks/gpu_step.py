@@ -136,7 +136,7 @@ def rl_run(policy, tok, arm: str, args, data: str, device: str) -> dict:
                         optim=OptimConfig(lr=1e-5, micro_batch_size=args.micro),
                         val_before_training=False, log_rollouts=False)
     module.policy, module.tokenizer = policy, tok  # built here, so configure_model loads nothing
-    module._verifier = lambda row: reward  # no verifier registry: nothing optional is imported
+    module.verifiers = lambda row: reward  # every row's verifier: nothing optional (math-verify) is imported
     dm = PromptDataModule(train_source=data, val_source=None, val_size=0, prompts_per_step=args.prompts,
                           use_chat_template=False, instruction=None, cache_dir=os.path.dirname(data))
     arms = [FlowCredit(layers="middle", fallback="last_token")] if arm == "flow" else []

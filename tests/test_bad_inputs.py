@@ -302,6 +302,7 @@ def test_a_reward_returning_a_bare_float_gets_answer_spans_from_the_extractors(t
     main(["fit", "--config", str(cfg), "--model.val_before_training", "false"])
     m = read_metrics(tmp_path / "a" / "logs" / "tiny" / "version_0")[1]
     assert m["answer/truncated_fallback"] + (8 - m["answer/no_span"]) == 8  # every response had an answer found
+    assert m["reward/std"] > 0  # the rewards stay the function's: a dropped span does not zero them
     # extractors that find nothing in these responses: every row falls back, warned in the step line and logged
     cfg = write_config(tmp_path / "b", tiny_model_dir, steps=1, verifier="faulty_rewards:varied", callbacks=arm,
                        answer_extraction=["answer_tag"])

@@ -21,12 +21,15 @@ class Score:
     fallback: the answer was found by a fallback extractor (``last_number``, ``last_line``), not by
         an explicit answer marker; the trainer does not accept such an answer from a truncated
         response (flowtracer.train.step.score).
+    located: the span was located by extractors for a reward function that returned a bare number
+        (`safe_score`), not named by the verifier; the reward is the function's own either way.
     """
 
     reward: float
     answer_span: tuple[int, int] | None = None
     parsed: str | None = None
     fallback: bool = False
+    located: bool = False
 
 
 class Verifier(Protocol):
@@ -61,4 +64,4 @@ def safe_score(verifier: Any, response: str, reference: Any,
     name, found = extract_answer(response, locate) if locate else ("", None)
     if found is None:
         return Score(float(reward)), None
-    return Score(float(reward), found[1], found[0], fallback=name in FALLBACK_EXTRACTORS), None
+    return Score(float(reward), found[1], found[0], fallback=name in FALLBACK_EXTRACTORS, located=True), None

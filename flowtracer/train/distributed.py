@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 
 # Metrics that are counts over the rollouts of a process: summed across processes, not averaged.
-SUM_METRICS = frozenset({"reward/errors", "answer/no_span", "adv/num_groups", "adv/zero_variance_groups"})
+SUM_METRICS = frozenset({"reward/errors", "answer/no_span", "answer/truncated_fallback", "adv/num_groups",
+                         "adv/zero_variance_groups"})
 
 
 def rank_world(trainer) -> tuple[int, int]:

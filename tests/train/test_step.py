@@ -324,3 +324,8 @@ def test_a_bare_float_reward_gets_its_answer_span_from_the_row_extractors():
     only_box = score_responses(tok, VerifierCache(), [{**base, "answer_extraction": ["boxed"]}] * 4, gen)
     marked = [tok.decode(gen.input_ids[i][only_box.answer_mask[i]]) for i in range(4)]
     assert marked == ["", "9", "", "6"] and only_box.rewards.tolist() == scored.rewards.tolist()
+    # a cut-off response: a span the last_number fallback found is dropped, the function's reward stays
+    gen.truncated = torch.tensor([True, False, False, False])
+    cut = score_responses(tok, VerifierCache(), [{**base, "answer_extraction": ["last_number"]}] * 4, gen)
+    assert cut.rewards.tolist() == scored.rewards.tolist() and cut.truncated_fallback == 1
+    assert not cut.answer_mask[0].any() and tok.decode(gen.input_ids[1][cut.answer_mask[1]]) == "9"

@@ -8,7 +8,8 @@ in gets reward 0 and no answer span (credit falls back to uniform for it, counte
 `answer/no_span`). A TRUNCATED response whose answer was only found by a
 fallback extractor (last number, last line: no explicit answer marker) is treated the same way: the
 model never finished its answer, and the last number of a cut-off derivation is an arbitrary
-intermediate value, not a flow sink (counted in `answer/truncated_fallback`). A closed
+intermediate value, not a flow sink (counted in `answer/truncated_fallback`; for a span located for a
+bare-number reward only the span is dropped, the reward stays the function's). A closed
 `\\boxed{}` or `<answer>` in a truncated response still counts: the answer was written.
 """
 
@@ -46,7 +47,8 @@ def score_responses(tokenizer, verifiers: VerifierCache, rows: list[dict], gen: 
         score, error = safe_score(verifiers(row), text, row.get("answer"), locate=row_extraction(row))
         errors += error is not None
         if score.answer_span is not None and score.fallback and bool(gen.truncated[i]):
-            score, refused = Score(0.0), refused + 1
+            # a located span only loses its sink: the reward is the user function's own decision
+            score, refused = Score(score.reward if score.located else 0.0), refused + 1
         scores.append(score)
         if score.answer_span is None:
             no_span += 1
