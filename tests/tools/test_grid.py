@@ -21,19 +21,21 @@ from flowtracer.cli import main
 from flowtracer.tools.grid import load_grid
 
 
-def write_grid(tmp_path: Path, model_dir: str) -> Path:
+def write_grid(tmp_path: Path, model_dir: str, name: str = "grid", **keys) -> Path:
+    """A 2x2 grid (uniform/random x seeds 0/1) of 1-step tiny fits; `keys` are more grid-file keys."""
     base = write_config(tmp_path, model_dir, steps=1)
     grid = {
         "base": [str(base)],
-        "out": str(tmp_path / "grid"),
+        "out": str(tmp_path / name),
         "overrides": {"trainer.val_check_interval": 1, "model.log_rollouts": False},
         "axes": {
             "arm": {"uniform": str(ROOT / "experiments/ablation_uniform.yaml"),
                     "random": str(ROOT / "experiments/ablation_random.yaml")},
             "seed": [0, 1],
         },
+        **keys,
     }
-    path = tmp_path / "grid.yaml"
+    path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(grid, sort_keys=False))
     return path
 
