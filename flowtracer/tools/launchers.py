@@ -80,7 +80,8 @@ def _check_ray_resources(ray, gpus: float, cpus: float) -> None:
 def run_ray(grid, cells, spec, land, refresh, poll_s: float = 1.0) -> None:
     """Every cell of `cells` as a Ray task; `land(cell, payload)` as each one ends."""
     ray = import_engine("ray")
-    if not ray.is_initialized():
+    started_here = not ray.is_initialized()
+    if started_here:
         try:
             ray.init(**{"log_to_driver": False, **grid.ray})
         except (TypeError, ConnectionError) as err:
@@ -123,6 +124,8 @@ def run_ray(grid, cells, spec, land, refresh, poll_s: float = 1.0) -> None:
         for ref in refs:  # interrupted: stop the cells still queued or running
             ray.cancel(ref, force=True)
         ray.kill(board)
+        if started_here:  # a one-machine cluster of our own (or our connection to theirs)
+            ray.shutdown()
 
 
 def _executor(submitit, grid):
