@@ -53,7 +53,8 @@ def run(tmp: Path, launcher: str, steps: int) -> dict:
     out = tmp / launcher
     cells = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*/done.json"))]
     rows = [{k: r[k] for k in METRICS} for r in csv.DictReader(open(out / "summary.csv"))]
-    return {"wall": wall, "cell": statistics.fmean(c["seconds"] for c in cells), "n": len(cells), "metrics": rows}
+    return {"wall": wall, "cell": statistics.fmean(c["seconds"] for c in cells), "n": len(cells), "metrics": rows,
+            "attempts": sum(c.get("attempts", 1) for c in cells)}
 
 
 def ray_init_seconds() -> float:
@@ -75,9 +76,10 @@ def main() -> None:
         ray = run(Path(tmp), "ray", args.steps)
     init = ray_init_seconds()
     extra = ray["wall"] - local["wall"]
-    lines = ["| launcher | cells | wall s | mean cell s (its fit) |", "|---|---|---|---|",
-             f"| local --parallel 2 | {local['n']} | {local['wall']:.1f} | {local['cell']:.1f} |",
-             f"| ray (local cluster, 2 CPUs) | {ray['n']} | {ray['wall']:.1f} | {ray['cell']:.1f} |", "",
+    lines = ["| launcher | cells | attempts | wall s | mean cell s (its fit) |", "|---|---|---|---|---|",
+             f"| local --parallel 2 | {local['n']} | {local['attempts']} | {local['wall']:.1f} | {local['cell']:.1f} |",
+             f"| ray (local cluster, 2 CPUs) | {ray['n']} | {ray['attempts']} | {ray['wall']:.1f} | "
+             f"{ray['cell']:.1f} |", "",
              f"Ray minus local: {extra:+.1f} s for {ray['n']} cells ({extra / ray['n']:+.1f} s per cell); "
              f"ray.init alone: {init:.1f} s.",
              f"Same metrics from the same seeds: {'yes' if ray['metrics'] == local['metrics'] else 'NO'} "

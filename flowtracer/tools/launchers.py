@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -59,9 +60,8 @@ class CellBoard:
 
 
 def _tell_board(board, name: str, where: dict) -> None:
-    import ray  # optional (flowtracer[ray]): this runs inside a Ray worker
-
-    ray.get(board.report.remote(name, where))
+    # Fire and forget: the board only feeds the live table, so a lost board never fails a cell.
+    board.report.remote(name, where)
 
 
 def _fail(cell, reason: str) -> None:
@@ -88,7 +88,8 @@ def run_ray(grid, cells, spec, land, refresh, poll_s: float = 1.0) -> None:
             raise InputError(f"ray.init({grid.ray}): {err}; fix `ray:` in the grid file") from err
     gpus = grid.gpus_per_cell if grid.gpus_per_cell is not None else int(ray.cluster_resources().get("GPU", 0) > 0)
     _check_ray_resources(ray, gpus, grid.cpus_per_cell)
-    board = ray.remote(num_cpus=0)(CellBoard).remote()
+    # Restarted if its worker dies (e.g. Ray's memory monitor); a restart forgets what it was told.
+    board = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(CellBoard).remote()
     task = ray.remote(run_cell)
     opts = {"num_gpus": gpus, "num_cpus": grid.cpus_per_cell, "max_retries": grid.max_retries,
             "retry_exceptions": False}  # a fit that fails returns its exit code; only a lost worker is retried
@@ -101,7 +102,12 @@ def run_ray(grid, cells, spec, land, refresh, poll_s: float = 1.0) -> None:
     try:
         while refs:
             ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=poll_s)
-            where = ray.get(board.snapshot.remote())
+            try:
+                where = ray.get(board.snapshot.remote(), timeout=60)
+            except ray.exceptions.RayError as err:  # the board is restarting: no update this round
+                print(f"flowtracer grid: warning: cell board unavailable ({type(err).__name__}); node, devices "
+                      f"and attempts in the table and done.json may lag or undercount", file=sys.stderr)
+                where = {}
             for cell in refs.values():
                 if cell.name in where:
                     w = where[cell.name]
