@@ -8,6 +8,8 @@ the run (the first half includes allocator warm-up); a leak shows as a steady po
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import os
 from pathlib import Path
@@ -18,6 +20,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def rss_mib() -> float:
+    """Resident MiB after a GC pass and malloc_trim: freed heap pages the allocator keeps for reuse
+    are returned first, so the series follows live memory, not allocator retention."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: RSS may include retained free pages
+        pass
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
