@@ -8,8 +8,12 @@ A cell is experiments/quickstart.yaml (SmolLM2-135M + LoRA, arithmetic) with tra
 to --steps; the grid is arm {uniform, flow} x seed {0, 1}. Both launchers run the same `fit`
 subprocesses, so the difference of the two wall times is what Ray adds: starting its cluster
 (`ray.init`, timed here on its own too), a worker process per cell and the scheduling round trips.
-"cell s" is the mean time of one cell's `fit` as the cell itself measured it (done.json). The
-metrics of the two reports are compared as a control: the same seeds must give the same numbers.
+"cell s" is the mean time of one cell's `fit` as the cell itself measured it (done.json);
+"overhead s" is the wall time not spent inside a cell's `fit` with 2 running at a time (wall - sum of
+cell s / 2): process starts, imports, Ray's workers and scheduling. On a shared machine the cells' own
+times move with the load, so compare the overheads, not the walls; --order ray,local runs Ray first
+(two runs in both orders cancel a load that drifts). The metrics of the two reports are compared
+as a control: the same seeds must give the same numbers.
 """
 
 from __future__ import annotations
@@ -68,19 +72,24 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=2, help="trainer.max_steps of each quickstart cell")
     p.add_argument("--out", help="also write the table (and the command) to this markdown file")
+    p.add_argument("--order", default="local,ray", choices=["local,ray", "ray,local"], help="which launcher runs first")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     with tempfile.TemporaryDirectory() as tmp:
-        local = run(Path(tmp), "local", args.steps)
-        ray = run(Path(tmp), "ray", args.steps)
+        res = {name: run(Path(tmp), name, args.steps) for name in args.order.split(",")}
+    local, ray = res["local"], res["ray"]
     init = ray_init_seconds()
-    extra = ray["wall"] - local["wall"]
-    lines = ["| launcher | cells | attempts | wall s | mean cell s (its fit) |", "|---|---|---|---|---|",
-             f"| local --parallel 2 | {local['n']} | {local['attempts']} | {local['wall']:.1f} | {local['cell']:.1f} |",
+    over = {name: r["wall"] - r["cell"] * r["n"] / 2 for name, r in (("local", local), ("ray", ray))}
+    extra = over["ray"] - over["local"]
+    lines = [f"Order: {args.order}.", "",
+             "| launcher | cells | attempts | wall s | mean cell s (its fit) | overhead s |",
+             "|---|---|---|---|---|---|",
+             f"| local --parallel 2 | {local['n']} | {local['attempts']} | {local['wall']:.1f} | {local['cell']:.1f} | "
+             f"{over['local']:.1f} |",
              f"| ray (local cluster, 2 CPUs) | {ray['n']} | {ray['attempts']} | {ray['wall']:.1f} | "
-             f"{ray['cell']:.1f} |", "",
-             f"Ray minus local: {extra:+.1f} s for {ray['n']} cells ({extra / ray['n']:+.1f} s per cell); "
+             f"{ray['cell']:.1f} | {over['ray']:.1f} |", "",
+             f"Ray's overhead minus local's: {extra:+.1f} s for {ray['n']} cells ({extra / ray['n']:+.1f} s per cell); "
              f"ray.init alone: {init:.1f} s.",
              f"Same metrics from the same seeds: {'yes' if ray['metrics'] == local['metrics'] else 'NO'} "
              f"({', '.join(METRICS[1:])} of every cell)."]
@@ -88,7 +97,7 @@ def main() -> None:
     print(table)
     if args.out:
         cmd = f"flock /work/locks/measure.lock nice -n 5 python benchmarks/grid_launchers.py --steps {args.steps} " \
-              f"--out {args.out}"
+              f"--order {args.order} --out {args.out}"
         Path(args.out).write_text(f"# Grid launchers: local vs Ray on one machine\n\n`{cmd}`\n\n"
                                   f"quickstart.yaml cells, trainer.max_steps={args.steps}, arm {{uniform, flow}} x "
                                   f"seed {{0, 1}}.\n\n{table}\n")
