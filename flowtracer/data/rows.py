@@ -34,7 +34,8 @@ class RowFormat:
     question_field / answer_field: the record's fields; verifier: every row's verifier (None = the
     record's own "verifier" field, else "math"); messages_field: a chat `messages` field (a list of
     {role, content} or its JSON text) whose system turn becomes the row's "system_prompt";
-    json_answer: the answer field holds JSON text (reasoning-gym entries).
+    json_answer: the answer field holds JSON text (reasoning-gym entries); mixed: fields whose
+    values mix types across records, read as the text the file has (`as_written`).
     """
 
     question_field: str = "question"
@@ -42,6 +43,7 @@ class RowFormat:
     verifier: str | None = None
     messages_field: str | None = None
     json_answer: bool = False
+    mixed: tuple[str, ...] = ()
 
     def columns(self, available: Sequence[str]) -> list[str]:
         """The dataset columns a row is made from (the others are never read)."""
@@ -49,6 +51,8 @@ class RowFormat:
         return [c for c in dict.fromkeys(wanted) if c and c in available]
 
     def decode(self, rec: dict[str, Any]) -> dict[str, Any]:
+        if self.mixed:
+            rec = {k: as_written(v) if k in self.mixed else v for k, v in rec.items()}
         answer = rec[self.answer_field]
         if self.json_answer and isinstance(answer, str):
             answer = json.loads(answer)
@@ -67,6 +71,18 @@ class RowFormat:
             if system:
                 row["system_prompt"] = system
         return row
+
+
+def as_written(value: Any) -> Any:
+    """A value of a field that mixes types, from `datasets`' JSON storage of it: text that parses
+    as JSON is stored as it is and other text quoted, so a quoted string is unquoted."""
+    if isinstance(value, str) and value.startswith('"'):
+        try:
+            text = json.loads(value)
+        except json.JSONDecodeError:
+            return value
+        return text if isinstance(text, str) else value
+    return value
 
 
 def system_prompt_of(messages: Any) -> str | None:

@@ -32,6 +32,7 @@ a malformed chat), and a failure names the file and the row (JSONL: its line).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -39,7 +40,16 @@ from typing import Any, Callable
 
 from flowtracer.config import ChainSpec
 from flowtracer.data.chains import make_rows
-from flowtracer.data.rows import DataError, RowFailure, RowFilter, RowFormat, Rows, UserMap, system_prompt_of
+from flowtracer.data.rows import (
+    DataError,
+    RowFailure,
+    RowFilter,
+    RowFormat,
+    Rows,
+    UserMap,
+    as_written,
+    system_prompt_of,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 GRAMMAR = ("'reasoning_gym:<task>', 'chains', 'hf:<id>[:<config>][@<split>]' or a local "
@@ -102,7 +112,7 @@ def load_rows(
         if map is not None:
             ds = _apply_map(ds, UserMap(map, f"{label}.map"), where, locate)
         fmt = RowFormat(question_field, answer_field, verifier, messages_field, json_answer)
-        ds = _check_fields(ds, fmt, where, locate)
+        ds, fmt = _check_fields(ds, fmt, where, locate)
         return Rows(ds.select_columns(fmt.columns(ds.column_names)), fmt, where)
 
 
@@ -268,18 +278,20 @@ def _apply_map(ds, fn: UserMap, where: str, locate: _Locator):
 
 def _check_fields(ds, fmt: RowFormat, where: str, locate: Callable[[int], str]):
     """Every record has a question and an answer, the question is text (or a number), the chat
-    field is a chat; returns the dataset with mixed-type fields read as the file's text."""
+    field is a chat; returns the dataset and the format, fields that mix types read as written."""
     import datasets  # heavy: imported only when data is loaded
 
     fields = [(fmt.question_field, "question_field"), (fmt.answer_field, "answer_field")]
+    mixed = []
     for field, knob in fields + [(fmt.messages_field, "messages_field")] * bool(fmt.messages_field):
         if field not in ds.column_names:
             _missing(ds, 0, field, knob, where, locate)
         feature = ds.features[field]
-        if type(feature).__name__ == "Json":  # a field mixing types: read each value as written
+        if type(feature).__name__ == "Json" and feature.decode:  # a field mixing types: read as written
             ds = ds.cast_column(field, type(feature)(decode=False))
+            mixed.append(field)
     q = ds.features[fmt.question_field]
-    if not isinstance(q, datasets.Value):
+    if not isinstance(q, datasets.Value) and type(q).__name__ != "Json":  # (Json: mixed types, read as text)
         kind = "objects" if isinstance(q, dict) else "lists"
         raise DataError(f"{where}: {locate(0)} field '{fmt.question_field}' holds {kind}, not text; point "
                         "question_field at a text field, or flatten it with data.map (docs/models-and-data.md)")
@@ -292,11 +304,11 @@ def _check_fields(ds, fmt: RowFormat, where: str, locate: Callable[[int], str]):
         if fmt.messages_field:
             for j, chat in enumerate(table.column(fmt.messages_field).to_pylist()):
                 try:
-                    system_prompt_of(chat)
+                    system_prompt_of(as_written(chat) if fmt.messages_field in mixed else chat)
                 except ValueError as exc:
                     raise DataError(f"{where}: {locate(start + j)} field '{fmt.messages_field}' is {exc}; "
                                     "point messages_field at a chat column, or drop it") from exc
-    return ds
+    return ds, dataclasses.replace(fmt, mixed=tuple(mixed))
 
 
 def _arrow_batches(ds):

@@ -152,6 +152,8 @@ def test_formats_mixed_types_and_bad_files(tmp_path):
     mixed = _write_jsonl(tmp_path / "mixed.jsonl", [{"q": "a", "a": 7}, {"q": "b", "a": "[-2, 7]"},
                                                     {"q": "c", "a": "0042"}])
     assert [r["answer"] for r in load_rows(str(mixed), question_field="q", answer_field="a")] == ["7", "[-2, 7]", "0042"]
+    numbers = _write_jsonl(tmp_path / "numbers.jsonl", [{"q": 12, "a": "x"}, {"q": "13 + 1", "a": "y"}])
+    assert [r["question"] for r in load_rows(str(numbers), question_field="q", answer_field="a")] == ["12", "13 + 1"]
     scalar = tmp_path / "scalar.jsonl"
     scalar.write_text('{"question": "x", "answer": "1"}\n"just text"\n')
     with pytest.raises(DataError, match="scalar.jsonl: line 2 is a str, not an object with fields"):
