@@ -102,13 +102,16 @@ def load_rows(
         raw, where, json_answer, path = _raw_dataset(source, size, seed, verifier, task_kwargs or {}, cache_dir)
         locate = _Locator(path)
         ds = raw
-        if filter is not None:
-            ds = _apply_filter(ds, RowFilter(filter, f"{label}.filter"), where, locate)
+        keep = RowFilter(filter, f"{label}.filter") if filter is not None else None
+        if keep is not None:
+            ds = _apply_filter(ds, keep, where, locate)
         if size and not generated and size < len(ds):
             ds = ds.select(range(size))
+        if len(ds) == 0 and keep is not None:
+            raise DataError(f"{where}: {keep.label} {keep.describe()!r} kept none of its {len(raw)} rows; "
+                            "check the filter's fields and values")
         if len(ds) == 0:
-            kept = f" after {label}.filter kept none of its {len(raw)} rows" if filter is not None else ""
-            raise DataError(f"{where}: the dataset is empty (no rows{kept}); point to a file with data")
+            raise DataError(f"{where}: the dataset is empty (no rows); point to a file with data")
         if map is not None:
             ds = _apply_map(ds, UserMap(map, f"{label}.map"), where, locate)
         fmt = RowFormat(question_field, answer_field, verifier, messages_field, json_answer)
