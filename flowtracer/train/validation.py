@@ -33,8 +33,9 @@ def run_batch(module, rows: list[dict]) -> list[dict]:
 
 def metric(module) -> BenchmarkAccuracy:
     """The module's validation metric over its datamodule's eval sets, on the module's device."""
-    if module.val_metric is None:
-        module.val_metric = benchmark_metric(module.trainer.datamodule.eval_specs).to(module.device)
+    specs = module.trainer.datamodule.eval_specs
+    if module.val_metric is None or module.val_metric.names != list(specs):  # (another datamodule)
+        module.val_metric = benchmark_metric(specs).to(module.device)
     return module.val_metric
 
 
