@@ -183,7 +183,9 @@ def _file_dataset(path: Path):
 
 def _unreadable(path: Path, exc: BaseException) -> str:
     """The message for a file `datasets` could not read: for JSON Lines, the first bad line."""
-    if "corresponds to no data" in str(exc) or path.stat().st_size == 0 or not path.read_text(errors="replace").strip():
+    with path.open(encoding="utf-8", errors="replace") as f:
+        blank = not any(line.strip() for line in f)  # stops at the first line with text
+    if "corresponds to no data" in str(exc) or blank:
         return f"{path}: the dataset is empty (no rows); point to a file with data"
     if path.suffix.lower() == ".jsonl":
         with path.open(encoding="utf-8", errors="replace") as f:  # only to name the line
