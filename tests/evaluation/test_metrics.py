@@ -86,6 +86,17 @@ def test_set_metrics_and_macro_average():
         set_metrics(correct, keys, pass_ks=[8])
 
 
+def test_pass_at_k_mean_is_numpys_to_the_last_bit():
+    """The correct counts of the quickstart checkpoint's 20 validation problems (k=4): the mean
+    over problems is numpy's float64 mean, so eval.json keeps the value committed before the
+    metrics moved to torch (torch's own mean gives 0.6749999999999998 here)."""
+    c = [2, 2, 3, 1, 2, 4, 2, 0, 2, 0, 2, 1, 0, 2, 2, 3, 1, 3, 1, 2]
+    per_problem = [brute_pass_at_k([True] * x + [False] * (4 - x), 2) for x in c]
+    m = set_metrics([[True] * x + [False] * (4 - x) for x in c], None)
+    assert m["pass@2"] == float(np.mean(per_problem))
+    assert m["avg@4"] == float(np.mean(np.array(c) / 4)) and m["pass@4"] == float(np.mean([x > 0 for x in c]))
+
+
 def test_benchmark_metric_counts_a_repeated_problem_once_and_keeps_set_order():
     """DDP pads its last validation batches with repeats: a problem seen twice counts once."""
     metric = BenchmarkAccuracy({"b": ([1, 2], False), "a": (None, True), "empty": (None, True)},
