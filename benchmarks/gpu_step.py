@@ -27,11 +27,8 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
-import os
 import sys
-import tempfile
 import time
 import zlib
 from pathlib import Path
@@ -93,13 +90,20 @@ def reward(response: str, reference) -> object:
     return Score(float(zlib.crc32(response.encode()) & 1), (max(0, n - 12), n) if n else None, response[-12:])
 
 
-def write_data(folder: str, n: int = 64) -> str:
-    path = os.path.join(folder, "prompts.jsonl")
-    with open(path, "w") as f:
-        for i in range(n):
-            q = f"Problem {i}: compute {3 * i + 7} times {i % 9 + 2}, then subtract {i}. Show every step."
-            f.write(json.dumps({"question": q, "answer": "0"}) + "\n")
-    return path
+class MemoryRows(list):
+    """Prompt rows held in memory, with the two reads PromptDataModule makes of its training rows
+    (`take`, `questions`): the GPU image has no `datasets`, which reads every data file."""
+
+    def take(self, indices) -> list[dict]:
+        return [self[i] for i in indices]
+
+    def questions(self):
+        return (r["question"] for r in self)
+
+
+def prompt_rows(n: int = 64) -> MemoryRows:
+    return MemoryRows({"question": f"Problem {i}: compute {3 * i + 7} times {i % 9 + 2}, then subtract {i}. "
+                                   "Show every step.", "answer": "0", "verifier": "math", "meta": {}} for i in range(n))
 
 
 class _Grab:
@@ -118,7 +122,7 @@ class _Grab:
         return Grab()
 
 
-def rl_run(policy, tok, arm: str, args, data: str, device: str) -> dict:
+def rl_run(policy, tok, arm: str, args, data: MemoryRows, device: str) -> dict:
     """`args.steps` real RL steps with the given credit arm; metrics of the last step + memory."""
     from lightning.pytorch import Trainer
 
@@ -137,8 +141,9 @@ def rl_run(policy, tok, arm: str, args, data: str, device: str) -> dict:
                         val_before_training=False, log_rollouts=False)
     module.policy, module.tokenizer = policy, tok  # built here, so configure_model loads nothing
     module.verifiers = lambda row: reward  # every row's verifier: nothing optional (math-verify) is imported
-    dm = PromptDataModule(train_source=data, val_source=None, val_size=0, prompts_per_step=args.prompts,
-                          use_chat_template=False, instruction=None, cache_dir=os.path.dirname(data))
+    dm = PromptDataModule(train_source="(in memory)", val_source=None, val_size=0, prompts_per_step=args.prompts,
+                          use_chat_template=False, instruction=None)
+    dm.train_rows = data  # set: setup() then loads nothing
     arms = [FlowCredit(layers="middle", fallback="last_token")] if arm == "flow" else []
     grab = _Grab()
     trainer = Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1, max_steps=args.steps,
@@ -261,7 +266,7 @@ def main(argv=None) -> int:
 
 
 def run_all(names: list[str], args, device: str) -> list[str]:
-    data = write_data(tempfile.mkdtemp())
+    data = prompt_rows()
     step_rows, path_rows = [], []
     t0 = time.perf_counter()
     for name in names:

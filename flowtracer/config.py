@@ -187,8 +187,8 @@ class EvalSet:
     """One named evaluation set (``data.eval_sets.<name>``); None = inherit.
 
     Args:
-        source (str): ``hf:<id>[:<config>][@<split>]``, ``reasoning_gym:<task>`` or a local
-            .jsonl/.json/.parquet file (grammar of flowtracer.data.sources).
+        source (str): ``hf:<id>[:<config>][@<split>]``, ``reasoning_gym:<task>``, ``chains`` or a
+            local .jsonl/.json/.parquet/.csv file (grammar of flowtracer.data.sources).
         k (int | None, default None): samples per problem (avg@k, maj@k); None = model.val_sampling.num_generations.
         pass_ks (list[int] | None, default None): the k' <= k of pass@k'; None = 1, 2, 4, ... and k.
         temperature (float | None, default None): 0 = greedy; None = model.val_sampling.temperature.
@@ -204,6 +204,14 @@ class EvalSet:
             "" = none.
         task_kwargs (dict | None, default None): reasoning-gym task config.
         math (bool, default True): counts in the macro average (``math_avg``).
+        filter (dict | str | None, default None): keep the source's rows it holds for, e.g.
+            ``{tag: aime2024}`` or ``'tag == "aime2024"'`` (flowtracer.data.rows.RowFilter): one
+            file can hold several benchmarks.
+        map (str | None, default None): ``package.module:function`` run on each record with
+            ``Dataset.map`` before the field mapping (returns the fields to add or replace).
+        messages_field (str | None, default None): a chat field (a list of {role, content}, or its
+            JSON text) whose system turn becomes the system prompt of the row (the file's own prompt,
+            rendered with the chat template); None = data.system_prompt.
     """
 
     source: str
@@ -221,6 +229,9 @@ class EvalSet:
     instruction: str | None = None
     task_kwargs: dict[str, Any] | None = None
     math: bool = True
+    filter: dict[str, Any] | str | None = None
+    map: str | None = None
+    messages_field: str | None = None
 
     @classmethod
     def from_config(cls, name: str, cfg: dict) -> "EvalSet":

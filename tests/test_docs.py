@@ -18,7 +18,8 @@ TOP = ("flowtracer/", "experiments/", "results/", "benchmarks/", "scripts/", "te
 PATH = re.compile(r"(?<![\w./~-])((?:" + "|".join(re.escape(t) for t in TOP) + r")[\w./*{},-]*[\w*}])")
 DOTTED = re.compile(r"(?<![\w./])(flowtracer(?:\.[A-Za-z_]\w*)+)")
 README_LIMIT = 12_000
-RUNTIME = ("data/cache",)  # folders a run creates (git-ignored), named in the docs as where output goes
+# git-ignored: folders a run creates (named in the docs as where output goes), files a user brings
+RUNTIME = ("data/cache", "data/local/math_benchmarks.jsonl")
 
 
 def _text(page) -> str:

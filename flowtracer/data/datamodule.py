@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
@@ -13,16 +14,12 @@ from torch.utils.data import DataLoader
 
 from flowtracer.config import LEGACY_SET, EvalSet
 from flowtracer.data import prompts
-from flowtracer.data.sources import DataError, load_rows
+from flowtracer.data.rows import Rows, RowsChain
+from flowtracer.data.sources import DataError, is_generated, load_rows
 from flowtracer.rewards.extract import check_extraction
 
 DEFAULT_INSTRUCTION = "Answer with just the final answer inside <answer></answer>."
 _DEFAULT_GENERATED_SIZE = 1000
-
-
-def is_generated(source: str) -> bool:
-    """Sources made by a generator (they need a size and take task_kwargs)."""
-    return source.strip().startswith("reasoning_gym:") or source.strip() == "chains"
 
 
 class PromptDataModule(L.LightningDataModule):
@@ -37,7 +34,8 @@ class PromptDataModule(L.LightningDataModule):
     Args:
         train_source (str, default "data/arith_train.jsonl"): training data, in the grammar of
             flowtracer.data.sources: ``reasoning_gym:<task>``, ``chains``, ``hf:<id>[:<config>][@<split>]`` or a
-            local .jsonl/.json/.parquet file.
+            local .jsonl/.json/.parquet/.csv file (read by `datasets`: rows stay in its memory-mapped
+            Arrow cache and are decoded when a step draws them).
         val_source (str | None, default "data/arith_val.jsonl"): validation data, same grammar;
             None = carve `val_size` rows out of the training data (seeded, disjoint from training
             rows). Set it (or null) whenever you change train_source.
@@ -76,6 +74,12 @@ class PromptDataModule(L.LightningDataModule):
             and the settings above). None = one set, "default", from val_source / val_size (old
             configs). With eval_sets, val_source no longer feeds validation (val_source: null
             still carves val_size rows out of training: set val_size: 0 to keep them).
+        filter (dict | str | None, default None): keep only the training/validation rows it holds
+            for: ``{column: value}`` (a list = any of them) or an expression such as
+            ``tag == "aime2024"`` (flowtracer.data.rows.RowFilter); applied before `size`.
+        map (str | None, default None): ``package.module:function`` taking a record (dict) and
+            returning the fields to add or replace, run with ``Dataset.map`` (cached by `datasets`)
+            before the field mapping: reshape nested or chat-formatted data without rewriting it.
     """
 
     def __init__(
@@ -98,6 +102,8 @@ class PromptDataModule(L.LightningDataModule):
         use_chat_template: bool = True,
         cache_dir: str = "data/cache",
         eval_sets: dict[str, dict[str, Any]] | None = None,
+        filter: dict[str, Any] | str | None = None,
+        map: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()  # recorded in checkpoints and hparams.yaml
@@ -114,21 +120,23 @@ class PromptDataModule(L.LightningDataModule):
         self.answer_extraction = list(check_extraction(answer_extraction)) if answer_extraction else None
         self.instruction, self.system_prompt = instruction, system_prompt
         self.use_chat_template, self.cache_dir = use_chat_template, cache_dir
-        self.train_rows: list[dict] | None = None
-        self.val_rows: list[dict] = []
+        self.row_filter, self.row_map = filter, map
+        self.train_rows: Rows | None = None
+        self.val_rows: Sequence[dict] = []
         self.eval_specs = _eval_specs(eval_sets, val_source)  # name -> EvalSet (validation sets)
         self.legacy_validation = not eval_sets  # one set, "default", from val_source / the carve
-        self.eval_rows: dict[str, list[dict]] = {}
-        self._perms: dict[int, list[int]] = {}
+        self.eval_rows: dict[str, Rows] = {}
+        self._perms: dict[int, torch.Tensor] = {}
+        self._fingerprint_cache: str | None = None
 
     # ---------------------------------------------------------------- loading
-    def _load(self, source: str, size: int | None, seed: int) -> list[dict]:
+    def _load(self, source: str, size: int | None, seed: int) -> Rows:
         generated = is_generated(source)
         return load_rows(
             source, size=(size or _DEFAULT_GENERATED_SIZE) if generated else size, seed=seed,
             question_field=self.question_field, answer_field=self.answer_field,
             verifier=self.verifier, task_kwargs=self.task_kwargs if generated else None,
-            cache_dir=self.cache_dir,
+            cache_dir=self.cache_dir, filter=self.row_filter, map=self.row_map,
         )
 
     def setup(self, stage: str | None = None) -> None:
@@ -139,25 +147,32 @@ class PromptDataModule(L.LightningDataModule):
             train = self._load(self.train_source, self.train_size, self.seed)
             # a different seed, so a generated validation set is not the training set again
             val = (self._load(self.val_source, self.val_size, self.seed + 1)
-                   if self.val_size and self.legacy_validation else [])
+                   if self.val_size and self.legacy_validation else None)
         else:
-            generated = is_generated(self.train_source)
-            size = (self.train_size or _DEFAULT_GENERATED_SIZE) + self.val_size if generated else None
-            rows = self._load(self.train_source, size, self.seed)
-            order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(self.seed))
-            val = [rows[i] for i in order[: self.val_size].tolist()]
-            held = set(order[: self.val_size].tolist())
-            train = [r for i, r in enumerate(rows) if i not in held]  # file order kept for training
-            if self.train_size:
-                train = train[: self.train_size]
-        if not train:
+            train, val = self._carve()
+        if not len(train):
             raise DataError(
                 f"{self.train_source}: no training rows left after carving val_size={self.val_size} "
                 "validation rows; lower val_size or give val_source"
             )
-        shared = self._shared_fields()
-        self.train_rows, self.val_rows = [{**r, **shared} for r in train], [{**r, **shared} for r in val]
-        self._setup_eval_sets()
+        self.train_rows = train.with_fields(**self._shared_fields())
+        self._setup_eval_sets(val)
+
+    def _carve(self) -> tuple[Rows, Rows | None]:
+        """val_size rows of the training source (seeded), and the rest (file order) for training."""
+        generated = is_generated(self.train_source)
+        size = (self.train_size or _DEFAULT_GENERATED_SIZE) + self.val_size if generated else None
+        rows = self._load(self.train_source, size, self.seed)
+        if not self.val_size:
+            train, val = rows, None
+        else:
+            order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(self.seed))
+            keep = torch.ones(len(rows), dtype=torch.bool)
+            keep[order[: self.val_size]] = False
+            train, val = rows.select(keep.nonzero().flatten().numpy()), rows.select(order[: self.val_size].numpy())
+        if self.train_size and self.train_size < len(train):
+            train = train.select(range(self.train_size))
+        return train, val
 
     def setup_eval(self) -> None:
         """Only the validation / eval sets (what `flowtracer eval` needs): the training data is
@@ -166,25 +181,26 @@ class PromptDataModule(L.LightningDataModule):
             return
         if self.legacy_validation and self.val_source is None:
             return self.setup()
+        val = None
         if self.legacy_validation and self.val_size:
             val = self._load(self.val_source, self.val_size, self.seed + 1)
-            self.val_rows = [{**r, **self._shared_fields()} for r in val]
-        self._setup_eval_sets()
+        self._setup_eval_sets(val)
 
-    def _setup_eval_sets(self) -> None:
+    def _setup_eval_sets(self, legacy_val: Rows | None) -> None:
         """Rows of every eval set, tagged with set name and index; val_rows = all of them."""
-
-        if self.legacy_validation:
-            self.val_rows = [{**r, "eval_set": LEGACY_SET, "eval_index": i} for i, r in enumerate(self.val_rows)]
-            self.eval_rows = {LEGACY_SET: self.val_rows} if self.val_rows else {}
-            return
         shared = self._shared_fields()
         self.eval_rows = {}
-        for name, spec in self.eval_specs.items():
-            rows = load_set_rows(name, spec, seed=self.seed + 1, cache_dir=self.cache_dir,
-                                 default_verifier=self.verifier)
-            self.eval_rows[name] = [{**shared, **r} for r in rows]  # a set's own verifier_kwargs win
-        self.val_rows = [r for rows in self.eval_rows.values() for r in rows]
+        if self.legacy_validation:
+            if legacy_val is not None and len(legacy_val):
+                self.eval_rows[LEGACY_SET] = legacy_val.with_fields(index_key="eval_index", eval_set=LEGACY_SET,
+                                                                    **shared)
+        else:
+            for name, spec in self.eval_specs.items():
+                rows = load_set_rows(name, spec, seed=self.seed + 1, cache_dir=self.cache_dir,
+                                     default_verifier=self.verifier)
+                own = rows.extra.get("verifier_kwargs")  # a set's own verifier_kwargs win
+                self.eval_rows[name] = rows.with_fields(**{**shared, **({"verifier_kwargs": own} if own else {})})
+        self.val_rows = RowsChain(list(self.eval_rows.values()))
 
     def _shared_fields(self) -> dict[str, Any]:
         """Grading settings every row carries (only those set)."""
@@ -204,12 +220,13 @@ class PromptDataModule(L.LightningDataModule):
         """RL steps that cover every training row once (the last one wraps into the next epoch)."""
         return math.ceil(self.num_train_rows / self.prompts_per_step)
 
-    def _permutation(self, epoch: int) -> list[int]:
+    def _permutation(self, epoch: int) -> torch.Tensor:
         if epoch not in self._perms:
             if len(self._perms) > 4:  # only the current and next epoch are ever needed
                 self._perms.clear()
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perms[epoch] = torch.randperm(self.num_train_rows, generator=gen).tolist()
+            # a tensor (8 bytes a row), not a list of Python ints (about 36)
+            self._perms[epoch] = torch.randperm(self.num_train_rows, generator=gen)
         return self._perms[epoch]
 
     def train_indices(self, step: int) -> list[int]:
@@ -219,13 +236,14 @@ class PromptDataModule(L.LightningDataModule):
         n, p = self.num_train_rows, self.prompts_per_step
         out = []
         for g in range(step * p, (step + 1) * p):  # g = global position in the endless stream
-            out.append(self._permutation(g // n)[g % n])
+            out.append(int(self._permutation(g // n)[g % n]))
         return out
 
     def train_batch(self, step: int) -> list[dict]:
         """The prompts of RL step `step`: row dicts (question, answer, verifier, meta) plus
         "index", the row's position in the training set (for logging)."""
-        return [{**self.train_rows[i], "index": i} for i in self.train_indices(step)]
+        indices = self.train_indices(step)
+        return [{**row, "index": i} for row, i in zip(self.train_rows.take(indices), indices)]
 
     def format_prompt(self, tokenizer, question: str) -> tuple[str, tuple[int, int] | None]:
         """Prompt text and question span for `question`, with this module's prompt settings
@@ -239,7 +257,8 @@ class PromptDataModule(L.LightningDataModule):
         """Prompt of an eval row: the row's set may override the instruction ("" = none)."""
         spec = self.eval_specs.get(row.get("eval_set"))
         instruction = self.instruction if spec is None or spec.instruction is None else (spec.instruction or None)
-        return prompts.format_prompt(tokenizer, row["question"], system_prompt=self.system_prompt,
+        system = row.get("system_prompt") or self.system_prompt  # the set's own (its chat field) wins
+        return prompts.format_prompt(tokenizer, row["question"], system_prompt=system,
                                      instruction=instruction, use_chat_template=self.use_chat_template)
 
     # ---------------------------------------------------------------- Lightning hooks
@@ -248,15 +267,21 @@ class PromptDataModule(L.LightningDataModule):
         return DataLoader(range(self.steps_per_epoch), batch_size=None, shuffle=False)
 
     def val_dataloader(self) -> DataLoader:
-        # Batches never mix sets (each has its own k and sampling); a batch is a list of rows.
-
+        # Batches never mix sets (each has its own k and sampling); a batch is a list of rows,
+        # decoded when the loader reaches it.
         self.setup()
-        chunks = [b for rows in self.eval_rows.values() for b in _chunks(rows, self.val_batch_size)]
-        return DataLoader(chunks, batch_size=None, shuffle=False, collate_fn=list)
+        return DataLoader(EvalBatches(self.eval_rows, self.val_batch_size), batch_size=None, shuffle=False,
+                          collate_fn=list)
 
     def _fingerprint(self) -> str:
-        questions = json.dumps([r["question"] for r in self.train_rows])
-        return hashlib.sha1(questions.encode()).hexdigest()
+        """sha1 of the JSON list of training questions, streamed (the training rows never change)."""
+        if self._fingerprint_cache is None:
+            h = hashlib.sha1(b"[")
+            for i, q in enumerate(self.train_rows.questions()):
+                h.update(((", " if i else "") + json.dumps(q)).encode())
+            h.update(b"]")
+            self._fingerprint_cache = h.hexdigest()
+        return self._fingerprint_cache
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run checks: the same training rows in the same order, same seed and P."""
@@ -284,18 +309,30 @@ def _eval_specs(eval_sets: dict[str, dict[str, Any]] | None, val_source: str | N
     return {str(name): EvalSet.from_config(str(name), dict(cfg or {})) for name, cfg in eval_sets.items()}
 
 
-def load_set_rows(name: str, spec, *, seed: int, cache_dir: str, default_verifier: str | None = None) -> list[dict]:
+def load_set_rows(name: str, spec, *, seed: int, cache_dir: str, default_verifier: str | None = None) -> Rows:
     """The rows of eval set `name` (a flowtracer.config.EvalSet), tagged with ``eval_set`` (its
     name) and ``eval_index`` (its position)."""
-    generated = spec.source.strip().startswith("reasoning_gym:")
+    generated = is_generated(spec.source)
     rows = load_rows(spec.source, size=(spec.size or 64) if generated else spec.size, seed=seed,
                      question_field=spec.question_field, answer_field=spec.answer_field,
                      verifier=spec.verifier or default_verifier, task_kwargs=spec.task_kwargs if generated else None,
-                     cache_dir=cache_dir)
+                     cache_dir=cache_dir, filter=spec.filter, map=spec.map, messages_field=spec.messages_field,
+                     label=f"data.eval_sets.{name}")
     kwargs = spec.row_verifier_kwargs()
-    extra = {"verifier_kwargs": kwargs} if kwargs else {}
-    return [{**r, **extra, "eval_set": name, "eval_index": i} for i, r in enumerate(rows)]
+    return rows.with_fields(index_key="eval_index", eval_set=name, **({"verifier_kwargs": kwargs} if kwargs else {}))
 
 
-def _chunks(rows: list[dict], size: int) -> list[list[dict]]:
-    return [rows[i:i + size] for i in range(0, len(rows), size)]
+class EvalBatches(Sequence):
+    """Validation batches: `size` rows of one set at a time (sets never mix), drawn when asked."""
+
+    def __init__(self, sets: dict[str, Rows], size: int):
+        self.sets = sets
+        self.spans = [(name, i, min(i + size, len(rows))) for name, rows in sets.items()
+                      for i in range(0, len(rows), size)]
+
+    def __len__(self) -> int:
+        return len(self.spans)
+
+    def __getitem__(self, i: int) -> list[dict]:
+        name, lo, hi = self.spans[i]
+        return self.sets[name].take(range(lo, hi))

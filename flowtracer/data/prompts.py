@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flowtracer.data.sources import DataError
+from flowtracer.data.rows import DataError
 
 
 def user_message(question: str, instruction: str | None = None) -> str:

@@ -20,11 +20,10 @@ from __future__ import annotations
 import zlib
 from typing import Any, Callable, Iterable
 
-import numpy as np
 import torch
 
 from flowtracer.config import LEGACY_SET, EvalSet
-from flowtracer.evaluation.metrics import answer_key, macro_average, set_metrics
+from flowtracer.evaluation.metrics import BenchmarkAccuracy, answer_key
 from flowtracer.generation import sample
 from flowtracer.generation.sampler import row_seeds
 from flowtracer.rewards import VerifierCache, safe_score
@@ -78,25 +77,20 @@ def eval_batch(policy, tokenizer, rows: list[dict], sampling, format_prompt: Cal
     return records
 
 
+def benchmark_metric(specs: dict[str, EvalSet], **kwargs) -> BenchmarkAccuracy:
+    """The metric of these eval sets (flowtracer.evaluation.metrics.BenchmarkAccuracy)."""
+    return BenchmarkAccuracy({name: (spec.pass_ks, spec.math) for name, spec in specs.items()}, **kwargs)
+
+
 def summarize(records: Iterable[dict], specs: dict[str, EvalSet]) -> dict[str, Any]:
-    """Per-set metrics and the macro average from `eval_batch` records (duplicates dropped).
+    """Per-set metrics and the macro average from `eval_batch` records of this process.
 
     Returns ``{"sets": {name: {"n": problems, "k": k, "avg@k": .., "pass@k'": .., "maj@k": ..}},
     "math_avg": mean avg@k over the sets with math: true (None if none), "math_sets": [names]}``.
     """
-    by_set: dict[str, dict[int, dict]] = {}
-    for rec in records:  # DDP pads its last batches with repeats: one record per (set, index)
-        by_set.setdefault(rec["set"], {})[rec["index"]] = rec
-    sets = {}
-    for name in specs:
-        recs = [by_set.get(name, {})[i] for i in sorted(by_set.get(name, {}))]
-        if not recs:
-            continue
-        correct = np.array([r["correct"] for r in recs], dtype=bool)
-        metrics = set_metrics(correct, [r["keys"] for r in recs], specs[name].pass_ks)
-        sets[name] = {"n": len(recs), "k": int(correct.shape[1]), **metrics}
-    math_sets = [n for n in sets if specs[n].math]
-    return {"sets": sets, "math_avg": macro_average(sets, math_sets), "math_sets": math_sets}
+    metric = benchmark_metric(specs, sync_on_compute=False)
+    metric.update(list(records))
+    return metric.compute()
 
 
 def batches(rows: list[dict], size: int) -> list[list[dict]]:

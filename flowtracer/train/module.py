@@ -48,7 +48,7 @@ from flowtracer.train.guards import UpdateGuard, assert_finite_state, grads_fini
 from flowtracer.train.preflight import ConfigError, preflight
 from flowtracer.train.refill import RolloutSource, sample_rollouts
 from flowtracer.train.step import PhaseTimer, Placement, logprob_temperature, micro, plan_credit
-from flowtracer.train.step.records import rollout_metrics, rollout_records, seed_step, step_warnings
+from flowtracer.train.step.records import RolloutStats, rollout_records, seed_step, step_warnings
 from flowtracer.train.step.score import rollout_batch, score_responses
 
 
@@ -114,7 +114,8 @@ class GRPOModule(LightningModule):
         self.rl_step = 0
         self.verifiers = VerifierCache()  # row -> its verifier, built once per kind
         self.val_history: list[tuple[int, float]] = []
-        self.val_records: list[dict] = []  # this validation epoch's records, until its end
+        self.val_metric = None  # torchmetrics, over the eval sets (flowtracer.train.validation.metric)
+        self.rollout_stats = RolloutStats(loss.correct_threshold)  # per step, reduced over processes
         self.guard = UpdateGuard(optim.max_consecutive_skips, log=rank_zero_info)
         self._resumed_steps: int | None = None
         self.preflight_done = False
@@ -169,11 +170,12 @@ class GRPOModule(LightningModule):
             update_metrics = self._guarded_update(rollouts, plan, pre, timer)
 
         self.rl_step += 1
-        metrics = {**self._rollout_metrics(rollouts, gen), **update_metrics, **rollouts.metrics,
+        stats = self.rollout_stats.of_step(rollouts, gen.truncated)
+        metrics = {**stats, "rl_step": float(self.rl_step), **update_metrics, **rollouts.metrics,
                    **timer.metrics(int(gen.response_mask.sum()))}
         for line in step_warnings(metrics, step + 1):  # also sets warn/* in the logged metrics
             rank_zero_info(line)
-        dist.log_synced(self, metrics, rollouts.batch_size)
+        dist.log_synced(self, metrics, rollouts.batch_size, reduced=stats)
         self.log_dict({"reward": metrics["reward/mean"], "acc": metrics["accuracy"]}, prog_bar=True,
                       on_step=True, on_epoch=False, logger=False, batch_size=rollouts.batch_size)
         if self.log_rollouts:
@@ -347,23 +349,12 @@ class GRPOModule(LightningModule):
         sched.step()
 
     # ----------------------------------------------------------------------------- metrics and logs
-    def _rollout_metrics(self, rollouts: RolloutBatch, gen: Generated) -> dict[str, float]:
-        # over the rollouts of every process (identity with one), so DDP logs the 1-process values
-        resp, ent = rollouts.response_mask, rollouts.entropies
-        return {**rollout_metrics(
-            dist.gather_cat(self, rollouts.rewards), dist.gather_cat(self, resp.sum(1).float()),
-            dist.gather_cat(self, gen.truncated.float()),
-            dist.all_sum(self, (ent * resp).sum()) if ent is not None else None,
-            dist.all_sum(self, resp.sum().float()).clamp(min=1), self.loss_cfg.correct_threshold),
-            "rl_step": float(self.rl_step)}
-
     def _write_rollouts(self, step: int, rollouts: RolloutBatch) -> None:
         log_dir = self.trainer.log_dir  # once: under DDP every call is a broadcast all ranks must join
         if log_dir is None:
             return
-        lines = rollout_records(rollouts, self.tokenizer, step)
-        lines = [ln for part in dist.gather_objects(self, lines) for ln in part]  # rank order = prompt order
-        if self.trainer.global_rank == 0:
+        lines = dist.gather_to_zero(self, rollout_records(rollouts, self.tokenizer, step))  # rank order = prompt order
+        if lines is not None:
             os.makedirs(log_dir, exist_ok=True)
             # One write() of whole lines, fsynced: a crash never leaves half a record behind.
             append_lines(os.path.join(log_dir, "rollouts.jsonl"), "\n".join(lines) + "\n")
@@ -372,11 +363,10 @@ class GRPOModule(LightningModule):
     # validation runs on the evaluation engine (flowtracer.train.validation): per-set avg@k,
     # pass@k', maj@k, math_avg; val/pass@1 kept.
     def validation_step(self, rows, batch_idx):
-        self.val_records.extend(validation.validation_step(self, rows))
+        validation.validation_step(self, rows)
 
     def on_validation_epoch_end(self):
-        records, self.val_records = self.val_records, []
-        validation.on_validation_epoch_end(self, records)
+        validation.on_validation_epoch_end(self)
 
     def on_train_end(self) -> None:
         if len(self.val_history) >= 2:

@@ -1,8 +1,10 @@
 """Validation during `fit`, on the evaluation engine (flowtracer.evaluation).
 
-The module's validation hooks delegate here: each validation batch (rows of one eval
-set) is generated and verified by `eval_batch`, the records of all processes are gathered at the
-end of the epoch and `summarize`d. Logged: ``val/<set>/avg@k``, ``val/<set>/pass@k'``,
+The module's validation hooks delegate here: each validation batch (rows of one eval set) is
+generated and verified by `eval_batch`, and its records update the module's `val_metric`, a
+torchmetrics `BenchmarkAccuracy` (flowtracer.evaluation.metrics): only per-problem counts are
+kept, and torchmetrics gathers them across processes when the epoch's metrics are computed (no
+record or response text crosses processes). Logged: ``val/<set>/avg@k``, ``val/<set>/pass@k'``,
 ``val/<set>/maj@k``, ``val/math_avg`` (mean avg@k over the math sets), and for continuity
 ``val/pass@1`` = the mean avg@k over all sets (the one set's avg@k for an old config), plus
 ``val/pass@k`` of the old single validation set.
@@ -13,7 +15,8 @@ from __future__ import annotations
 from lightning.pytorch.utilities import rank_zero_info
 
 from flowtracer.config import LEGACY_SET
-from flowtracer.evaluation.engine import eval_batch, summarize
+from flowtracer.evaluation.engine import benchmark_metric, eval_batch
+from flowtracer.evaluation.metrics import BenchmarkAccuracy
 from flowtracer.evaluation.report import log_metrics
 from flowtracer.train import distributed as dist
 
@@ -28,16 +31,24 @@ def run_batch(module, rows: list[dict]) -> list[dict]:
                       batch_index=rows[0]["eval_index"] // dm.val_batch_size)
 
 
-def validation_step(module, rows: list[dict]) -> list[dict]:
-    """What the epoch's metrics need of one batch's records (no response texts cross processes)."""
-    keep = ("set", "index", "correct", "keys")
-    return [{k: r[k] for k in keep} for r in run_batch(module, rows)]
+def metric(module) -> BenchmarkAccuracy:
+    """The module's validation metric over its datamodule's eval sets, on the module's device."""
+    specs = module.trainer.datamodule.eval_specs
+    if module.val_metric is None or module.val_metric.names != list(specs):  # (another datamodule)
+        module.val_metric = benchmark_metric(specs).to(module.device)
+    return module.val_metric
 
 
-def epoch_metrics(module, records: list[dict]) -> dict[str, float]:
-    """Gather every process's records, summarize, and return the flat metrics to log."""
-    records = [r for part in dist.gather_objects(module, records) for r in part]
-    result = summarize(records, module.trainer.datamodule.eval_specs)
+def validation_step(module, rows: list[dict]) -> None:
+    """Generate, verify and count one batch into the epoch's metric."""
+    metric(module).update(run_batch(module, rows))
+
+
+def epoch_metrics(module) -> dict[str, float]:
+    """The epoch's metrics over every process (torchmetrics syncs them), flat for logging; resets."""
+    m = metric(module)
+    result = m.compute()
+    m.reset()
     if not result["sets"]:
         return {}
     metrics = log_metrics(result)
@@ -55,11 +66,11 @@ def _announce(step_label: str, metrics: dict[str, float]) -> None:
     rank_zero_info(f"[flowtracer] {step_label}: validation {', '.join(parts)}")
 
 
-def on_validation_epoch_end(module, records: list[dict]) -> None:
-    metrics = epoch_metrics(module, records)
+def on_validation_epoch_end(module) -> None:
+    metrics = epoch_metrics(module)
     if not metrics:
         return
-    module.log_dict(metrics, prog_bar=False)
+    module.log_dict(metrics, prog_bar=False)  # already reduced over processes by torchmetrics
     module.log("val_acc", metrics["val/pass@1"], prog_bar=True, logger=False)
     if not module.trainer.sanity_checking:
         module.val_history.append((module.rl_step, float(metrics["val/pass@1"])))
@@ -70,9 +81,10 @@ def before_training(module) -> dict[str, float]:
     """Validation outside Lightning's loop (before the first update): the metrics, or {}."""
     loader = module.trainer.datamodule.val_dataloader()
     rank, world = dist.rank_world(module.trainer)
-    batches = list(loader) if loader is not None else []
-    records = [r for i, rows in enumerate(batches) if i % world == rank for r in run_batch(module, rows)]
-    metrics = epoch_metrics(module, records)
+    for i, rows in enumerate(loader if loader is not None else []):
+        if i % world == rank:
+            validation_step(module, rows)
+    metrics = epoch_metrics(module)
     if metrics:
         module.val_history.append((0, float(metrics["val/pass@1"])))
         _announce("before training", metrics)

@@ -77,23 +77,25 @@ def test_hub_dataset_offline_error(monkeypatch):
         load_rows("hf:flowtracer-test/not-a-cached-dataset:main@train")
 
 
-def test_reasoning_gym_deterministic_and_cached(tmp_path):
+def test_reasoning_gym_deterministic_and_cached(tmp_path, monkeypatch):
+    import reasoning_gym
+
+    calls = []
+    create = reasoning_gym.create_dataset
+    monkeypatch.setattr(reasoning_gym, "create_dataset", lambda *a, **k: calls.append(a) or create(*a, **k))
     kwargs = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}
-    a = load_rows("reasoning_gym:basic_arithmetic", size=20, seed=3, task_kwargs=kwargs, cache_dir=tmp_path)
-    files = list(tmp_path.glob("*.jsonl"))
-    assert len(files) == 1
-    b = load_rows("reasoning_gym:basic_arithmetic", size=20, seed=3, task_kwargs=kwargs, cache_dir=tmp_path)
-    assert a == b and len(a) == 20
-    fresh = load_rows("reasoning_gym:basic_arithmetic", size=20, seed=3, task_kwargs=kwargs,
-                      cache_dir=tmp_path / "other")
-    assert fresh == a  # generation itself is deterministic, not just the cache
-    other = load_rows("reasoning_gym:basic_arithmetic", size=20, seed=4, task_kwargs=kwargs, cache_dir=tmp_path)
-    assert other != a and len(list(tmp_path.glob("*.jsonl"))) == 2
+    a = list(load_rows("reasoning_gym:basic_arithmetic", size=20, seed=3, task_kwargs=kwargs, cache_dir=tmp_path))
+    b = list(load_rows("reasoning_gym:basic_arithmetic", size=20, seed=3, task_kwargs=kwargs, cache_dir=tmp_path))
+    assert a == b and len(a) == 20 and len(calls) == 1  # the second load read the datasets cache
+    assert list(tmp_path.rglob("*.arrow"))
+    fresh = list(load_rows("reasoning_gym:basic_arithmetic", size=20, seed=3, task_kwargs=kwargs,
+                           cache_dir=tmp_path / "other"))
+    assert fresh == a and len(calls) == 2  # generation itself is deterministic, not just the cache
+    other = list(load_rows("reasoning_gym:basic_arithmetic", size=20, seed=4, task_kwargs=kwargs, cache_dir=tmp_path))
+    assert other != a and len(calls) == 3
     row = a[0]
     assert row["verifier"] == "reasoning_gym" and row["meta"]["task"] == "basic_arithmetic"
     assert set(row["answer"]) == {"question", "answer", "metadata"} and row["answer"]["question"] == row["question"]
-    import reasoning_gym
-
     assert reasoning_gym.get_score_answer_fn("basic_arithmetic")(row["answer"]["answer"], row["answer"]) == 1.0
     as_math = load_rows("reasoning_gym:basic_arithmetic", size=20, seed=3, task_kwargs=kwargs,
                         cache_dir=tmp_path, verifier="math")
@@ -131,7 +133,7 @@ def test_val_carve_and_dataloader(tmp_path):
     train_q = {r["question"] for r in dm.train_rows}
     val_q = [r["question"] for r in dm.val_rows]
     assert len(train_q) == 6 and len(val_q) == 4 and not train_q & set(val_q)
-    assert all(r["verifier_kwargs"] == {"extraction": ["last_number"]} for r in dm.train_rows + dm.val_rows)
+    assert all(r["verifier_kwargs"] == {"extraction": ["last_number"]} for r in [*dm.train_rows, *dm.val_rows])
     batches = list(dm.val_dataloader())
     assert [len(b) for b in batches] == [3, 1] and batches[0][0]["question"] == val_q[0]
     with pytest.raises(DataError, match="val_size"):

@@ -1,7 +1,9 @@
-"""Scale-out: `trainer.strategy=ddp`, 2 CPU processes (gloo) equal 1 process with the same global batch."""
+"""Scale-out: `trainer.strategy=ddp`, 2 CPU processes (gloo) equal 1 process with the same global batch:
+the training steps and the validation (whose metrics torchmetrics reduces across the processes)."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -14,6 +16,21 @@ from conftest import ROOT, read_metrics, write_config
 
 # Timings differ between runs; everything else a step logs must match.
 VOLATILE = ("time/", "throughput/", "credit/flow_seconds")
+FIX = ROOT / "tests" / "fixtures" / "eval"
+# 4 + 3 + 2 problems in batches of 2: 5 validation batches, so DDP pads rank 1 with a repeated batch
+EVAL_SETS = {
+    "aime": {"source": str(FIX / "aime_mini.jsonl"), "question_field": "problem", "k": 4, "pass_ks": [1, 2, 4],
+             "verifier": "faulty_rewards:varied", "max_new_tokens": 12},
+    "math": {"source": str(FIX / "math_mini.jsonl"), "question_field": "problem", "k": 1, "temperature": 0.0},
+    "gsm": {"source": str(FIX / "gsm_mini.jsonl"), "k": 3, "math": False, "size": 2},
+}
+
+
+def _validation(version_dir) -> list[dict[str, float]]:
+    """The logged validation rows (before training, then each validation), val/* values only."""
+    rows = list(csv.DictReader(open(version_dir / "metrics.csv")))
+    return [{k: float(v) for k, v in r.items() if k.startswith("val/") and v != ""}
+            for r in rows if r.get("val/math_avg")]
 
 
 def _fit(cfg, *args):
@@ -31,8 +48,8 @@ def test_ddp_two_processes_equal_one_process(tmp_path, tiny_model_dir):
         data = yaml.safe_load(cfg.read_text())
         data["trainer"].update({"devices": devices, "strategy": "ddp" if devices > 1 else "auto"})
         data["model"]["sampling"]["seed_per_prompt"] = True
-        data["model"].update({"val_before_training": False})
-        data["trainer"]["val_check_interval"] = 100
+        data["trainer"]["val_check_interval"] = 2  # validation before training and after step 2
+        data["data"].update({"eval_sets": EVAL_SETS, "val_batch_size": 2})
         data["trainer"]["callbacks"] = [{"class_path": "flowtracer.credit.UniformCredit"}]
         data["data"]["prompts_per_step"] = 4  # global batch: 4 prompts x G=4; DDP: 2 prompts per process
         data["data"]["verifier"] = "faulty_rewards:varied"  # rewards with spread: real updates in step 1
@@ -51,6 +68,13 @@ def test_ddp_two_processes_equal_one_process(tmp_path, tiny_model_dir):
             diffs.append(abs(ddp[step][k] - single[step][k]))
     print(f"\nDDP (2 processes) vs 1 process: {len(diffs)} logged values over {len(single)} steps, "
           f"max |difference| {max(diffs):.2e}")  # shown with pytest -s; quoted in the README
+    # validation: the same metrics from 2 processes (DDP pads with a repeated batch, counted once) as from 1
+    val_single, val_ddp = _validation(runs["single"]), _validation(runs["ddp"])
+    assert len(val_single) == len(val_ddp) == 2
+    for a, b in zip(val_single, val_ddp):
+        assert sorted(a) == sorted(b) and a == pytest.approx(b, abs=1e-12)
+    assert {"val/aime/pass@2", "val/gsm/maj@3", "val/math/avg@1", "val/math_avg", "val/pass@1"} <= set(val_single[0])
+    assert 0 < val_single[0]["val/aime/pass@4"] < 1  # the toy reward has spread
     # rank 0 wrote every process's rollouts, in prompt order
     a = [json.loads(x) for x in open(runs["single"] / "rollouts.jsonl")]
     b = [json.loads(x) for x in open(runs["ddp"] / "rollouts.jsonl")]

@@ -1,4 +1,4 @@
-"""What a step leaves behind: its seed, its rollout records (rollouts.jsonl) and rollout metrics."""
+"""What a step leaves behind: its seed, its rollout records (rollouts.jsonl) and rollout statistics."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import random
 import numpy as np
 import torch
 from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
 
 from flowtracer.batch import RolloutBatch
 
@@ -36,17 +38,55 @@ def rollout_records(rollouts: RolloutBatch, tokenizer, step: int) -> list[str]:
     return lines
 
 
-def rollout_metrics(rewards: Tensor, lengths: Tensor, truncated: Tensor, entropy_sum: Tensor | None,
-                    n_tokens: Tensor, correct_threshold: float) -> dict[str, float]:
-    """Reward, accuracy, length and entropy summaries of a step's rollouts (all processes' values)."""
-    return {
-        "reward/mean": rewards.mean().item(),
-        "reward/std": rewards.std().item() if rewards.numel() > 1 else 0.0,
-        "accuracy": (rewards >= correct_threshold).float().mean().item(),
-        "response/length": lengths.mean().item(),
-        "response/truncated_frac": truncated.mean().item(),
-        "entropy": (entropy_sum / n_tokens).item() if entropy_sum is not None else 0.0,
-    }
+class RolloutStats(Metric):
+    """Reward, accuracy, length and entropy summaries of a step's rollouts, over every process.
+
+    `update(rewards, lengths, truncated, entropy_sum, n_tokens)` with this process's rollouts
+    (entropy_sum = the entropies summed over response tokens, None when none were computed);
+    `compute()` reduces across processes through torchmetrics (per-rollout values gathered in rank
+    order, token sums summed), so a DDP step logs the values of one process with the same global
+    batch. Reset after each step.
+    """
+
+    full_state_update = False
+
+    def __init__(self, correct_threshold: float = 1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.correct_threshold = correct_threshold
+        for state in ("rewards", "lengths", "truncated"):
+            self.add_state(state, default=[], dist_reduce_fx="cat")
+        for state in ("entropy_sum", "entropy_tokens", "tokens"):
+            self.add_state(state, default=torch.tensor(0.0), dist_reduce_fx="sum")
+
+    def update(self, rewards: Tensor, lengths: Tensor, truncated: Tensor, entropy_sum: Tensor | None,
+               n_tokens: Tensor) -> None:
+        self.rewards.append(rewards.detach().float())
+        self.lengths.append(lengths.detach().float())
+        self.truncated.append(truncated.detach().float())
+        self.tokens += n_tokens.detach().float()
+        if entropy_sum is not None:
+            self.entropy_sum += entropy_sum.detach().float()
+            self.entropy_tokens += n_tokens.detach().float()
+
+    def compute(self) -> dict[str, float]:
+        rewards, lengths, truncated = (dim_zero_cat(s) for s in (self.rewards, self.lengths, self.truncated))
+        return {
+            "reward/mean": rewards.mean().item(),
+            "reward/std": rewards.std().item() if rewards.numel() > 1 else 0.0,
+            "accuracy": (rewards >= self.correct_threshold).float().mean().item(),
+            "response/length": lengths.mean().item(),
+            "response/truncated_frac": truncated.mean().item(),
+            "entropy": (self.entropy_sum / self.tokens.clamp(min=1)).item() if self.entropy_tokens > 0 else 0.0,
+        }
+
+    def of_step(self, rollouts: RolloutBatch, truncated: Tensor) -> dict[str, float]:
+        """This step's statistics (all processes), then reset for the next step."""
+        resp, ent = rollouts.response_mask, rollouts.entropies
+        self.update(rollouts.rewards, resp.sum(1), truncated, (ent * resp).sum() if ent is not None else None,
+                    resp.sum())
+        out = self.compute()
+        self.reset()
+        return out
 
 
 FALLBACK_WARN = 0.5  # credit/fallback_frac above this: the arm is mostly plain GRPO
