@@ -33,8 +33,9 @@ flowtracer.train.step.forward.teacher_forced_pass)::
 
 Supported: decoders that call transformers' standard attention interface (Llama/SmolLM2,
 Qwen2/2.5, Qwen3, Mistral with sliding windows, and others of that family), plain or wrapped by
-peft (LoRA). Precisions: any; the torch path multiplies q k^T in the model's dtype (as eager does),
-the Triton path accumulates it in float32; softmax and sums are always float32. A model whose
+peft (LoRA). Precisions: any; the torch path multiplies q k^T in the model's dtype (as eager does;
+under autocast, the autocast dtype), the Triton path accumulates it in float32; softmax and sums
+are always float32. A model whose
 selected layers never reach the wrapper gets one error naming its class, never a silent wrong map.
 
 This file imports only torch, transformers (and numpy), plus triton when it is installed; no
@@ -224,8 +225,10 @@ class AttentionCapture:
                 )
         self._seen.add(layer)
         timed = _Timed(query.device)
-        with timed, torch.no_grad():  # the map is a detached statistic: nothing enters the autograd graph
-            self._accumulate(module, query.detach(), key.detach(), attention_mask, kwargs)
+        q, k = _compute_dtype(query.detach(), key.detach())
+        with timed, torch.no_grad(), torch.autocast(q.device.type, enabled=False):
+            # the map is a detached statistic: nothing enters the autograd graph
+            self._accumulate(module, q, k, attention_mask, kwargs)
         if timed.events is None:
             self._seconds += timed.seconds
         else:
@@ -365,6 +368,18 @@ class AttentionCapture:
             pair = self.valid[:, :, None] & self.valid[:, None, :]
             self.attn.masked_fill_(~pair, 0.0)  # padded rows/columns exactly zero (also clears NaN)
         self._masks.clear()
+
+
+def _compute_dtype(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q and k in the dtype the model's own attention multiplies them in: under autocast (bf16-mixed)
+    that is the autocast dtype even when rotary embeddings left them float32. The recompute then
+    runs with autocast off, so the map's scores are those of the model's attention (and the fused
+    Triton path applies on CUDA); softmax and sums stay float32."""
+    dev = q.device.type
+    if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        return q.to(dt), k.to(dt)
+    return q, k
 
 
 def chunk_plan(allowed: torch.Tensor, valid: torch.Tensor | None, rows: int, T: int):

@@ -9,7 +9,9 @@ fine-tuning); prompts rendered exactly as RL renders them (flowtracer.data.promp
 chat template, instruction, system prompt), the target response = the row's worked solution
 followed by the eos token; cross-entropy on response tokens only (prompt and padding are labelled
 -100); AdamW, linear warm-up then cosine decay to `min_lr_ratio`; gradient clipping through
-`trainer.gradient_clip_val`. Precisions: float32 (CPU default) and bfloat16 (`model_dtype`).
+`trainer.gradient_clip_val`. Precisions: float32 (default), `trainer.precision: bf16-mixed` (CPU and
+GPU; the cross-entropy is taken on the logits upcast to float32) or 16-mixed (CUDA; then the
+multi-tensor AdamW), bf16 weights (`model_dtype`).
 Checkpoints and resume as in `fit`: atomic checkpoints (flowtracer.runs.checkpoints) every
 `checkpoint.every_n_train_steps`, the crash-safe CSV logger, `--ckpt_path last`; a checkpoint
 holds the trainable weights (adapters under LoRA), optimizer, scheduler and loop state, and the
@@ -208,8 +210,10 @@ class SFTModule(L.LightningModule):
 
     def configure_optimizers(self):
         h, total = self.hparams, max(int(self.trainer.max_steps), 1)
+        # 16-mixed: a fused AdamW unscales inside its step, after Lightning would clip: the multi-tensor one
+        fused = h.fused_adamw and self._scaler() is None
         opt = torch.optim.AdamW([p for p in self.policy.parameters() if p.requires_grad], lr=h.lr,
-                                weight_decay=h.weight_decay, fused=True if h.fused_adamw else None)
+                                weight_decay=h.weight_decay, fused=True if fused else None)
 
         def factor(s: int) -> float:
             if s < h.warmup_steps:
@@ -219,6 +223,21 @@ class SFTModule(L.LightningModule):
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _scaler(self):
+        return getattr(self.trainer.precision_plugin, "scaler", None)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        # Without a loss scaler (32-true, bf16-mixed) the gradients are the true ones; Lightning's
+        # mixed-precision plugin refuses to clip a fused AdamW's all the same, so clip them here.
+        if gradient_clip_val and self._scaler() is None:
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            if gradient_clip_algorithm == "value":
+                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def _batch(self, rows: list[dict]) -> dict:
         dm = self.trainer.datamodule
