@@ -57,6 +57,8 @@ def native_bf16(device) -> str | None:
     "CPU AMX-BF16", "CPU ARM BF16"), or None where bf16 would be emulated."""
     dev = torch.device(device)
     if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            return "CUDA (planned: sm80+ assumed)"  # `flowtracer plan` of a GPU config on another machine
         return "CUDA" if torch.cuda.get_device_capability(dev)[0] >= 8 else None
     if dev.type != "cpu":
         return None

@@ -31,6 +31,7 @@ class RunPrecision:
     sampler: torch.dtype
     why: str  # how sampling.dtype was resolved
     record: bool  # sampler and learner differ: record the sampler's log-probs (TIS, mismatch/*)
+    mixed: bool = False  # the learner runs under autocast (bf16-mixed, 16-mixed)
 
     def describe(self, tis_cap: float) -> str:
         sampler = str(self.sampler).removeprefix("torch.")
@@ -55,7 +56,7 @@ def resolve(setting: str, trainer_precision: str | None, weights: torch.dtype, d
     learner_half = mixed or p.startswith("bf16") or weights in (torch.bfloat16, torch.float16)
     sampler, why = resolve_dtype(setting, weights=weights, learner_half=learner_half, device=device)
     learner = f"{p} over {str(weights).removeprefix('torch.')} weights"
-    return RunPrecision(learner, sampler, why, record=mixed or sampler != weights)
+    return RunPrecision(learner, sampler, why, record=mixed or sampler != weights, mixed=mixed)
 
 
 def apply(module, trainer_precision: str | None, device) -> RunPrecision:

@@ -328,7 +328,18 @@ def memory_runspec(module, prompts: int, prompt_tokens: int, callbacks, device):
         mini_batches=o.mini_batches, logits_budget_mb=module.logits_budget_mb,
         needs_attention=any(getattr(cb, "needs_attention", False) for cb in callbacks),
         generation_batch_size=s.generation_batch_size, generation_token_budget=s.generation_token_budget,
-        accelerator=torch_device_type(device))
+        accelerator=torch_device_type(device), **precision_spec(module))
+
+
+def precision_spec(module) -> dict:
+    """The planner's view of the run's precisions (flowtracer.train.precision): rollouts in another
+    dtype than the weights', and autocast."""
+    run = getattr(module, "run_precision", None)
+    if run is None:
+        return {}
+    weights = run_precision.weights_dtype(module.policy)
+    return {"sampler_dtype": None if run.sampler == weights else str(run.sampler).removeprefix("torch."),
+            "autocast": run.mixed}
 
 
 def torch_device_type(device) -> str:
