@@ -11,9 +11,8 @@ own log-probs (what truncated importance sampling compares the learner with).
 * `rollout_dtype(model, dtype)`: inside the block every floating parameter of the model holds a
   `dtype` copy and autocast is off, so the rollout's numerics are those of `dtype` alone (a
   bf16-mixed trainer's autocast would otherwise round a "float32" sampler's matmuls to bf16).
-  Copies of frozen parameters (a LoRA base) are kept between steps, as long as the parameter
-  lives and is unchanged (its version counter); trainable ones are cast on every call. Buffers
-  (rotary frequencies) keep their dtype.
+  Copies of frozen parameters (a LoRA base) are kept between steps (flowtracer.model.casts);
+  trainable ones are cast on every call. Buffers (rotary frequencies) keep their dtype.
 * `LogprobRecorder`: a logits processor that records log p(sampled token) under the sampler's
   tempered distribution log_softmax(logits / T), T as in flowtracer.train.step.forward, from the
   float32 copy of the logits `generate` hands its processors (before its own temperature, top-k
@@ -28,16 +27,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import weakref
 from collections.abc import Iterator
 
 import torch
 from torch import Tensor
 
+from flowtracer.model.casts import cast
+
 SAMPLER_DTYPES = ("auto", "float32", "bfloat16", "float16")
-# id(frozen parameter) -> (version, copy); the entry goes when the parameter is collected. (Not a
-# WeakKeyDictionary: its key comparison would call Tensor.__eq__.)
-_CAST: dict[int, tuple[int, Tensor]] = {}
 
 
 @functools.lru_cache(maxsize=1)
@@ -83,19 +80,6 @@ def resolve_dtype(setting: str, *, weights: torch.dtype, learner_half: bool, dev
     return weights, f"auto: {why}"
 
 
-def _low(p: Tensor, dtype: torch.dtype) -> Tensor:
-    if p.requires_grad:  # trainable: changes every step, never kept
-        return p.detach().to(dtype)
-    hit = _CAST.get(id(p))
-    if hit is not None and hit[0] == p._version and hit[1].dtype == dtype:
-        return hit[1]
-    low = p.detach().to(dtype)
-    if id(p) not in _CAST:
-        weakref.finalize(p, _CAST.pop, id(p), None)
-    _CAST[id(p)] = (p._version, low)
-    return low
-
-
 @contextlib.contextmanager
 def rollout_dtype(model: torch.nn.Module, dtype: torch.dtype | None) -> Iterator[int]:
     """Inside this block the model's floating parameters are `dtype` (None = as they are) and
@@ -110,7 +94,7 @@ def rollout_dtype(model: torch.nn.Module, dtype: torch.dtype | None) -> Iterator
         with torch.no_grad():
             for p in params:
                 saved.append((p, p.data))
-                p.data = _low(p, dtype)
+                p.data = cast(p, dtype)
         with no_autocast:
             yield len(params)
     finally:

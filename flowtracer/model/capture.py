@@ -53,7 +53,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from flowtracer.model import kernels
+from flowtracer.model import cpu_attention, kernels
 from flowtracer.model.layers import LAYER_PRESETS, resolve_layers
 
 __all__ = ["LAYER_PRESETS", "AttentionCapture", "capture_attention", "resolve_layers"]
@@ -120,10 +120,8 @@ def _capture_impl_for(base: str | None) -> str:
     base = base if base in _FLASH else "sdpa"
     name = _PREFIX + base
     if name not in AttentionInterface._global_mapping:
-        if base == "sdpa":
-            from transformers.integrations.sdpa_attention import sdpa_attention_forward as fast_fn  # kernel in use only
-
-            mask_fn = sdpa_mask
+        if base == "sdpa":  # transformers' sdpa, in float32 for bf16 tensors on a CPU
+            fast_fn, mask_fn = cpu_attention.sdpa_forward, sdpa_mask
         else:
             # optional: flash kernels need the flash-attn package, imported only when asked for
             from transformers.integrations.flash_attention import (

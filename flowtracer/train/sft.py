@@ -42,6 +42,7 @@ from flowtracer.data import prompts
 from flowtracer.data.datamodule import DEFAULT_INSTRUCTION, is_generated
 from flowtracer.data.sources import DataError, load_rows
 from flowtracer.errors import InputError
+from flowtracer.model.casts import autocast_linears
 from flowtracer.model.policy import is_lora, load_policy
 from flowtracer.runs.checkpoints import install_atomic_io
 
@@ -89,8 +90,9 @@ def response_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     the vocabulary projection never runs over the prompt."""
     P = int(batch["prompt_len"])
     keep = batch["input_ids"].shape[1] - P + 1
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                position_ids=batch["position_ids"], logits_to_keep=keep)
+    with autocast_linears(model):  # under bf16-mixed: frozen weights cast once, not per call
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    position_ids=batch["position_ids"], logits_to_keep=keep)
     logits = out.logits[:, :-1].float()  # position t predicts token t + 1: columns P-1 .. T-2
     labels = batch["labels"][:, P:]
     n = int((labels != -100).sum())

@@ -18,6 +18,8 @@ Under autocast (trainer.precision bf16-mixed / 16-mixed) the vocabulary projecti
 autocast dtype, and its output is upcast to float32 before the temperature and the log-softmax:
 log-probs and entropies are always float32, so the PPO ratio and the TIS weights compare float32
 numbers. The entropy's dot product runs with autocast off (it would round to bf16 otherwise).
+Frozen linear layers multiply with cached autocast-dtype copies of their weights
+(flowtracer.model.casts.autocast_linears: the same numbers, without a cast per call).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch.utils.checkpoint
 
 from flowtracer.model import kernels
 from flowtracer.model.capture import BACKENDS, MAX_CHUNK_BYTES, auto_budget, capture_attention, unwrap
+from flowtracer.model.casts import autocast_linears
 
 
 def logprob_temperature(sampling_temperature: float) -> float:
@@ -106,7 +109,7 @@ def teacher_forced_pass(
     capture_ctx = (capture_attention(model, capture_layers, attention_mask=attention_mask,
                                      chunk_bytes=attn_chunk_bytes, backend=backend)
                    if capture_layers is not None else contextlib.nullcontext())
-    with torch.enable_grad() if with_grad else torch.no_grad():
+    with torch.enable_grad() if with_grad else torch.no_grad(), autocast_linears(model):
         with capture_ctx as captured:
             h, last_logits = _last_hidden(model, lm, input_ids, attention_mask, position_ids)
         stats_backend = "torch" if with_grad else backend  # the kernel has no backward
