@@ -91,7 +91,7 @@ def rollout_dtype(model: torch.nn.Module, dtype: torch.dtype | None) -> Iterator
     no_autocast = (torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device)
                    else contextlib.nullcontext())
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.inference_mode(False):  # ordinary tensors, even under `validate`
             for p in params:
                 saved.append((p, p.data))
                 p.data = cast(p, dtype)

@@ -55,7 +55,9 @@ def sample(policy, tokenizer, prompts: list[str], question_spans: list[tuple[int
     was_training = policy.training
     policy.eval()
     try:
-        with merged_lora(policy), rollout_dtype(policy, dtype):
+        # the merged and cast weights are ordinary tensors even when the caller runs under inference
+        # mode (`flowtracer validate`): they replace parameters, and casts of frozen ones are kept
+        with torch.inference_mode(False), merged_lora(policy), rollout_dtype(policy, dtype):
             with torch.inference_mode():
                 gen = generate(policy, tokenizer, prompts, question_spans, sampling, row_seeds=row_seeds,
                                record_logprobs=record_logprobs)

@@ -30,7 +30,7 @@ _CACHE: dict[int, tuple[int, Tensor]] = {}
 
 def cast(p: Tensor, dtype: torch.dtype) -> Tensor:
     """`p` (detached) in `dtype`, from the cache when `p` is frozen and unchanged."""
-    if p.requires_grad:  # trainable: changes every step, never kept
+    if p.requires_grad or p.is_inference():  # trainable (changes every step), or made for one call: not kept
         return p.detach().to(dtype)
     hit = _CACHE.get(id(p))
     if hit is not None and hit[0] == p._version and hit[1].dtype == dtype:

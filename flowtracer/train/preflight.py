@@ -12,13 +12,14 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
+import warnings
 
 import torch
 
 from flowtracer.data.sources import DataError
 from flowtracer.errors import InputError
 from flowtracer.generation import ENGINES
-from flowtracer.generation.precision import SAMPLER_DTYPES
+from flowtracer.generation.precision import SAMPLER_DTYPES, native_bf16
 from flowtracer.memory import planner
 from flowtracer.memory.planner import RunSpec
 from flowtracer.model.layers import resolve_layers
@@ -255,8 +256,12 @@ def preflight(module, datamodule, world_size: int = 1, callbacks=(), device=None
 def check_precision(module, precision, device) -> None:
     """Resolve the rollouts' precision; an engine that cannot report the sampler's log-probs is
     refused where the sampler's numerics differ from the learner's."""
-    run = run_precision.apply(module, precision, torch.device(device) if device is not None else torch.device("cpu"))
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    run = run_precision.apply(module, precision, device)
     module.run_precision = run
+    if run.mixed and device.type == "cpu" and native_bf16(device) is None:
+        warnings.warn(f"trainer.precision {precision} on a CPU without AVX512-BF16 or AMX: bf16 is emulated here "
+                      "and slower than float32; set trainer.precision: 32-true", stacklevel=2)
     _require(not (run.record and module.sampling.engine == "hf_paged"),
              f"model.sampling.engine = hf_paged cannot report the sampler's log-probs, which {run.learner} with "
              f"{module.sampling.dtype} rollouts needs (truncated importance sampling); set model.sampling.dtype "

@@ -6,6 +6,7 @@ and weight updates are real; each test asserts the weights moved.
 
 from __future__ import annotations
 
+import csv
 import math
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 from conftest import ROOT, read_metrics, write_config
 from lightning.pytorch import Callback, Trainer
 
+import flowtracer.generation.precision as gen_precision
 import flowtracer.train.module as module_mod
 from flowtracer.cli import main
 from flowtracer.config import LoraSpec, LossConfig, OptimConfig, SamplingConfig
@@ -170,3 +172,24 @@ def test_cli_fit_in_bf16_mixed_validates_checkpoints_and_logs_the_mismatch(tmp_p
     state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     assert all(bool(torch.isfinite(v).all()) for v in state.values())
     assert any("lora_B" in k and float(v.abs().sum()) > 0 for k, v in state.items())  # B starts at 0: it moved
+
+
+def test_bf16_mixed_on_a_cpu_without_native_bf16_warns_and_keeps_float32_rollouts(tmp_path, tiny_model_dir,
+                                                                                  monkeypatch):
+    monkeypatch.setattr(gen_precision, "_cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    with pytest.warns(UserWarning, match="emulated here and slower than float32"):
+        module, calls, moves = fit(tiny_model_dir, tmp_path, monkeypatch, arm=UniformCredit(), steps=1)
+    assert_real_finite_update(calls, moves)
+    assert module.sampling.dtype == "float32" and module.run_precision.record  # autocast learner: still corrected
+
+
+@pytest.mark.parametrize("precision,val_dtype", [("32-true", "auto"), ("bf16-mixed", "auto"),
+                                                 ("bf16-mixed", "bfloat16")])
+def test_validate(tmp_path, tiny_model_dir, precision, val_dtype):
+    """`flowtracer validate` runs under Lightning's inference mode: the LoRA merge, the packed CPU
+    linears and the bf16 cast of the rollout weights must work there too."""
+    cfg = write_config(tmp_path, tiny_model_dir)
+    main(["validate", "--config", str(cfg), "--trainer.precision", precision, "--model.val_sampling.dtype", val_dtype])
+    rows = [r for r in csv.DictReader(open(tmp_path / "logs" / "tiny" / "version_0" / "metrics.csv"))]
+    vals = [float(r["val/pass@1"]) for r in rows if r.get("val/pass@1")]
+    assert vals and all(0.0 <= v <= 1.0 for v in vals)
