@@ -14,8 +14,9 @@ phase's transient memory:
     the layer inputs plus one layer's recompute with gradient checkpointing), the vocabulary
     projection in chunks of `logits_budget_mb`, and, when the credit arm needs attention, the
     captured (B, T, T) float32 map; under autocast (`autocast`, trainer.precision bf16-mixed /
-    16-mixed) activations take ACT_AUTOCAST_BYTES per element and the forward holds a 16-bit
-    copy of every weight it multiplies (Lightning's autocast caches no casts) until the backward;
+    16-mixed) activations take ACT_AUTOCAST_BYTES per element, frozen weights keep a 16-bit copy
+    for the run (flowtracer.model.casts), and trainable ones (full fine-tuning) a 16-bit cast per
+    use until the backward;
   * flow: the map plus the float64 (B, T, T) flow solve of one micro-batch (8 B T^2 bytes).
 The constants (`ACT_*`) were calibrated on CPU against measured peaks (benchmarks/plan_accuracy.py
 prints predicted vs measured); on CUDA the same model applies to the caching allocator's
@@ -198,7 +199,9 @@ def resident_bytes(shape: ModelShape, run: RunSpec) -> tuple[float, float]:
     weights = shape.params * b
     if run.lora_r:
         lora = shape.lora_params(run.lora_r, run.lora_targets)
-        if run.recasts:
+        if run.autocast and b == 4:  # every frozen weight cached in 16 bits (flowtracer.model.casts)
+            weights += shape.params * 2
+        elif run.recasts:
             weights += (shape.params - shape.target_params(run.lora_targets)) * _DTYPE_BYTES[run.sampler]
         return weights + lora * 4, lora * 12
     return weights, shape.params * b * 3
@@ -243,7 +246,8 @@ def forward_bytes(shape: ModelShape, run: RunSpec, with_grad: bool) -> float:
     full_logits = B * run.max_new_tokens * shape.vocab * 4 * 2  # float32 logits and log-softmax
     logits = min(full_logits, run.logits_budget_mb * 2**20)
     attn = 4 * B * T * T if run.needs_attention else 0
-    casts = shape.params * 2 if run.autocast and _DTYPE_BYTES[run.dtype] == 4 else 0  # 16-bit weight copies
+    # full fine-tuning under autocast: each trainable weight's 16-bit cast is kept for the backward
+    casts = shape.params * 2 if run.autocast and not run.lora_r and _DTYPE_BYTES[run.dtype] == 4 else 0
     return acts + logits + attn + casts
 
 
