@@ -15,8 +15,8 @@ phase's transient memory:
     projection in chunks of `logits_budget_mb`, and, when the credit arm needs attention, the
     captured (B, T, T) float32 map; under autocast (`autocast`, trainer.precision bf16-mixed /
     16-mixed) activations take ACT_AUTOCAST_BYTES per element, frozen weights keep a 16-bit copy
-    for the run (flowtracer.model.casts), and trainable ones (full fine-tuning) a 16-bit cast per
-    use until the backward;
+    for the run on a CPU (flowtracer.model.casts), and trainable ones (full fine-tuning) a 16-bit
+    cast per use until the backward;
   * flow: the map plus the float64 (B, T, T) flow solve of one micro-batch (8 B T^2 bytes).
 The constants (`ACT_*`) were calibrated on CPU against measured peaks (benchmarks/plan_accuracy.py
 prints predicted vs measured); on CUDA the same model applies to the caching allocator's
@@ -199,7 +199,7 @@ def resident_bytes(shape: ModelShape, run: RunSpec) -> tuple[float, float]:
     weights = shape.params * b
     if run.lora_r:
         lora = shape.lora_params(run.lora_r, run.lora_targets)
-        if run.autocast and b == 4:  # every frozen weight cached in 16 bits (flowtracer.model.casts)
+        if run.autocast and b == 4 and run.accelerator == "cpu":  # frozen weights cached in 16 bits (model.casts)
             weights += shape.params * 2
         elif run.recasts:
             weights += (shape.params - shape.target_params(run.lora_targets)) * _DTYPE_BYTES[run.sampler]

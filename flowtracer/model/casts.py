@@ -5,12 +5,13 @@ parameter lives and is unchanged (its version counter), so a LoRA base is cast o
 trainable parameter is cast on every call. flowtracer.generation.precision swaps these copies in
 for a rollout.
 
-`autocast_linears(model)`: inside this block, under an active autocast, every frozen
+`autocast_linears(model)`: inside this block, under an active CPU autocast, every frozen
 `nn.Linear` multiplies with the cached copy of its weight in the autocast dtype. Autocast would
 otherwise cast the same float32 weight again on every call (Lightning's autocast keeps no cast
-cache, and autocast never caches frozen weights), on CPU a tenth of a bf16-mixed forward and
-backward of a LoRA model. The numbers are identical: autocast rounds the same weight to the same
-dtype. Trainable layers (LoRA adapters, full fine-tuning) are left to autocast.
+cache, and autocast never caches frozen weights): on a CPU, memory traffic of the order of the
+bf16 matmuls themselves. The numbers are identical: autocast rounds the same weight to the same
+dtype. Trainable layers (LoRA adapters, full fine-tuning) are left to autocast, and so is
+everything on a GPU (casts are cheap there, and sharded weights (FSDP) must not be cached).
 """
 
 from __future__ import annotations
@@ -53,10 +54,10 @@ def _linear(layer: torch.nn.Linear, dtype: torch.dtype):
 @contextlib.contextmanager
 def autocast_linears(model: torch.nn.Module) -> Iterator[int]:
     """Inside this block frozen float32 `nn.Linear` layers use cached weight copies in the active
-    autocast dtype (see the module docstring); yields how many layers (0 without autocast)."""
+    CPU autocast dtype (see the module docstring); yields how many layers (0 without it)."""
     param = next(model.parameters(), None)
     device = param.device.type if param is not None else "cpu"
-    on = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+    on = device == "cpu" and torch.is_autocast_enabled(device)
     dtype = torch.get_autocast_dtype(device) if on else None
     layers = [m for m in model.modules() if on and type(m) is torch.nn.Linear and not m.weight.requires_grad
               and m.weight.dtype == torch.float32]

@@ -26,9 +26,10 @@ def test_bf16_rollouts_halve_the_kv_cache_and_keep_a_copy_of_the_frozen_weights(
 
 
 def test_autocast_shrinks_activations_and_caches_frozen_weights():
-    mixed = dataclasses.replace(F32, autocast=True, sampler_dtype="bfloat16")
-    assert forward_bytes(SHAPE, mixed, True) < forward_bytes(SHAPE, F32, True)
-    assert sum(resident_bytes(SHAPE, mixed)) - sum(resident_bytes(SHAPE, F32)) == SHAPE.params * 2
+    mixed = dataclasses.replace(F32, autocast=True, sampler_dtype="bfloat16", accelerator="cpu")
+    f32 = dataclasses.replace(F32, accelerator="cpu")
+    assert forward_bytes(SHAPE, mixed, True) < forward_bytes(SHAPE, f32, True)
+    assert sum(resident_bytes(SHAPE, mixed)) - sum(resident_bytes(SHAPE, f32)) == SHAPE.params * 2
     full = dataclasses.replace(mixed, lora_r=None, sampler_dtype=None)  # full fine-tuning: nothing frozen to cache
     assert resident_bytes(SHAPE, full) == resident_bytes(SHAPE, dataclasses.replace(full, autocast=False))
 
