@@ -35,8 +35,8 @@ Supported: decoders that call transformers' standard attention interface (Llama/
 Qwen2/2.5, Qwen3, Mistral with sliding windows, and others of that family), plain or wrapped by
 peft (LoRA). Precisions: any; the torch path multiplies q k^T in the model's dtype (as eager does;
 under autocast, the autocast dtype), the Triton path accumulates it in float32; softmax and sums
-are always float32. A model whose
-selected layers never reach the wrapper gets one error naming its class, never a silent wrong map.
+are always float32. A model whose selected layers never reach the wrapper gets one error naming
+its class, never a silent wrong map.
 
 This file imports only torch, transformers (and numpy), plus triton when it is installed; no
 Lightning (the GPU benchmark relies on that).
