@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from pathlib import Path
 import warnings
+from pathlib import Path
 
 import torch
 
