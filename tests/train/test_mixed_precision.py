@@ -174,6 +174,20 @@ def test_cli_fit_in_bf16_mixed_validates_checkpoints_and_logs_the_mismatch(tmp_p
     assert any("lora_B" in k and float(v.abs().sum()) > 0 for k, v in state.items())  # B starts at 0: it moved
 
 
+def test_cli_fit_in_bf16_true_over_bf16_weights(tmp_path, tiny_model_dir):
+    """`trainer.precision: bf16-true` with `model.model_dtype: bfloat16` (the paper configs) runs as
+    32-true over bf16 weights: rollouts in the weights' dtype (nothing recorded), finite moved adapters."""
+    cfg = write_config(tmp_path, tiny_model_dir, steps=2, verifier="toy_rewards:digits")
+    main(["fit", "--config", str(cfg), "--trainer.precision", "bf16-true", "--model.model_dtype", "bfloat16"])
+    run = tmp_path / "logs" / "tiny" / "version_0"
+    metrics = read_metrics(run)
+    assert sorted(metrics) == [1, 2] and all(math.isfinite(m["train/loss"]) for m in metrics.values())
+    assert not any(k.startswith("train/mismatch/") for m in metrics.values() for k in m)
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    assert all(bool(torch.isfinite(v).all()) for v in state.values())
+    assert any("lora_B" in k and float(v.abs().sum()) > 0 for k, v in state.items())
+
+
 def test_bf16_mixed_on_a_cpu_without_native_bf16_warns_and_keeps_float32_rollouts(tmp_path, tiny_model_dir,
                                                                                   monkeypatch):
     monkeypatch.setattr(gen_precision, "_cpu_flags", lambda: frozenset({"avx2", "fma"}))
