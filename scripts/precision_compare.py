@@ -42,7 +42,7 @@ def main(out: Path) -> None:
         for line in open(out / "wall.txt"):
             arm, seed, secs = line.split()
             walls[(arm, int(seed))] = float(secs)
-    seeds = sorted({int(p.name.rsplit("_s", 1)[1]) for p in out.glob("qs_f32_s*")})
+    seeds = sorted({int(p.name.rsplit("_s", 1)[1]) for p in out.glob("qs_f32_s*") if p.is_dir()})
     runs = {(a, s): out / f"qs_{a}_s{s}" / "version_0" for a in ARMS for s in seeds}
     sums = {k: summary(v) for k, v in runs.items() if (v / "metrics.csv").exists()}
     print("| seed | precision | val pass@1 before | after | wall s | median step s | generate | forward | "
