@@ -3,6 +3,7 @@
     python benchmarks/gpu_step.py                             # 0.6B, 1.7B, 4B on one GPU (< 8 min, H200)
     python benchmarks/gpu_step.py --shapes 4b --steps 2       # one shape, more steps
     python benchmarks/gpu_step.py --device cpu --shape tiny   # CPU dry mode (seconds; run by the tests)
+    python benchmarks/gpu_step.py --precision bf16-mixed      # float32 weights under autocast, bf16 rollouts + TIS
 
 What it does, per shape (models built from the shape in flowtracer.memory.planner, random weights, nothing
 downloaded; a synthetic 151,936-token tokenizer; a self-contained reward (a hash of the response,
@@ -62,8 +63,8 @@ def build_tokenizer(vocab: int):
     return tok
 
 
-def build_policy(shape: ModelShape, device: str, gradient_checkpointing: bool = True):
-    """A random-weight Qwen3 of `shape` in bf16 on `device`, with LoRA (flowtracer.model.policy)."""
+def build_policy(shape: ModelShape, device: str, gradient_checkpointing: bool = True, dtype=torch.bfloat16):
+    """A random-weight Qwen3 of `shape` in `dtype` on `device`, with LoRA (flowtracer.model.policy)."""
     from transformers import AutoModelForCausalLM, Qwen3Config
 
     from flowtracer.config import LoraSpec
@@ -76,7 +77,7 @@ def build_policy(shape: ModelShape, device: str, gradient_checkpointing: bool = 
                       pad_token_id=0, eos_token_id=1, bos_token_id=None)
     torch.manual_seed(0)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
     model.generation_config.eos_token_id, model.generation_config.pad_token_id = 1, 0
     return prepare_policy(model, build_tokenizer(shape.vocab), lora=LoraSpec(r=16, alpha=32),
                           gradient_checkpointing=gradient_checkpointing, name="random qwen3")[0]
@@ -135,7 +136,7 @@ def rl_run(policy, tok, arm: str, args, data: MemoryRows, device: str) -> dict:
 
     sampling = SamplingConfig(num_generations=args.G, max_new_tokens=args.max_new_tokens, temperature=0.99,
                               top_k=100, generation_batch_size="auto")
-    module = GRPOModule(model="random", lora=LoraSpec(r=16, alpha=32), model_dtype="bfloat16",
+    module = GRPOModule(model="random", lora=LoraSpec(r=16, alpha=32), model_dtype=_weights(args.precision),
                         gradient_checkpointing=True, sampling=sampling,
                         optim=OptimConfig(lr=1e-5, micro_batch_size=args.micro),
                         val_before_training=False, log_rollouts=False)
@@ -149,7 +150,7 @@ def rl_run(policy, tok, arm: str, args, data: MemoryRows, device: str) -> dict:
     trainer = Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1, max_steps=args.steps,
                       logger=False, enable_checkpointing=False, enable_progress_bar=False,
                       enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-                      callbacks=[*arms, grab])
+                      precision=args.precision, callbacks=[*arms, grab])
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -238,6 +239,9 @@ def main(argv=None) -> int:
     ap.add_argument("--paths", default="hf,hf_static,hf_paged", help="generation engines to time")
     ap.add_argument("--paths-shape", default=None, help="shape for the generation paths (default 1.7b; tiny on cpu)")
     ap.add_argument("--path-tokens", type=int, default=None, help="new tokens per path call (default 256; 8 on cpu)")
+    ap.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"],
+                    help="32-true: bf16 weights (default); bf16-mixed: float32 weights under autocast, "
+                    "rollouts in bf16 corrected by TIS (flowtracer.train.precision)")
     ap.add_argument("--out", help="also write the tables to this markdown file")
     ap.add_argument("--budget-s", type=float, default=450.0, help="skip a shape or the path timings whose "
                     "estimate would end past this many seconds (default 450: the run stays < 8 min)")
@@ -254,7 +258,8 @@ def main(argv=None) -> int:
             setattr(args, k, v)
     names = args.shapes.split(",")
     estimate = estimate_seconds([CLI_SHAPES[n] for n in names], args, args.device)
-    print(f"gpu_step: shapes {names}, {args.steps} step(s) x 2 arms, {args.prompts} x {args.G} rollouts of "
+    print(f"gpu_step: shapes {names}, precision {args.precision} over {_weights(args.precision)} weights, "
+          f"{args.steps} step(s) x 2 arms, {args.prompts} x {args.G} rollouts of "
           f"{args.max_new_tokens} tokens; estimated {estimate / 60:.1f} min", flush=True)
     t0 = time.perf_counter()
     lines = run_all(names, args, args.device)
@@ -275,7 +280,7 @@ def run_all(names: list[str], args, device: str) -> list[str]:
             step_rows.append(f"| {name} | skipped: estimated {shape_seconds(CLI_SHAPES[name], args):.0f} s, "
                              f"{left:.0f} s left of --budget-s |" + " |" * 12)
             continue
-        policy = build_policy(CLI_SHAPES[name], device)
+        policy = build_policy(CLI_SHAPES[name], device, dtype=getattr(torch, _weights(args.precision)))
         tok = build_tokenizer(CLI_SHAPES[name].vocab)
         for arm in ("flow", "uniform"):
             m = rl_run(policy, tok, arm, args, data, device)
@@ -297,6 +302,11 @@ def run_all(names: list[str], args, device: str) -> list[str]:
              "first call of hf_static compiles)", "| shape | engine | first call s | second call s | tok/s | note |",
              "|" + "---|" * 6]
     return head + step_rows + (paths + path_rows if path_rows else [])
+
+
+def _weights(precision: str) -> str:
+    """The weights' dtype: bf16 for a plain run; float32 under autocast (bf16-mixed keeps float32 masters)."""
+    return "float32" if precision == "bf16-mixed" else "bfloat16"
 
 
 def _step_line(name: str, arm: str, m: dict) -> str:

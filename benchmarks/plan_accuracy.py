@@ -1,6 +1,6 @@
 """Planner accuracy on CPU: predicted vs measured peak memory per phase. Prints a table.
 
-    OMP_NUM_THREADS=2 python benchmarks/plan_accuracy.py [--cases smollm2,tiny-lora,tiny-full]
+    OMP_NUM_THREADS=2 python benchmarks/plan_accuracy.py [--cases smollm2,smollm2-bf16,tiny-lora,tiny-full]
 
 For each case the model is built (the bundled SmolLM2-135M-Instruct, or a random tiny Qwen3 with
 the test tokenizer) and three phases run as the trainer runs them: `generate` (responses forced to
@@ -31,6 +31,11 @@ CASES = {  # name -> (model, RunSpec overrides)
     "smollm2-ckpt": ("smollm2-135m-instruct", dict(rollouts=32, num_generations=8, max_new_tokens=192,
                                                    micro_batch_size=16, lora_r=16, gradient_checkpointing=True,
                                                    generation_batch_size=32)),
+    # bf16-mixed training (autocast over float32 weights) with bf16 rollouts and the sampler's log-probs
+    "smollm2-bf16": ("smollm2-135m-instruct", dict(rollouts=32, num_generations=8, max_new_tokens=128,
+                                                   micro_batch_size=8, lora_r=16, gradient_checkpointing=False,
+                                                   generation_batch_size=16, sampler_dtype="bfloat16",
+                                                   autocast=True)),
     "tiny-lora": ("tiny", dict(rollouts=64, num_generations=8, max_new_tokens=160, micro_batch_size=16,
                                lora_r=8, gradient_checkpointing=False, generation_batch_size=64)),
     "tiny-full": ("tiny", dict(rollouts=32, num_generations=8, max_new_tokens=160, micro_batch_size=16,
@@ -61,16 +66,22 @@ def build(name: str, lora_r: int | None, ckpt: bool):
     return load_policy(name, lora=lora, gradient_checkpointing=ckpt)
 
 
-def _fixed_length_engine(model, tokenizer, ids, g, sampling, row_seeds=None):
+def _fixed_length_engine(model, tokenizer, ids, g, sampling, row_seeds=None, record_logprobs=False):
     """HF generate with every response forced to max_new_tokens (the planned worst case)."""
+    from transformers import LogitsProcessorList
+
     from flowtracer.generation.engines import left_pad
+    from flowtracer.generation.precision import LogprobRecorder
 
     p, a = left_pad(ids, tokenizer.pad_token_id, "cpu")
+    rec = LogprobRecorder(1.0) if record_logprobs else None
     out = model.generate(input_ids=p.repeat_interleave(g, 0), attention_mask=a.repeat_interleave(g, 0),
                          max_new_tokens=sampling.max_new_tokens, min_new_tokens=sampling.max_new_tokens,
-                         do_sample=True, temperature=1.0, pad_token_id=tokenizer.pad_token_id)
+                         do_sample=True, temperature=1.0, pad_token_id=tokenizer.pad_token_id,
+                         logits_processor=LogitsProcessorList([rec] if rec else []))
     new = out[:, p.shape[1]:]
-    return new, torch.zeros(new.shape[0], dtype=torch.bool)
+    stopped = torch.zeros(new.shape[0], dtype=torch.bool)
+    return (new, stopped) if rec is None else (new, stopped, rec.result(new))
 
 
 def warm_up(arch: str) -> None:
@@ -82,7 +93,7 @@ def warm_up(arch: str) -> None:
     from peft import LoraConfig, get_peft_model
 
     from flowtracer.flow import trace_flow
-    from flowtracer.model.capture import teacher_forced_pass
+    from flowtracer.train.step.forward import teacher_forced_pass
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from tiny import tiny_model, tiny_tokenizer
@@ -100,12 +111,14 @@ def warm_up(arch: str) -> None:
 
 def _train_step(policy, opt, ids, attn, resp, run):
     """One micro-batch update as the trainer runs it; returns the captured attention map."""
-    from flowtracer.model.capture import teacher_forced_pass
     from flowtracer.rl import policy_loss
+    from flowtracer.train.step.forward import teacher_forced_pass
 
     opt.zero_grad(set_to_none=True)
-    out = teacher_forced_pass(policy, ids, attn, capture_layers="middle", with_grad=True, stats_mask=resp,
-                              logits_chunk_bytes=int(run.logits_budget_mb * 2**20))
+    # Lightning's bf16-mixed: autocast around the forward, no cast cache
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=run.autocast, cache_enabled=False):
+        out = teacher_forced_pass(policy, ids, attn, capture_layers="middle", with_grad=True, stats_mask=resp,
+                                  logits_chunk_bytes=int(run.logits_budget_mb * 2**20))
     loss, _ = policy_loss(out.logprobs, out.logprobs.detach(), torch.randn(ids.shape[0]), resp)
     loss.backward()
     opt.step()
@@ -116,6 +129,7 @@ def run_case(name: str, model_name: str, over: dict) -> list[tuple]:
     from flowtracer.config import SamplingConfig
     from flowtracer.flow import trace_flow
     from flowtracer.generation import generate, register_engine
+    from flowtracer.generation.precision import rollout_dtype
     from flowtracer.model.policy import merged_lora
 
     register_engine("bench_fixed_length")(_fixed_length_engine)
@@ -139,8 +153,9 @@ def run_case(name: str, model_name: str, over: dict) -> list[tuple]:
     warm_resp[:, run.prompt_tokens:] = True
     _train_step(policy, opt, warm_ids, torch.ones_like(warm_ids), warm_resp, run)  # AdamW states + grads exist
     policy.eval()
-    with measure_peak() as pk, merged_lora(policy):
-        gen = generate(policy, tok, prompts, [None] * n, sampling)
+    low = getattr(torch, run.sampler) if run.recasts else None
+    with measure_peak() as pk, merged_lora(policy), rollout_dtype(policy, low):
+        gen = generate(policy, tok, prompts, [None] * n, sampling, record_logprobs=run.recasts or run.autocast)
     measured = {"generate": pk.start + pk.bytes - baseline}
     policy.train()
     ids, attn, resp = gen.input_ids[:m], gen.attention_mask[:m], gen.response_mask[:m]

@@ -1,9 +1,14 @@
 """Our GRPO step (uniform and FlowCredit arms) against TRL's plain GRPOTrainer step, side by side.
 
-Same model (bundled SmolLM2-135M-Instruct, float32), LoRA r=8 / alpha 16 on q/k/v/o, one prompt x
-8 completions x at most 48 new tokens per step (temperature 1, stop at EOS), one-digit additions
-from data/arith_train.jsonl in the same order on both sides, the same math verifier as reward,
-beta 0, one PPO epoch, AdamW, grad clip 1, seed 0, same torch thread count.
+Same model (bundled SmolLM2-135M-Instruct, float32 weights), LoRA r=8 / alpha 16 on q/k/v/o, one
+prompt x 8 completions x at most 48 new tokens per step (temperature 1, stop at EOS), one-digit
+additions from data/arith_train.jsonl in the same order on both sides, the same math verifier as
+reward, beta 0, one PPO epoch, AdamW, grad clip 1, seed 0, same torch thread count.
+
+`--precision` sets both sides alike: "32" (default) = float32 everywhere; "bf16" = mixed
+precision on both: ours `trainer.precision: bf16-mixed` with `sampling.dtype: auto` (bf16 rollouts
+where the CPU multiplies bf16 natively, truncated importance sampling on), TRL `bf16=True`
+(accelerate's bf16 mixed precision over the same float32 weights: what a TRL user sets).
 
 Three worker processes are started once (TRL, ours-uniform, ours-FlowCredit), each loads its model
 and blocks before every step until the parent says go; the parent runs them in turn, A B C A B C,
@@ -56,7 +61,7 @@ def _rows(n: int) -> list[dict]:
     return [dm.train_batch(s)[0] for s in range(n)]
 
 
-def worker_ours(arm: str, steps: int) -> None:
+def worker_ours(arm: str, steps: int, precision: str = "32") -> None:
     from lightning.pytorch import Callback, Trainer
 
     from flowtracer.config import LoraSpec, LossConfig, OptimConfig, SamplingConfig
@@ -92,12 +97,13 @@ def worker_ours(arm: str, steps: int) -> None:
         seed=SEED, val_before_training=False, log_rollouts=False)
     credit = FlowCredit() if arm == "flow" else UniformCredit()
     trainer = Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                      precision="bf16-mixed" if precision == "bf16" else "32-true",
                       enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                       callbacks=[credit, Stepper()], default_root_dir=tempfile.mkdtemp())
     trainer.fit(module, datamodule=dm)
 
 
-def worker_trl(steps: int, checkpointing: bool = True) -> None:
+def worker_trl(steps: int, checkpointing: bool = True, precision: str = "32") -> None:
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import TrainerCallback
@@ -165,7 +171,7 @@ def worker_trl(steps: int, checkpointing: bool = True) -> None:
         output_dir=tempfile.mkdtemp(), per_device_train_batch_size=G, num_generations=G, max_completion_length=MAX_NEW,
         temperature=TEMPERATURE, top_p=1.0, beta=0.0, num_iterations=1, loss_type="grpo", learning_rate=LR,
         max_grad_norm=1.0, gradient_accumulation_steps=1, max_steps=steps, shuffle_dataset=False, seed=SEED,
-        use_cpu=True, bf16=False, fp16=False, logging_steps=1, report_to=[], save_strategy="no",
+        use_cpu=True, bf16=precision == "bf16", fp16=False, logging_steps=1, report_to=[], save_strategy="no",
         model_init_kwargs={"dtype": "float32"}, disable_tqdm=True, gradient_checkpointing=checkpointing)
     lora = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=list(TARGETS),
                       task_type="CAUSAL_LM")
@@ -175,13 +181,13 @@ def worker_trl(steps: int, checkpointing: bool = True) -> None:
 
 
 # ------------------------------------------------------------------------------- the parent
-def _start(side: str, steps: int, threads: int | None, trl_checkpointing: bool) -> subprocess.Popen:
+def _start(side: str, steps: int, threads: int | None, trl_checkpointing: bool, precision: str) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     cmd = [sys.executable, __file__, "--worker", side, "--steps", str(steps),
-           "--trl-checkpointing", str(trl_checkpointing).lower()]
+           "--trl-checkpointing", str(trl_checkpointing).lower(), "--precision", precision]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True, bufsize=1)
 
@@ -206,6 +212,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads of every worker (default: torch's)")
     p.add_argument("--trl-checkpointing", default="true", choices=["true", "false"],
                    help="TRL's gradient_checkpointing (TRL's GRPOConfig default: true; ours: false)")
+    p.add_argument("--precision", default="32", choices=["32", "bf16"],
+                   help="both sides in float32 (32) or in bf16 mixed precision (bf16; TRL: bf16=True)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -214,15 +222,16 @@ def main() -> None:
 
             torch.set_num_threads(args.threads)
         if args.worker == "trl":
-            return worker_trl(args.steps, args.trl_checkpointing == "true")
-        return worker_ours(args.worker, args.steps)
+            return worker_trl(args.steps, args.trl_checkpointing == "true", args.precision)
+        return worker_ours(args.worker, args.steps, args.precision)
 
     sides = args.sides.split(",")
     total = args.steps + 1
     print(f"[{time.strftime('%H:%M:%S')}] start, {_load()}; {os.cpu_count()} CPUs, threads={args.threads or 'default'}",
           flush=True)
-    print(f"TRL gradient_checkpointing={args.trl_checkpointing} (ours: off)", flush=True)
-    procs = {s: _start(s, total, args.threads, args.trl_checkpointing == "true") for s in sides}
+    print(f"TRL gradient_checkpointing={args.trl_checkpointing} (ours: off); precision {args.precision} on both sides",
+          flush=True)
+    procs = {s: _start(s, total, args.threads, args.trl_checkpointing == "true", args.precision) for s in sides}
     for s, proc in procs.items():
         assert _read(proc, s)[0] == "ready"
     results: dict[str, list[dict]] = {s: [] for s in sides}
@@ -244,12 +253,13 @@ def main() -> None:
             proc.wait(timeout=120)
     print(f"[{time.strftime('%H:%M:%S')}] end, {_load()}; 1-min load during the run: "
           f"median {statistics.median(loads):.2f}, max {max(loads):.2f}")
-    report(results, args.steps)
+    report(results, args.steps, args.precision)
 
 
-def report(results: dict[str, list[dict]], steps: int) -> None:
+def report(results: dict[str, list[dict]], steps: int, precision: str = "32") -> None:
     med = {s: {k: statistics.median(r[k] for r in rs) for k in ("step", *PHASES, "tok_s")} for s, rs in results.items()}
-    print(f"\nmedian seconds over {steps} steps per side (8 completions x <= 48 tokens, LoRA r=8, 1 PPO epoch)")
+    print(f"\nmedian seconds over {steps} steps per side (8 completions x <= 48 tokens, LoRA r=8, 1 PPO epoch, "
+          f"precision {precision})")
     head = f"{'side':<18}{'step':>7}" + "".join(f"{k:>10}" for k in PHASES) + f"{'gen tok/s':>10}{'/ TRL':>7}"
     print(head.replace("backward", "bwd+opt"))
     base = med.get("trl", {}).get("step")

@@ -27,6 +27,7 @@ class Generated:
     truncated: Tensor  # (B,) bool: hit max_new_tokens without EOS
     prompt_len: int  # responses start at this column (prompts are left-padded to it)
     prompts: list[str] = field(default_factory=list)  # prompt text of each row (rows of a prompt repeat it)
+    sampler_logprobs: Tensor | None = None  # (B, T) float32: the sampler's log p(token), when recorded
 
 
 @dataclass
@@ -43,6 +44,7 @@ class RolloutBatch:
     prompts: list[str] = field(default_factory=list)  # decoded prompt text per row
     responses: list[str] = field(default_factory=list)  # decoded response text per row
     answers: list[str] = field(default_factory=list)  # reference answers per row
+    sampler_logprobs: Tensor | None = None  # (B, T) float32: the sampler's own log p(token) (see TIS), if recorded
     old_logprobs: Tensor | None = None  # (B, T) float32, log p_old(token t | < t); 0 off-response
     entropies: Tensor | None = None  # (B, T) float32, entropy of the distribution predicting t
     attn: Tensor | None = None  # (B, T, T) float32 middle-layer head-averaged attention, if captured

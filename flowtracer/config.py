@@ -55,6 +55,14 @@ class SamplingConfig:
         engine: the generation engine (flowtracer.generation.ENGINES): "hf" (model.generate,
             default), "hf_static" (static cache + compiled decoding, CUDA), "hf_paged" (continuous
             batching with paged attention, CUDA; no seed_per_prompt).
+        dtype: precision of the rollouts (flowtracer.generation.precision): "auto" (default),
+            "float32" or "bfloat16". The weights are cast to it for the generate call (frozen ones
+            once per run) and autocast is off there, so this alone decides the sampler's numerics.
+            "auto" = bfloat16 when training computes in bf16 (trainer.precision bf16-mixed or
+            16-mixed, or model_dtype bfloat16) and the hardware multiplies bf16 natively (CUDA, or
+            a CPU with AVX512-BF16 or AMX); otherwise the weights' own dtype. Where the sampler's
+            numerics differ from the learner's, `fit` records the sampler's log-probs and corrects
+            with `loss.tis_cap` (docs/rl-step.md).
     """
 
     num_generations: int = 8
@@ -69,6 +77,7 @@ class SamplingConfig:
     generation_token_budget: int = 0
     cpu_packed_linear: bool = True
     engine: str = "hf"
+    dtype: str = "auto"
 
 
 @dataclass
@@ -82,6 +91,11 @@ class LossConfig:
         aggregation: "seq-mean-token-mean" (paper), "token-mean" (DAPO), "seq-mean-token-sum-norm" (Dr. GRPO).
         beta: KL (k3) coefficient against the reference (adapters off); 0 = no KL, as in the paper.
         correct_threshold: a reward at or above this counts as a correct answer for accuracy.
+        tis_cap: truncated importance sampling for rollouts sampled at another precision than the
+            learner's (`sampling.dtype`): each token's policy term is weighted by
+            min(pi_old / pi_sampler, tis_cap), as TRL and verl do for vLLM rollouts; 0 = off (the
+            mismatch is still logged as mismatch/*). Must be 0 or >= 1. No effect when sampler and
+            learner agree (no sampler log-probs are recorded then).
     """
 
     advantage: str = "grpo"
@@ -90,6 +104,7 @@ class LossConfig:
     aggregation: str = "seq-mean-token-mean"
     beta: float = 0.0
     correct_threshold: float = 1.0
+    tis_cap: float = 2.0
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT
 
 # the GPU image lacks these packages: importing any of them is an error in this run
@@ -15,13 +16,15 @@ class Block(importlib.abc.MetaPathFinder):
         if name.split('.')[0] in ('datasets', 'jsonargparse', 'reasoning_gym', 'math_verify'):
             raise ImportError('gpu_step must not import ' + name)
 sys.meta_path.insert(0, Block())
-sys.argv = ['gpu_step.py', '--device', 'cpu', '--shape', 'tiny']
+sys.argv = ['gpu_step.py', '--device', 'cpu', '--shape', 'tiny', '--precision', PRECISION]
 runpy.run_path('benchmarks/gpu_step.py', run_name='__main__')
 """
 
 
-def test_gpu_step_dry_mode_runs_real_steps_without_optional_packages():
-    res = subprocess.run([sys.executable, "-c", BLOCKER], cwd=ROOT, capture_output=True, text=True, timeout=300)
+@pytest.mark.parametrize("precision,weights", [("32-true", "bfloat16"), ("bf16-mixed", "float32")])
+def test_gpu_step_dry_mode_runs_real_steps_without_optional_packages(precision, weights):
+    code = BLOCKER.replace("PRECISION", repr(precision))
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     rows = [ln for ln in res.stdout.splitlines() if ln.startswith("| tiny |")]
     arms = {ln.split("|")[2].strip(): ln for ln in rows}
@@ -30,3 +33,4 @@ def test_gpu_step_dry_mode_runs_real_steps_without_optional_packages():
     share = float(arms["flow"].split("|")[10].strip().rstrip("%"))
     assert step_s > 0 and share > 0 and arms["uniform"].split("|")[10].strip() == "0.0%"
     assert "estimated" in res.stdout and "total" in res.stdout
+    assert f"precision {precision} over {weights} weights" in res.stdout

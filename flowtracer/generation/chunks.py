@@ -67,13 +67,15 @@ def resolve_rows(sampling, model, n_rows: int, prompt_width: int) -> int:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], question_spans: list[tuple[int, int] | None],
-             sampling, *, row_seeds: Tensor | None = None) -> Generated:
+             sampling, *, row_seeds: Tensor | None = None, record_logprobs: bool = False) -> Generated:
     """Sample `sampling.num_generations` responses for each prompt, chunk by chunk.
 
     Rows are grouped: rows [i*G, (i+1)*G) answer prompt i. The question mask marks the prompt tokens
     that overlap the question's character span (all prompt tokens where the span is unknown).
     `row_seeds` (B * G,) switches to per-row seeded sampling (flowtracer.generation.sampler). The
     layout is one left-padded prompt block of width `prompt_len` followed by the right-padded responses.
+    `record_logprobs`: also return the sampler's log-prob of each response token
+    (`Generated.sampler_logprobs`; flowtracer.generation.precision).
     """
     engine = ENGINES.get(sampling.engine)
     if engine is None:
@@ -85,18 +87,33 @@ def generate(model, tokenizer, prompts: list[str], question_spans: list[tuple[in
     chunks = chunk_prompts([len(x) for x in ids], g, sampling.max_new_tokens, rows,
                            getattr(sampling, "generation_token_budget", 0))
     device = next(model.parameters()).device
-    news, stops = [None] * len(prompts), [None] * len(prompts)
+    news, stops, lps = [None] * len(prompts), [None] * len(prompts), [None] * len(prompts)
+    extra = {"record_logprobs": True} if record_logprobs else {}
     for chunk in chunks:
         seeds = None
         if row_seeds is not None:
             pick = torch.tensor([i * g + k for i in chunk for k in range(g)], device=row_seeds.device)
             seeds = row_seeds[pick]
-        new, stopped = engine(model, tokenizer, [ids[i] for i in chunk], g, sampling, seeds)
+        new, stopped, *lp = engine(model, tokenizer, [ids[i] for i in chunk], g, sampling, seeds, **extra)
         for j, i in enumerate(chunk):
             news[i], stops[i] = new[j * g:(j + 1) * g], stopped[j * g:(j + 1) * g]
+            lps[i] = lp[0][j * g:(j + 1) * g] if lp else None
     gen = _assemble(tokenizer, model, ids, enc["offset_mapping"], question_spans, news, g, device)
     gen.prompts = [p for p in prompts for _ in range(g)]
+    if record_logprobs:
+        gen.sampler_logprobs = _response_layout(lps, gen, g)
     return gen
+
+
+def _response_layout(parts: list[Tensor], gen: Generated, g: int) -> Tensor:
+    """(B, T) float32: each prompt's (G, W_i) response values placed at the response columns,
+    zero on prompt and padding."""
+    out = torch.zeros(gen.input_ids.shape, dtype=torch.float32, device=gen.input_ids.device)
+    w = gen.input_ids.shape[1] - gen.prompt_len
+    for i, part in enumerate(parts):
+        n = min(part.shape[1], w)
+        out[i * g:(i + 1) * g, gen.prompt_len:gen.prompt_len + n] = part[:, :n].to(out.device)
+    return out.masked_fill_(~gen.response_mask, 0.0)
 
 
 def _assemble(tokenizer, model, ids, offsets, spans, news, g: int, device) -> Generated:

@@ -45,11 +45,14 @@ def _eligible(layer: torch.nn.Module) -> bool:
 
 def _packed_weight(layer: torch.nn.Linear, rows: int) -> torch.Tensor:
     weight = layer.weight
+    # an inference tensor (a LoRA merge under `flowtracer validate`'s inference mode) has no version
+    # counter and cannot change in place
+    version = -1 if weight.is_inference() else weight._version
     cached = layer.__dict__.get(_CACHE)
-    if cached is not None and cached[0] is weight and cached[1] == weight._version and cached[2] == rows:
+    if cached is not None and cached[0] is weight and cached[1] == version and cached[2] == rows:
         return cached[3]
     packed = torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), rows)
-    layer.__dict__[_CACHE] = (weight, weight._version, rows, packed)
+    layer.__dict__[_CACHE] = (weight, version, rows, packed)
     return packed
 
 

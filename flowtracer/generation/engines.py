@@ -3,7 +3,9 @@
 Each engine samples G responses for each prompt of one chunk and returns (new tokens (R, W) long,
 padded with pad after EOS; stopped (R,) bool). To add one (e.g. an inference server), write a
 function with the same signature, decorate it with `@register_engine("name")` and select it with
-`sampling.engine: name`.
+`sampling.engine: name`. An engine that can report the sampler's log-prob of each token it drew
+(for truncated importance sampling, flowtracer.generation.precision) accepts `record_logprobs=True`
+and then returns a third item, (R, W) float32; it is only asked when a run needs them.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from torch import Tensor
 from transformers import GenerationConfig, LogitsProcessorList
 
 from flowtracer.generation.cpu_linear import packed_linears
+from flowtracer.generation.precision import LogprobRecorder
 from flowtracer.generation.sampler import RowSeededSampler
 
 ENGINES: dict[str, Callable] = {}
@@ -47,17 +50,24 @@ def left_pad(ids: list[list[int]], pad: int, device) -> tuple[Tensor, Tensor]:
     return out.to(device), attn.to(device)
 
 
-def _hf_generate(model, tokenizer, ids, g: int, sampling, row_seeds, cache: str | None, share: bool):
+def _hf_generate(model, tokenizer, ids, g: int, sampling, row_seeds, cache: str | None, share: bool,
+                 record: bool = False):
     device = next(model.parameters()).device
     p_ids, p_attn = left_pad(ids, tokenizer.pad_token_id, device)
     prompt_ids, prompt_attn = p_ids.repeat_interleave(g, 0), p_attn.repeat_interleave(g, 0)
     greedy = sampling.temperature <= 0
     extra = {}
+    # User processors run before generate's temperature / top-k / top-p warpers: the recorder
+    # sees the raw float32 logits, and comes before the seeded sampler that perturbs them.
+    recorder = LogprobRecorder(sampling.temperature) if record else None
+    processors = [recorder] if recorder is not None else []
     if row_seeds is not None and not greedy:
         # greedy decoding over Gumbel-perturbed logits = a per-row seeded sample
-        extra["logits_processor"] = LogitsProcessorList([RowSeededSampler(
-            row_seeds, prompt_ids.shape[1], sampling.temperature, sampling.top_k, sampling.top_p)])
+        processors.append(RowSeededSampler(
+            row_seeds, prompt_ids.shape[1], sampling.temperature, sampling.top_k, sampling.top_p))
         greedy = True
+    if processors:
+        extra["logits_processor"] = LogitsProcessorList(processors)
     if share and g > 1 and p_ids.shape[1] > 1 and cache in (None, "dynamic"):
         extra[_cache_kwarg(model)] = _shared_prefill(model, p_ids, p_attn, g)
     # Every decode step feeds each linear layer exactly len(prompt_ids) rows (finished rows keep going).
@@ -69,25 +79,30 @@ def _hf_generate(model, tokenizer, ids, g: int, sampling, row_seeds, cache: str 
             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True,
             cache_implementation=cache, **extra)
     new = out[:, prompt_ids.shape[1]:]
-    return new, torch.isin(new, torch.tensor(eos_ids(tokenizer, model), device=new.device)).any(1)
+    stopped = torch.isin(new, torch.tensor(eos_ids(tokenizer, model), device=new.device)).any(1)
+    return (new, stopped) if recorder is None else (new, stopped, recorder.result(new))
 
 
 @register_engine("hf")
-def hf_engine(model, tokenizer, ids, g, sampling, row_seeds=None):
+def hf_engine(model, tokenizer, ids, g, sampling, row_seeds=None, record_logprobs=False):
     """`model.generate` with `sampling.cache_implementation` (None = dynamic cache)."""
     return _hf_generate(model, tokenizer, ids, g, sampling, row_seeds, sampling.cache_implementation,
-                        sampling.share_prompt_prefill)
+                        sampling.share_prompt_prefill, record_logprobs)
 
 
 @register_engine("hf_static")
-def hf_static_engine(model, tokenizer, ids, g, sampling, row_seeds=None):
+def hf_static_engine(model, tokenizer, ids, g, sampling, row_seeds=None, record_logprobs=False):
     """Static KV cache; transformers compiles the decoding step on CUDA (recompiles per new shape)."""
-    return _hf_generate(model, tokenizer, ids, g, sampling, row_seeds, "static", False)
+    return _hf_generate(model, tokenizer, ids, g, sampling, row_seeds, "static", False, record_logprobs)
 
 
 @register_engine("hf_paged")
-def hf_paged_engine(model, tokenizer, ids, g, sampling, row_seeds=None):
+def hf_paged_engine(model, tokenizer, ids, g, sampling, row_seeds=None, record_logprobs=False):
     """Continuous batching (`generate_batch`): a finished row frees its slot at once."""
+    if record_logprobs:
+        raise ValueError("sampling.engine = hf_paged cannot report the sampler's log-probs that correct a "
+                         "sampler/learner precision mismatch; set sampling.dtype to the training precision "
+                         "or use engine hf")
     if row_seeds is not None:
         raise ValueError("sampling.engine = hf_paged samples with transformers' own sampler; "
                          "set sampling.seed_per_prompt: false or use engine hf")

@@ -1,7 +1,8 @@
 """Rollouts of a policy in training, and where each response token sits in its text.
 
 `sample` is what the RL step, validation and eval call: `generate` (flowtracer.generation.chunks)
-with the policy in eval mode and its LoRA adapters merged exactly for the call.
+with the policy in eval mode, its LoRA adapters merged exactly for the call, and its weights in
+the rollout precision `sampling.dtype` (flowtracer.generation.precision).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from torch import Tensor
 from flowtracer.batch import Generated
 from flowtracer.config import SamplingConfig
 from flowtracer.generation.chunks import generate
+from flowtracer.generation.precision import rollout_dtype
 from flowtracer.model.policy import merged_lora
 
 
@@ -39,19 +41,26 @@ def response_token_offsets(tokenizer, token_ids: list[int], text: str) -> list[t
 
 
 def sample(policy, tokenizer, prompts: list[str], question_spans: list[tuple[int, int] | None],
-           sampling: SamplingConfig, *, row_seeds: Tensor | None = None) -> Generated:
+           sampling: SamplingConfig, *, row_seeds: Tensor | None = None, record_logprobs: bool = False) -> Generated:
     """`generate` from a policy in training: eval mode and LoRA merged exactly into the base weights
     for the call (one GEMM per adapted layer and token, not three), both restored afterwards.
 
-    Decoding runs under `torch.inference_mode` (no autograd bookkeeping per decode step); the
-    returned tensors are cloned out of it, so the training forward can use them as ordinary tensors.
+    The weights are cast to `sampling.dtype` for the call ("auto" left unresolved, as outside
+    `fit`, keeps them as they are) and autocast is off. Decoding runs under
+    `torch.inference_mode` (no autograd bookkeeping per decode step); the returned tensors are
+    cloned out of it, so the training forward can use them as ordinary tensors.
     """
+    setting = getattr(sampling, "dtype", "auto")
+    dtype = getattr(torch, setting) if setting != "auto" else None
     was_training = policy.training
     policy.eval()
     try:
-        with merged_lora(policy):
+        # the merged and cast weights are ordinary tensors even when the caller runs under inference
+        # mode (`flowtracer validate`): they replace parameters, and casts of frozen ones are kept
+        with torch.inference_mode(False), merged_lora(policy), rollout_dtype(policy, dtype):
             with torch.inference_mode():
-                gen = generate(policy, tokenizer, prompts, question_spans, sampling, row_seeds=row_seeds)
+                gen = generate(policy, tokenizer, prompts, question_spans, sampling, row_seeds=row_seeds,
+                               record_logprobs=record_logprobs)
     finally:
         policy.train(was_training)
     for f in fields(gen):

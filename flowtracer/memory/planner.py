@@ -6,11 +6,17 @@ stays resident (weights, LoRA / trainable weights with gradients and AdamW state
 phase's transient memory:
   * generate: KV cache of one chunk (rows x (prompt + max_new_tokens) x 2 x layers x kv_heads x
     head_dim x dtype bytes), plus the larger of the prefill activations and the decode logits;
+    all in the rollouts' dtype (`sampler_dtype`, sampling.dtype), which, when it differs from the
+    weights', adds a copy of the weights in it (kept for the run for frozen weights, rebuilt each
+    step for trainable ones) and the sampler's log-prob recorder (one float32 vocabulary row per row);
   * old_pass (no grad) and update (with grad), per micro-batch of `micro_batch_size` rows of
     T = prompt + max_new_tokens tokens: activations saved for the backward (all layers, or only
     the layer inputs plus one layer's recompute with gradient checkpointing), the vocabulary
     projection in chunks of `logits_budget_mb`, and, when the credit arm needs attention, the
-    captured (B, T, T) float32 map;
+    captured (B, T, T) float32 map; under autocast (`autocast`, trainer.precision bf16-mixed /
+    16-mixed) activations take ACT_AUTOCAST_BYTES per element, frozen weights keep a 16-bit copy
+    for the run on a CPU (flowtracer.model.casts), and trainable ones (full fine-tuning) a 16-bit
+    cast per use until the backward;
   * flow: the map plus the float64 (B, T, T) flow solve of one micro-batch (8 B T^2 bytes).
 The constants (`ACT_*`) were calibrated on CPU against measured peaks (benchmarks/plan_accuracy.py
 prints predicted vs measured); on CUDA the same model applies to the caching allocator's
@@ -40,6 +46,9 @@ _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2}
 ACT_HIDDEN, ACT_MLP, ACT_QKV = 6.0, 3.0, 2.0
 ACT_FULL_FT_EXTRA = 2.0  # hidden-sized inputs linear layers keep when their weights are trainable
 HEADROOM = 0.9  # plan to this fraction of the device: allocator fragmentation, CUDA context
+# Bytes per saved activation element under autocast over float32 weights: linear inputs and outputs
+# are 16-bit, the residual stream, norms and softmax statistics stay float32 (calibrated, see above).
+ACT_AUTOCAST_BYTES = 3.0
 
 
 @dataclass(frozen=True)
@@ -143,6 +152,8 @@ class RunSpec:
     generation_batch_size: int | str = 0
     generation_token_budget: int = 0
     accelerator: str = "cuda"  # "cpu": attention kernels materialise the prefill scores
+    sampler_dtype: str | None = None  # the rollouts' dtype (sampling.dtype) if not the weights'; None = dtype
+    autocast: bool = False  # trainer.precision bf16-mixed / 16-mixed: the forward runs under autocast
 
     @property
     def seq(self) -> int:
@@ -151,6 +162,15 @@ class RunSpec:
     @property
     def micro(self) -> int:
         return self.micro_batch_size or math.ceil(self.rollouts / self.mini_batches)
+
+    @property
+    def sampler(self) -> str:
+        return self.sampler_dtype or self.dtype
+
+    @property
+    def recasts(self) -> bool:
+        """The rollouts run on a copy of the weights in another dtype."""
+        return self.sampler != self.dtype
 
 
 @dataclass
@@ -172,11 +192,17 @@ class Plan:
 
 def resident_bytes(shape: ModelShape, run: RunSpec) -> tuple[float, float]:
     """(weights, trainable state): LoRA adapters are float32 (peft upcasts them) with a gradient
-    and two AdamW moments each; full fine-tuning keeps gradient and moments in the weights' dtype."""
+    and two AdamW moments each; full fine-tuning keeps gradient and moments in the weights' dtype.
+    Rollouts in another dtype keep a copy of the frozen weights in it (LoRA: all but the adapted
+    layers, which are merged afresh each step) for the whole run."""
     b = _DTYPE_BYTES[run.dtype]
     weights = shape.params * b
     if run.lora_r:
         lora = shape.lora_params(run.lora_r, run.lora_targets)
+        if run.autocast and b == 4 and run.accelerator == "cpu":  # frozen weights cached in 16 bits (model.casts)
+            weights += shape.params * 2
+        elif run.recasts:
+            weights += (shape.params - shape.target_params(run.lora_targets)) * _DTYPE_BYTES[run.sampler]
         return weights + lora * 4, lora * 12
     return weights, shape.params * b * 3
 
@@ -185,15 +211,19 @@ def generation_bytes(shape: ModelShape, run: RunSpec, rows: int) -> float:
     """KV cache of `rows` rows, the merged copy of the LoRA-adapted weights (policy.merged_lora),
     plus the larger of the prefill and the decode-step transients (logits and sampler buffers, one
     layer's K/V repeated to every query head)."""
-    b = _DTYPE_BYTES[run.dtype]
+    b = _DTYPE_BYTES[run.sampler]
     kv = rows * run.seq * shape.kv_bytes_per_token(b)
-    merged = shape.target_params(run.lora_targets) * b if run.lora_r else 0
+    merged = shape.target_params(run.lora_targets) * _DTYPE_BYTES[run.dtype] if run.lora_r else 0
+    if run.recasts:  # the merged layers (LoRA) or all trainable weights (full) cast for this call
+        merged += (shape.target_params(run.lora_targets) if run.lora_r else shape.params) * b
     prompts = max(1, rows // run.num_generations)  # the prefill runs once per prompt (shared prefill)
     p = run.prompt_tokens
     prefill = prompts * p * (4 * shape.hidden + 3 * shape.intermediate) * b
     if run.accelerator == "cpu":
         prefill += prompts * shape.heads * p * p * 4  # the math attention kernel's scores
     decode = rows * shape.vocab * (b + 4 * 3)  # logits, their float32 copy, the sampler's temporaries
+    if run.recasts or run.autocast:
+        decode += rows * shape.vocab * 4  # the recorder's pending log-softmax (sampler log-probs for TIS)
     decode += rows * run.seq * 2 * shape.heads * shape.head_dim * b  # GQA: K/V of one layer per query head
     return kv + merged + max(prefill, decode)
 
@@ -201,6 +231,8 @@ def generation_bytes(shape: ModelShape, run: RunSpec, rows: int) -> float:
 def forward_bytes(shape: ModelShape, run: RunSpec, with_grad: bool) -> float:
     """Transient memory of one micro-batch's teacher-forced forward (and backward, with grad)."""
     b, B, T = _DTYPE_BYTES[run.dtype], run.micro, run.seq
+    if run.autocast and b == 4:
+        b = ACT_AUTOCAST_BYTES
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     per_layer = ((ACT_HIDDEN + (0 if run.lora_r else ACT_FULL_FT_EXTRA)) * shape.hidden
                  + ACT_MLP * shape.intermediate + ACT_QKV * (q + 2 * kv))
@@ -214,7 +246,9 @@ def forward_bytes(shape: ModelShape, run: RunSpec, with_grad: bool) -> float:
     full_logits = B * run.max_new_tokens * shape.vocab * 4 * 2  # float32 logits and log-softmax
     logits = min(full_logits, run.logits_budget_mb * 2**20)
     attn = 4 * B * T * T if run.needs_attention else 0
-    return acts + logits + attn
+    # full fine-tuning under autocast: each trainable weight's 16-bit cast is kept for the backward
+    casts = shape.params * 2 if run.autocast and not run.lora_r and _DTYPE_BYTES[run.dtype] == 4 else 0
+    return acts + logits + attn + casts
 
 
 def flow_bytes(run: RunSpec) -> float:
@@ -251,7 +285,7 @@ def plan(shape: ModelShape, run: RunSpec, device_bytes: float | None = None) -> 
         "flow": resident + flow_bytes(run),
     }
     parts = {"weights": weights, "trainable+grads+adamw": trainable,
-             "kv_cache/chunk": rows * run.seq * shape.kv_bytes_per_token(_DTYPE_BYTES[run.dtype]),
+             "kv_cache/chunk": rows * run.seq * shape.kv_bytes_per_token(_DTYPE_BYTES[run.sampler]),
              "logits/chunk": min(run.micro * run.max_new_tokens * shape.vocab * 8, run.logits_budget_mb * 2**20),
              "activations(update)": forward_bytes(shape, run, True),
              "attention_map": 4 * run.micro * run.seq ** 2 * run.needs_attention,

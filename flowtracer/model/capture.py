@@ -33,9 +33,10 @@ flowtracer.train.step.forward.teacher_forced_pass)::
 
 Supported: decoders that call transformers' standard attention interface (Llama/SmolLM2,
 Qwen2/2.5, Qwen3, Mistral with sliding windows, and others of that family), plain or wrapped by
-peft (LoRA). Precisions: any; the torch path multiplies q k^T in the model's dtype (as eager does),
-the Triton path accumulates it in float32; softmax and sums are always float32. A model whose
-selected layers never reach the wrapper gets one error naming its class, never a silent wrong map.
+peft (LoRA). Precisions: any; the torch path multiplies q k^T in the model's dtype (as eager does;
+under autocast, the autocast dtype), the Triton path accumulates it in float32; softmax and sums
+are always float32. A model whose selected layers never reach the wrapper gets one error naming
+its class, never a silent wrong map.
 
 This file imports only torch, transformers (and numpy), plus triton when it is installed; no
 Lightning (the GPU benchmark relies on that).
@@ -52,7 +53,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from flowtracer.model import kernels
+from flowtracer.model import cpu_attention, kernels
 from flowtracer.model.layers import LAYER_PRESETS, resolve_layers
 
 __all__ = ["LAYER_PRESETS", "AttentionCapture", "capture_attention", "resolve_layers"]
@@ -119,10 +120,8 @@ def _capture_impl_for(base: str | None) -> str:
     base = base if base in _FLASH else "sdpa"
     name = _PREFIX + base
     if name not in AttentionInterface._global_mapping:
-        if base == "sdpa":
-            from transformers.integrations.sdpa_attention import sdpa_attention_forward as fast_fn  # kernel in use only
-
-            mask_fn = sdpa_mask
+        if base == "sdpa":  # transformers' sdpa, in float32 for bf16 tensors on a CPU
+            fast_fn, mask_fn = cpu_attention.sdpa_forward, sdpa_mask
         else:
             # optional: flash kernels need the flash-attn package, imported only when asked for
             from transformers.integrations.flash_attention import (
@@ -224,8 +223,10 @@ class AttentionCapture:
                 )
         self._seen.add(layer)
         timed = _Timed(query.device)
-        with timed, torch.no_grad():  # the map is a detached statistic: nothing enters the autograd graph
-            self._accumulate(module, query.detach(), key.detach(), attention_mask, kwargs)
+        q, k = _compute_dtype(query.detach(), key.detach())
+        with timed, torch.no_grad(), torch.autocast(q.device.type, enabled=False):
+            # the map is a detached statistic: nothing enters the autograd graph
+            self._accumulate(module, q, k, attention_mask, kwargs)
         if timed.events is None:
             self._seconds += timed.seconds
         else:
@@ -365,6 +366,18 @@ class AttentionCapture:
             pair = self.valid[:, :, None] & self.valid[:, None, :]
             self.attn.masked_fill_(~pair, 0.0)  # padded rows/columns exactly zero (also clears NaN)
         self._masks.clear()
+
+
+def _compute_dtype(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q and k in the dtype the model's own attention multiplies them in: under autocast (bf16-mixed)
+    that is the autocast dtype even when rotary embeddings left them float32. The recompute then
+    runs with autocast off, so the map's scores are those of the model's attention (and the fused
+    Triton path applies on CUDA); softmax and sums stay float32."""
+    dev = q.device.type
+    if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        return q.to(dt), k.to(dt)
+    return q, k
 
 
 def chunk_plan(allowed: torch.Tensor, valid: torch.Tensor | None, rows: int, T: int):

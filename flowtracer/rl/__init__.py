@@ -1,6 +1,6 @@
 """Advantages and the token-weighted policy loss: pure torch functions, no Lightning."""
 
 from flowtracer.rl.advantages import ADVANTAGE_MODES, check_finite, group_advantages
-from flowtracer.rl.loss import AGGREGATIONS, policy_loss
+from flowtracer.rl.loss import AGGREGATIONS, policy_loss, truncated_is
 
-__all__ = ["ADVANTAGE_MODES", "AGGREGATIONS", "check_finite", "group_advantages", "policy_loss"]
+__all__ = ["ADVANTAGE_MODES", "AGGREGATIONS", "check_finite", "group_advantages", "policy_loss", "truncated_is"]

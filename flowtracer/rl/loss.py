@@ -1,4 +1,5 @@
-"""The token-weighted PPO-clip policy loss of GRPO (docs/method.md step 5), with optional k3 KL."""
+"""The token-weighted PPO-clip policy loss of GRPO (docs/method.md step 5), with optional k3 KL and
+truncated importance sampling (TIS) for rollouts sampled at another precision than the learner's."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ def policy_loss(
     ref_logprobs: Tensor | None = None,
     beta: float = 0.0,
     max_len: int | None = None,
+    sampler_logprobs: Tensor | None = None,
+    tis_cap: float = 0.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped surrogate loss with per-token credit weights.
 
@@ -31,6 +34,13 @@ def policy_loss(
 
     where ``kl_t = exp(ref - logp) - (ref - logp) - 1`` (the k3 estimator, as TRL) is added only
     when ``beta > 0``; then `ref_logprobs` is required. Gradients flow only through `logprobs`.
+
+    Rollouts sampled by another numerical policy than the learner's (bf16 generation, float32 or
+    autocast training) come with `sampler_logprobs`, the sampler's own log-prob of each token. With
+    ``tis_cap > 0`` the policy term of every token is multiplied by the detached truncated
+    importance weight ``min(pi_old / pi_sampler, tis_cap)`` (`truncated_is`), which turns the
+    expectation over the sampler's tokens back into one over the learner's old policy; 0 = off
+    (the mismatch is still logged). The KL term is not reweighted (as in verl).
 
     Shapes: `logprobs`, `old_logprobs`, `response_mask`, `token_weights`, `ref_logprobs` are (B, T);
     `advantages` is (B,) (broadcast over tokens) or (B, T). Positions outside `response_mask` are
@@ -74,6 +84,11 @@ def policy_loss(
     ratio = torch.exp(log_ratio)
     clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
     per_token = -torch.minimum(ratio * adv, clipped * adv)
+    tis_metrics: dict[str, Tensor] = {}
+    if sampler_logprobs is not None:
+        is_weights, tis_metrics = truncated_is(old_logprobs, sampler_logprobs, mask, tis_cap)
+        if tis_cap > 0:
+            per_token = per_token * is_weights.to(per_token.dtype)
 
     ref_kl = None
     if ref_logprobs is not None:
@@ -87,7 +102,38 @@ def policy_loss(
     loss = _aggregate(per_token, n_tokens, aggregation, max_len)
     with torch.no_grad():
         metrics = _diagnostics(ratio, log_ratio, adv, maskf, n_tokens, eps_low, eps_high, ref_kl)
-    return loss, {k: v.detach() for k, v in metrics.items()}
+    return loss, {k: v.detach() for k, v in {**metrics, **tis_metrics}.items()}
+
+
+def truncated_is(old_logprobs: Tensor, sampler_logprobs: Tensor, response_mask: Tensor,
+                 cap: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per-token truncated importance weights of the learner's old policy over the sampler's.
+
+    ``w_t = min(exp(old_t - sampler_t), cap)`` on response tokens (1 elsewhere), detached: the
+    correction TRL (``vllm_importance_sampling_correction``) and verl (rollout correction, token
+    level, truncate mode) apply when vLLM samples in bf16 and the trainer computes in float32.
+    ``cap <= 0`` gives weights of 1 (only the statistics). Identity when the two agree.
+
+    Returns (weights (B, T) float32, metrics), metrics as token means over the response:
+    ``mismatch/abs_log_ratio`` (mean |old - sampler|), ``mismatch/kl`` (k3 estimate of
+    KL(sampler || old) from the sampler's own tokens: r - 1 - log r with r = pi_old / pi_sampler),
+    ``mismatch/tis_clipped_frac`` (tokens whose ratio exceeded the cap), ``mismatch/tis_weight_mean``.
+    """
+    mask = response_mask.bool()
+    log_r = torch.where(mask, old_logprobs.detach().float() - sampler_logprobs.detach().float(),
+                        torch.zeros((), device=mask.device))
+    ratio = torch.exp(log_r)
+    clipped = mask & (ratio > cap) if cap > 0 else torch.zeros_like(mask)
+    weights = torch.where(mask, ratio.clamp(max=cap), torch.ones_like(ratio)) if cap > 0 else torch.ones_like(ratio)
+    total = mask.sum().clamp(min=1).float()
+    k3 = torch.expm1(log_r.clamp(max=30.0)) - log_r  # r - 1 - log r; exact near r = 1, no overflow
+    metrics = {
+        "mismatch/abs_log_ratio": (log_r.abs() * mask).sum() / total,
+        "mismatch/kl": (k3 * mask).sum() / total,
+        "mismatch/tis_clipped_frac": clipped.sum() / total,
+        "mismatch/tis_weight_mean": (weights * mask).sum() / total,
+    }
+    return weights, metrics
 
 
 def _aggregate(per_token: Tensor, n_tokens: Tensor, aggregation: str, max_len: int | None) -> Tensor:

@@ -29,6 +29,7 @@ from flowtracer.memory.planner import (
     plan,
     resolve_shape,
 )
+from flowtracer.train.precision import MIXED, resolve
 
 _ATTENTION_ARMS = ("FlowCredit", "AttentionCredit")
 
@@ -55,8 +56,24 @@ def runspec_from_config(cfg: dict, prompt_tokens: int) -> tuple[str, RunSpec, in
         needs_attention=any(a.endswith(_ATTENTION_ARMS) for a in arms),
         generation_batch_size=sampling.get("generation_batch_size", 0),
         generation_token_budget=int(sampling.get("generation_token_budget", 0)),
-        accelerator="cpu" if str(trainer.get("accelerator", "cpu")) == "cpu" else "cuda")
+        accelerator="cpu" if str(trainer.get("accelerator", "cpu")) == "cpu" else "cuda",
+        **_precision(trainer, model))
     return str(model.get("model", "smollm2-135m-instruct")), run, world
+
+
+def _precision(trainer: dict, model: dict) -> dict:
+    """RunSpec's rollout dtype and autocast from trainer.precision and model.sampling.dtype, resolved
+    as `fit` resolves them (flowtracer.train.precision) for this config's accelerator."""
+    weights = str(model.get("model_dtype", "float32"))
+    if weights not in ("float32", "bfloat16", "float16"):
+        return {}
+    precision = str(trainer.get("precision", "32-true"))
+    precision = {"bf16": "bf16-mixed", "16": "16-mixed"}.get(precision, precision)
+    device = "cpu" if str(trainer.get("accelerator", "cpu")) == "cpu" else "cuda"
+    setting = str((model.get("sampling") or {}).get("dtype", "auto"))
+    run = resolve(setting, precision, getattr(torch, weights), device)
+    sampler = str(run.sampler).removeprefix("torch.")
+    return {"sampler_dtype": None if sampler == weights else sampler, "autocast": precision in MIXED}
 
 
 def report(name: str, run: RunSpec, world: int, budget: float | None, shape, where: str = "") -> list[str]:
@@ -69,7 +86,8 @@ def report(name: str, run: RunSpec, world: int, budget: float | None, shape, whe
     lines = [f"model {name}: {shape.params / 1e9:.2f} B parameters, {shape.layers} layers, "
              f"KV cache {shape.kv_bytes_per_token(2 if run.dtype != 'float32' else 4) / 1024:.0f} KiB/token",
              f"per process ({world} process(es)): {run.rollouts} rollouts of <= {run.prompt_tokens} + "
-             f"{run.max_new_tokens} tokens, micro-batch {run.micro}, {run.dtype}, "
+             f"{run.max_new_tokens} tokens, micro-batch {run.micro}, {run.dtype} weights"
+             f"{' under autocast' if run.autocast else ''}, rollouts in {run.sampler}, "
              f"{'LoRA r=' + str(run.lora_r) if run.lora_r else 'full fine-tuning'}, gradient checkpointing "
              f"{'on' if run.gradient_checkpointing else 'off'}, "
              f"attention capture {'on' if run.needs_attention else 'off'}",

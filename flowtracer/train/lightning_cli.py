@@ -121,7 +121,7 @@ class FlowtracerCLI(LightningCLI):
         # Every input check runs here, before Lightning writes config.yaml or opens a log folder.
         cbs = [cb for cb in self.trainer.callbacks]
         preflight(self.model, self.datamodule, self.trainer.world_size, _rollout_callbacks(cbs),
-                  device=self.trainer.strategy.root_device)
+                  device=self.trainer.strategy.root_device, precision=self.trainer.precision)
         self.model.preflight_done = True
 
 

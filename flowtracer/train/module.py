@@ -13,7 +13,9 @@ Features: LoRA or full fine-tuning; reference = adapters off (KL k3 only when be
 mini-batches and micro-batches (gradient accumulation); AdamW with linear warm-up and gradient
 clipping; validation on the eval sets (flowtracer.train.validation: avg@k, pass@k', maj@k per set,
 math_avg, val/pass@1) before training and every `trainer.val_check_interval` steps.
-Precisions: float32 (default, CPU) and bfloat16 (`model_dtype: bfloat16`, GPU).
+Precisions: float32 (default), `trainer.precision: bf16-mixed` (CPU and GPU) or 16-mixed (CUDA),
+bf16 weights (`model_dtype: bfloat16`); rollouts in `sampling.dtype`, a sampler/learner mismatch
+corrected by truncated importance sampling (flowtracer.train.precision, `loss.tis_cap`).
 Resume: `--ckpt_path` restores adapters (or full weights), optimizer, scheduler, step and RNG; the
 prompts and samples of step s are functions of (seed, s), so a resumed run logs the metrics of an
 uninterrupted one, even after a SIGKILL (flowtracer.runs.checkpoints: atomic checkpoints after the step's logs).
@@ -44,7 +46,8 @@ from flowtracer.runs.checkpoints import install_atomic_io, rewind_run_dir
 from flowtracer.runs.csvlog import append_lines
 from flowtracer.train import distributed as dist
 from flowtracer.train import validation
-from flowtracer.train.guards import UpdateGuard, assert_finite_state, grads_finite, nonfinite_fields
+from flowtracer.train.guarded import GuardedUpdates
+from flowtracer.train.guards import UpdateGuard, assert_finite_state
 from flowtracer.train.preflight import ConfigError, preflight
 from flowtracer.train.refill import RolloutSource, sample_rollouts
 from flowtracer.train.step import PhaseTimer, Placement, logprob_temperature, micro, plan_credit
@@ -52,7 +55,7 @@ from flowtracer.train.step.records import RolloutStats, rollout_records, seed_st
 from flowtracer.train.step.score import rollout_batch, score_responses
 
 
-class GRPOModule(LightningModule):
+class GRPOModule(GuardedUpdates, LightningModule):
     """GRPO on a Hugging Face causal LM with token weights from rollout callbacks.
 
     Args:
@@ -119,6 +122,7 @@ class GRPOModule(LightningModule):
         self.guard = UpdateGuard(optim.max_consecutive_skips, log=rank_zero_info)
         self._resumed_steps: int | None = None
         self.preflight_done = False
+        self.run_precision = None  # flowtracer.train.precision.RunPrecision, set by the pre-flight check
 
     # ----------------------------------------------------------------------------- set-up
     def configure_model(self) -> None:
@@ -131,7 +135,8 @@ class GRPOModule(LightningModule):
     def setup(self, stage: str) -> None:
         install_atomic_io(self.trainer)
         if stage == "fit" and not self.preflight_done:  # the CLI runs it earlier, before any output
-            preflight(self, self.trainer.datamodule, self.trainer.world_size, self._rollout_callbacks())
+            preflight(self, self.trainer.datamodule, self.trainer.world_size, self._rollout_callbacks(),
+                      device=self.trainer.strategy.root_device, precision=self.trainer.precision)
             self.preflight_done = True
 
     def configure_optimizers(self):
@@ -140,6 +145,7 @@ class GRPOModule(LightningModule):
     def on_train_start(self) -> None:
         rank_zero_info(self.optim.describe(self.trainer.datamodule.prompts_per_step, self.sampling.num_generations,
                                            self._rollout_callbacks()))
+        rank_zero_info(self.run_precision.describe(self.loss_cfg.tis_cap))
         if self._resumed_steps is not None:
             log_dir = self.trainer.log_dir  # a broadcast under DDP: every rank asks
             if self.trainer.global_rank == 0:
@@ -196,7 +202,7 @@ class GRPOModule(LightningModule):
         if self.sampling.seed_per_prompt:
             seeds = row_seeds(self.seed, step, positions, self.sampling.num_generations, device=self.device)
         return sample(self.policy, self.tokenizer, [f[0] for f in formatted], [f[1] for f in formatted],
-                      self.sampling, row_seeds=seeds)
+                      self.sampling, row_seeds=seeds, record_logprobs=self.run_precision.record)
 
     def _score(self, rows, gen: Generated) -> RolloutBatch:
         g = len(gen.responses) // len(rows)
@@ -209,8 +215,9 @@ class GRPOModule(LightningModule):
         return [cb for cb in self.trainer.callbacks if isinstance(cb, RolloutCallback)]
 
     def _run_callbacks(self, callbacks, rollouts: RolloutBatch) -> None:
-        for cb in callbacks:
-            cb.on_rollout_batch(self.trainer, self, rollouts)
+        with torch.autocast(self.device.type, enabled=False):  # credit math as written (flow in float64)
+            for cb in callbacks:
+                cb.on_rollout_batch(self.trainer, self, rollouts)
 
     @property
     def _temperature(self) -> float:
@@ -302,7 +309,8 @@ class GRPOModule(LightningModule):
         return policy_loss(
             fwd.logprobs, old, mb.view.advantages, mb.view.response_mask, token_weights=weights,
             eps_low=self.loss_cfg.eps_low, eps_high=self.loss_cfg.eps_high, aggregation=self.loss_cfg.aggregation,
-            beta=self.loss_cfg.beta, max_len=self.sampling.max_new_tokens, ref_logprobs=ref)
+            beta=self.loss_cfg.beta, max_len=self.sampling.max_new_tokens, ref_logprobs=ref,
+            sampler_logprobs=mb.view.sampler_logprobs, tis_cap=self.loss_cfg.tis_cap)
 
     def _micro_weights(self, rollouts, mb, plan, fwd, old, entropy, timer, credit_metrics):
         """This micro-batch's token weights: from the arms placed in its forward, else the step's."""
@@ -321,32 +329,6 @@ class GRPOModule(LightningModule):
         if rollouts.token_weights is not None:
             return mb.take(rollouts.token_weights)
         return mb.view.response_mask.float()
-
-    # ----------------------------------------------------------------------------- numerical guards
-    def _guarded_update(self, rollouts: RolloutBatch, plan, pre, timer) -> dict[str, float]:
-        """`_update`, unless a reward, advantage, weight, old log-prob or map is NaN/inf: then skip it."""
-        bad = nonfinite_fields(rollouts) + (["attention map"] if pre is not None and pre.nonfinite_attention else [])
-        self.guard.step_skips = 0
-        out = {}
-        if self._agree(not bad):  # every process skips together
-            out = self._update(rollouts, plan, pre, timer)
-        else:
-            self.guard.skip(f"non-finite {', '.join(bad) or 'inputs on another process'}", self.rl_step)
-        return {**out, **self.guard.metrics()}
-
-    def _agree(self, ok: bool) -> bool:
-        return self.trainer.strategy.reduce_boolean_decision(ok, all=True)
-
-    def _optimizer_step(self, opt, sched) -> None:
-        """Clip and step, unless the loss, a gradient or a map is NaN/inf: then drop the gradients."""
-        params = [p for p in self.policy.parameters() if p.requires_grad]
-        if not self.guard.decide(grads_finite(params), self._agree, self.rl_step):  # grads already averaged
-            opt.zero_grad(set_to_none=True)
-            return
-        if self.optim.grad_clip > 0:
-            self.clip_gradients(opt, gradient_clip_val=self.optim.grad_clip, gradient_clip_algorithm="norm")
-        opt.step()
-        sched.step()
 
     # ----------------------------------------------------------------------------- metrics and logs
     def _write_rollouts(self, step: int, rollouts: RolloutBatch) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ import torch
 from flowtracer.data.sources import DataError
 from flowtracer.errors import InputError
 from flowtracer.generation import ENGINES
+from flowtracer.generation.precision import SAMPLER_DTYPES, native_bf16
 from flowtracer.memory import planner
 from flowtracer.memory.planner import RunSpec
 from flowtracer.model.layers import resolve_layers
@@ -25,6 +27,7 @@ from flowtracer.rl.advantages import ADVANTAGE_MODES
 from flowtracer.rl.dapo import OVERLONG_MODES
 from flowtracer.rl.loss import AGGREGATIONS
 from flowtracer.runs.checkpoints import UnsafeCheckpointError, load_checkpoint_file
+from flowtracer.train import precision as run_precision
 from flowtracer.train.step.placement import check_callbacks
 
 DTYPES = ("float32", "bfloat16")  # the weights' dtypes a run trains in (model.model_dtype)
@@ -65,6 +68,9 @@ def check_settings(module, datamodule, world_size: int = 1) -> None:
     _require(loss.eps_low >= 0 and loss.eps_high >= 0,
              f"model.loss.eps_low / eps_high = {loss.eps_low} / {loss.eps_high}: clip ranges must be >= 0")
     _require(loss.beta >= 0, f"model.loss.beta = {loss.beta}: the KL coefficient must be >= 0 (0 = off)")
+    _require(loss.tis_cap == 0 or loss.tis_cap >= 1,
+             f"model.loss.tis_cap = {loss.tis_cap}: the importance-weight cap must be >= 1 (TRL, verl: 2-3), "
+             "or 0 for no correction")
     _require(loss.beta == 0 or (module.lora is not None and module.lora.enabled),
              f"model.loss.beta = {loss.beta} needs LoRA (the reference is the model with adapters off); "
              "enable model.lora or set model.loss.beta: 0")
@@ -102,6 +108,8 @@ def check_generation(name: str, cfg) -> None:
     _require(cfg.generation_token_budget >= 0,
              f"model.{name}.generation_token_budget = {cfg.generation_token_budget}: must be >= 0 (0 = off)")
     _require(cfg.engine in ENGINES, f"model.{name}.engine = {cfg.engine!r}: use one of {', '.join(ENGINES)}")
+    _require(cfg.dtype in SAMPLER_DTYPES,
+             f"model.{name}.dtype = {cfg.dtype!r}: use one of {', '.join(SAMPLER_DTYPES)} (the rollouts' precision)")
     _require(not (cfg.engine == "hf_paged" and cfg.seed_per_prompt),
              f"model.{name}.engine = hf_paged samples with transformers' own sampler: set "
              f"model.{name}.seed_per_prompt: false or model.{name}.engine: hf")
@@ -224,12 +232,16 @@ def check_credit_callbacks(callbacks) -> None:
         raise ConfigError(str(exc)) from exc
 
 
-def preflight(module, datamodule, world_size: int = 1, callbacks=(), device=None) -> None:
-    """All checks, in the order a user would fix them: settings, data, model, prompts, layers, memory."""
+def preflight(module, datamodule, world_size: int = 1, callbacks=(), device=None, precision=None) -> None:
+    """All checks, in the order a user would fix them: settings, data, model, prompts, layers, memory.
+
+    `precision` is the trainer's (e.g. "bf16-mixed"): with it the rollouts' `sampling.dtype` is
+    resolved (flowtracer.train.precision) and kept as `module.run_precision`."""
     check_settings(module, datamodule, world_size)
     check_credit_callbacks(callbacks)
     datamodule.setup("fit")
     module.configure_model()
+    check_precision(module, precision, device)
     for split, rows in (("training data", datamodule.train_rows), ("validation data", datamodule.val_rows)):
         src = datamodule.train_source
         if not split.startswith("training"):
@@ -239,6 +251,21 @@ def preflight(module, datamodule, world_size: int = 1, callbacks=(), device=None
     check_data_size(datamodule)
     check_capture_layers(module, callbacks)
     check_memory(module, datamodule, world_size, callbacks, device)  # also resolves generation_batch_size: auto
+
+
+def check_precision(module, precision, device) -> None:
+    """Resolve the rollouts' precision; an engine that cannot report the sampler's log-probs is
+    refused where the sampler's numerics differ from the learner's."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    run = run_precision.apply(module, precision, device)
+    module.run_precision = run
+    if run.mixed and device.type == "cpu" and native_bf16(device) is None:
+        warnings.warn(f"trainer.precision {precision} on a CPU without AVX512-BF16 or AMX: bf16 is emulated here "
+                      "and slower than float32; set trainer.precision: 32-true", stacklevel=2)
+    _require(not (run.record and module.sampling.engine == "hf_paged"),
+             f"model.sampling.engine = hf_paged cannot report the sampler's log-probs, which {run.learner} with "
+             f"{module.sampling.dtype} rollouts needs (truncated importance sampling); set model.sampling.dtype "
+             "to the weights' dtype with trainer.precision 32-true, or use engine hf")
 
 
 def _config(model):
@@ -306,7 +333,18 @@ def memory_runspec(module, prompts: int, prompt_tokens: int, callbacks, device):
         mini_batches=o.mini_batches, logits_budget_mb=module.logits_budget_mb,
         needs_attention=any(getattr(cb, "needs_attention", False) for cb in callbacks),
         generation_batch_size=s.generation_batch_size, generation_token_budget=s.generation_token_budget,
-        accelerator=torch_device_type(device))
+        accelerator=torch_device_type(device), **precision_spec(module))
+
+
+def precision_spec(module) -> dict:
+    """The planner's view of the run's precisions (flowtracer.train.precision): rollouts in another
+    dtype than the weights', and autocast."""
+    run = getattr(module, "run_precision", None)
+    if run is None:
+        return {}
+    weights = run_precision.weights_dtype(module.policy)
+    return {"sampler_dtype": None if run.sampler == weights else str(run.sampler).removeprefix("torch."),
+            "autocast": run.mixed}
 
 
 def torch_device_type(device) -> str:

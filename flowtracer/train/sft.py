@@ -9,7 +9,9 @@ fine-tuning); prompts rendered exactly as RL renders them (flowtracer.data.promp
 chat template, instruction, system prompt), the target response = the row's worked solution
 followed by the eos token; cross-entropy on response tokens only (prompt and padding are labelled
 -100); AdamW, linear warm-up then cosine decay to `min_lr_ratio`; gradient clipping through
-`trainer.gradient_clip_val`. Precisions: float32 (CPU default) and bfloat16 (`model_dtype`).
+`trainer.gradient_clip_val`. Precisions: float32 (default), `trainer.precision: bf16-mixed` (CPU and
+GPU; the cross-entropy is taken on the logits upcast to float32) or 16-mixed (CUDA; then the
+multi-tensor AdamW), bf16 weights (`model_dtype`).
 Checkpoints and resume as in `fit`: atomic checkpoints (flowtracer.runs.checkpoints) every
 `checkpoint.every_n_train_steps`, the crash-safe CSV logger, `--ckpt_path last`; a checkpoint
 holds the trainable weights (adapters under LoRA), optimizer, scheduler and loop state, and the
@@ -40,6 +42,7 @@ from flowtracer.data import prompts
 from flowtracer.data.datamodule import DEFAULT_INSTRUCTION, is_generated
 from flowtracer.data.sources import DataError, load_rows
 from flowtracer.errors import InputError
+from flowtracer.model.casts import autocast_linears
 from flowtracer.model.policy import is_lora, load_policy
 from flowtracer.runs.checkpoints import install_atomic_io
 
@@ -87,8 +90,9 @@ def response_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     the vocabulary projection never runs over the prompt."""
     P = int(batch["prompt_len"])
     keep = batch["input_ids"].shape[1] - P + 1
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                position_ids=batch["position_ids"], logits_to_keep=keep)
+    with autocast_linears(model):  # under bf16-mixed: frozen weights cast once, not per call
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    position_ids=batch["position_ids"], logits_to_keep=keep)
     logits = out.logits[:, :-1].float()  # position t predicts token t + 1: columns P-1 .. T-2
     labels = batch["labels"][:, P:]
     n = int((labels != -100).sum())
@@ -208,8 +212,10 @@ class SFTModule(L.LightningModule):
 
     def configure_optimizers(self):
         h, total = self.hparams, max(int(self.trainer.max_steps), 1)
+        # 16-mixed: a fused AdamW unscales inside its step, after Lightning would clip: the multi-tensor one
+        fused = h.fused_adamw and self._scaler() is None
         opt = torch.optim.AdamW([p for p in self.policy.parameters() if p.requires_grad], lr=h.lr,
-                                weight_decay=h.weight_decay, fused=True if h.fused_adamw else None)
+                                weight_decay=h.weight_decay, fused=True if fused else None)
 
         def factor(s: int) -> float:
             if s < h.warmup_steps:
@@ -219,6 +225,21 @@ class SFTModule(L.LightningModule):
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _scaler(self):
+        return getattr(self.trainer.precision_plugin, "scaler", None)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        # Without a loss scaler (32-true, bf16-mixed) the gradients are the true ones; Lightning's
+        # mixed-precision plugin refuses to clip a fused AdamW's all the same, so clip them here.
+        if gradient_clip_val and self._scaler() is None:
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            if gradient_clip_algorithm == "value":
+                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def _batch(self, rows: list[dict]) -> dict:
         dm = self.trainer.datamodule

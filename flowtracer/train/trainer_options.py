@@ -3,7 +3,11 @@ flowtracer's own settings, or refused in one line naming the setting to use inst
 
 The GRPO module optimises manually (one optimizer step per `model.optim.mini_batches`, gradient
 accumulation over `model.optim.micro_batch_size` pieces, clipping by `model.optim.grad_clip`), reads
-its prompts by step number (not from the dataloader), and sets its precision with `model.model_dtype`.
+its prompts by step number (not from the dataloader), and keeps its weights in `model.model_dtype`:
+of Lightning's precisions it runs 32-true, autocast (`bf16-mixed`; `16-mixed` with loss scaling on
+CUDA); `bf16-true` over bf16 weights is mapped to 32-true (the same bf16 weights and matmuls, while
+the step's own tensors, advantages and log-probs, stay float32 instead of taking bf16 as the default
+dtype); a "*-true" cast of float32 weights is refused (flowtracer.train.precision).
 Every run has a checkpoint callback (crash-safe resume, `checkpoint.*`) and a progress bar
 (`progress_bar.*`). Each Trainer argument, and what happens to it, is listed in docs/rl-step.md.
 Applied by the CLI to the parsed config before the Trainer is built (flowtracer.train.lightning_cli).
@@ -15,8 +19,10 @@ import torch
 
 from flowtracer.errors import InputError
 
-# precision values the GRPO step runs in (its weights' dtype is model.model_dtype)
-_PRECISIONS = (None, 32, "32", "32-true")
+# precision values the GRPO step runs in (its weights' dtype is model.model_dtype); "bf16"/"16" are
+# Lightning's short names of the mixed ones
+_PRECISIONS = (None, 32, "32", "32-true", "bf16-mixed", "bf16")
+_FP16_MIXED = (16, "16", "16-mixed")
 
 
 def _refuse(key: str, value, why: str) -> None:
@@ -63,11 +69,26 @@ def _grpo_options(cfg) -> list[str]:
     if overfit not in (None, 0, 0.0):
         _refuse("overfit_batches", overfit, "step s's prompts are chosen by step number, not by the dataloader, "
                 "so it would change nothing; to train on a few prompts use data.train_size: N")
-    precision = t.get("precision")
-    if precision not in _PRECISIONS:
-        _refuse("precision", precision, "the GRPO step runs in the weights' own dtype; set model.model_dtype: "
-                "bfloat16 (GPU) or float32, and drop trainer.precision")
+    if t.get("precision") == "bf16-true" and cfg.get("model.model_dtype") == "bfloat16":
+        t["precision"] = "32-true"
+        notes.append("trainer.precision = bf16-true -> 32-true over model.model_dtype bfloat16 (bf16 weights and "
+                     "matmuls; the step's advantages and log-probs stay float32)")
+    _check_precision(t.get("precision"), t.get("accelerator"))
     return notes
+
+
+def _check_precision(precision, accelerator) -> None:
+    if precision in _PRECISIONS:
+        return
+    if precision in _FP16_MIXED:
+        name = str(accelerator).lower() if accelerator is not None else "auto"
+        if name in ("gpu", "cuda") or (name == "auto" and torch.cuda.is_available()):
+            return
+        _refuse("precision", precision, "fp16 autocast with loss scaling runs on CUDA only; on a CPU use "
+                "--trainer.precision bf16-mixed (or 32-true)")
+    _refuse("precision", precision, "the GRPO step keeps its weights in model.model_dtype and mixes precision "
+            "only by autocast; use --trainer.precision bf16-mixed (CPU or GPU), 16-mixed (CUDA) or 32-true, "
+            "and for 16-bit weights set model.model_dtype: bfloat16 (bf16-true is then taken as 32-true)")
 
 
 def _check_accelerator(accelerator) -> None:

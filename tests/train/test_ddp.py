@@ -86,3 +86,24 @@ def test_ddp_two_processes_equal_one_process(tmp_path, tiny_model_dir):
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in states["single"].items())
     for k, v in states["single"].items():
         torch.testing.assert_close(states["ddp"][k], v, atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_ddp_in_bf16_mixed_updates_and_logs_the_mismatch(tmp_path, tiny_model_dir):
+    """bf16-mixed under DDP (gloo, 2 CPU processes): autocast in every process, bf16 rollouts where the
+    CPU multiplies bf16 natively, finite losses, the same moved adapters on both ranks (checkpoint)."""
+    cfg = write_config(tmp_path, tiny_model_dir, steps=2)
+    data = yaml.safe_load(cfg.read_text())
+    data["trainer"].update({"devices": 2, "strategy": "ddp", "precision": "bf16-mixed", "val_check_interval": 100})
+    data["model"].update({"val_before_training": False})
+    data["model"]["sampling"]["seed_per_prompt"] = True
+    data["trainer"]["callbacks"] = [{"class_path": "flowtracer.credit.FlowCredit"}]
+    data["data"].update({"prompts_per_step": 4, "verifier": "faulty_rewards:varied"})
+    cfg.write_text(yaml.safe_dump(data))
+    _fit(cfg)
+    run = tmp_path / "logs" / "tiny" / "version_0"
+    metrics = read_metrics(run)
+    assert sorted(metrics) == [1, 2] and metrics[1]["reward/std"] > 0
+    assert all(abs(m["train/loss"]) < float("inf") and "train/mismatch/kl" in m for m in metrics.values())
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in state.items())
+    assert all(bool(torch.isfinite(v).all()) for v in state.values())

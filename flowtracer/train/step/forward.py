@@ -13,6 +13,13 @@ verl make). The ratio of the first PPO epoch is 1 either way.
 Full-vocabulary logits are never materialised for the whole batch: positions are projected in
 chunks whose float32 logits fit a byte budget, and with a graph each chunk is recomputed in the
 backward (activation checkpointing).
+
+Under autocast (trainer.precision bf16-mixed / 16-mixed) the vocabulary projection runs in the
+autocast dtype, and its output is upcast to float32 before the temperature and the log-softmax:
+log-probs and entropies are always float32, so the PPO ratio and the TIS weights compare float32
+numbers. The entropy's dot product runs with autocast off (it would round to bf16 otherwise).
+Frozen linear layers multiply with cached autocast-dtype copies of their weights
+(flowtracer.model.casts.autocast_linears: the same numbers, without a cast per call).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import torch.utils.checkpoint
 
 from flowtracer.model import kernels
 from flowtracer.model.capture import BACKENDS, MAX_CHUNK_BYTES, auto_budget, capture_attention, unwrap
+from flowtracer.model.casts import autocast_linears
 
 
 def logprob_temperature(sampling_temperature: float) -> float:
@@ -101,7 +109,7 @@ def teacher_forced_pass(
     capture_ctx = (capture_attention(model, capture_layers, attention_mask=attention_mask,
                                      chunk_bytes=attn_chunk_bytes, backend=backend)
                    if capture_layers is not None else contextlib.nullcontext())
-    with torch.enable_grad() if with_grad else torch.no_grad():
+    with torch.enable_grad() if with_grad else torch.no_grad(), autocast_linears(model):
         with capture_ctx as captured:
             h, last_logits = _last_hidden(model, lm, input_ids, attention_mask, position_ids)
         stats_backend = "torch" if with_grad else backend  # the kernel has no backward
@@ -206,12 +214,12 @@ def _token_stats(lm, head, h, input_ids, valid, temperature, chunk_bytes, backen
 
 def _chunk_stats(lm, head, hb, tokens, temperature):
     """(log p(token), entropy) for one chunk of hidden states; only the log-probs carry a graph."""
-    logits = _project(lm, head, hb)
+    logits = _project(lm, head, hb).float()  # a no-op in float32; under autocast the bf16 logits upcast
     if temperature != 1.0:
         logits = logits / temperature
-    logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+    logp = torch.log_softmax(logits, dim=-1)
     lp = logp.gather(-1, tokens[:, None]).squeeze(-1)
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(hb.device.type, enabled=False):
         reuse = logits.dtype == torch.float32 and not (logits.requires_grad or logp.requires_grad)
         logp = logp.detach()
         probs = torch.exp(logp, out=logits) if reuse else logp.exp()

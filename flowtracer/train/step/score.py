@@ -81,7 +81,8 @@ def rollout_batch(gen: Generated, scored: Scored, *, prompts: list[str], answers
         input_ids=gen.input_ids, attention_mask=gen.attention_mask, prompt_mask=gen.prompt_mask,
         response_mask=gen.response_mask, question_mask=gen.question_mask, answer_mask=scored.answer_mask,
         rewards=scored.rewards, advantages=advantages.float(), group_ids=group_ids,
-        prompts=list(prompts), responses=list(gen.responses), answers=list(answers))
+        prompts=list(prompts), responses=list(gen.responses), answers=list(answers),
+        sampler_logprobs=gen.sampler_logprobs)
     batch.metrics.update({f"adv/{k}": float(v) for k, v in stats.items()})
     batch.metrics.update({
         "reward/errors": float(scored.errors),
