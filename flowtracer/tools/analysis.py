@@ -19,10 +19,10 @@ from flowtracer.data.prompts import format_prompt
 from flowtracer.data.sources import load_rows
 from flowtracer.errors import InputError
 from flowtracer.generation import question_mask
+from flowtracer.model.forward import teacher_forced_pass
 from flowtracer.rewards import VerifierCache
 from flowtracer.rewards.base import safe_score
 from flowtracer.rewards.extract import row_extraction
-from flowtracer.train.step.forward import teacher_forced_pass
 from flowtracer.train.step.score import rollout_batch as build_rollout_batch
 from flowtracer.train.step.score import score_responses
 
