@@ -1,14 +1,17 @@
-"""Our GRPO step (uniform and FlowCredit arms) against TRL's plain GRPOTrainer step, side by side.
+"""Our GRPO step (uniform and FlowCredit arms) against TRL's plain GRPOTrainer step, and TRL with
+FlowTracer credit (flowtracer.integrations.trl.FlowGRPOTrainer, FlowCredit), side by side.
 
 Same model (bundled SmolLM2-135M-Instruct, float32), LoRA r=8 / alpha 16 on q/k/v/o, one prompt x
 8 completions x at most 48 new tokens per step (temperature 1, stop at EOS), one-digit additions
 from data/arith_train.jsonl in the same order on both sides, the same math verifier as reward,
 beta 0, one PPO epoch, AdamW, grad clip 1, seed 0, same torch thread count.
 
-Three worker processes are started once (TRL, ours-uniform, ours-FlowCredit), each loads its model
-and blocks before every step until the parent says go; the parent runs them in turn, A B C A B C,
-so machine load drifts over all three alike. The first step of each is a warm-up and is not
-counted. The table shows median seconds per phase and ours / TRL.
+One worker process per side is started once (TRL, ours-uniform, ours-FlowCredit, TRL + FlowTracer),
+each loads its model and blocks before every step until the parent says go; the parent runs them in
+turn, A B C D A B C D, so machine load drifts over all sides alike. The first step of each is a
+warm-up and is not counted. The table shows median seconds per phase and side / TRL. On the TRL +
+FlowTracer side, "credit" is the whole credit (masks, the capture pass, the flow), inside TRL's
+rollout preparation; its share of that side's step is the adapter's cost.
 
 Needs TRL, a benchmark-only dependency (requirements-bench.txt pins torch with it):
 
@@ -31,7 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m-instruct"
 G, MAX_NEW, LR, TEMPERATURE, SEED, LORA_R, LORA_ALPHA = 8, 48, 1e-6, 1.0, 0, 8, 16
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
-SIDES = {"trl": "TRL GRPOTrainer", "uniform": "ours, uniform", "flow": "ours, FlowCredit"}
+SIDES = {"trl": "TRL GRPOTrainer", "uniform": "ours, uniform", "flow": "ours, FlowCredit",
+         "trlflow": "TRL + FlowTracer"}
 PHASES = ("generate", "score", "credit", "forward", "backward", "other")
 
 
@@ -97,14 +101,16 @@ def worker_ours(arm: str, steps: int) -> None:
     trainer.fit(module, datamodule=dm)
 
 
-def worker_trl(steps: int, checkpointing: bool = True) -> None:
+def worker_trl(steps: int, checkpointing: bool = True, flow: bool = False) -> None:
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
+    from flowtracer.credit import FlowCredit
     from flowtracer.data.datamodule import DEFAULT_INSTRUCTION
     from flowtracer.data.prompts import user_message
+    from flowtracer.integrations.trl import FlowGRPOTrainer
     from flowtracer.model.policy import bundled_model_dir
     from flowtracer.rewards import get_verifier, safe_score
 
@@ -113,7 +119,7 @@ def worker_trl(steps: int, checkpointing: bool = True) -> None:
     def reward(completions, answer, **_):
         return [safe_score(verifier, c[0]["content"], a)[0].reward for c, a in zip(completions, answer)]
 
-    class Timed(GRPOTrainer):
+    class Timed(FlowGRPOTrainer if flow else GRPOTrainer):
         ph: dict = {}
 
         def _timed(self, name, fn, *args, **kwargs):
@@ -136,6 +142,9 @@ def worker_trl(steps: int, checkpointing: bool = True) -> None:
         def _compute_loss(self, *args, **kwargs):
             return self._timed("forward", super()._compute_loss, *args, **kwargs)
 
+        def _credit_weights(self, *args, **kwargs):  # TRL + FlowTracer only
+            return self._timed("credit", super()._credit_weights, *args, **kwargs)
+
     class Stepper(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
             _emit("ready")
@@ -148,11 +157,11 @@ def worker_trl(steps: int, checkpointing: bool = True) -> None:
         def on_step_end(self, args, state, control, **kw):
             wall = time.perf_counter() - self.t0
             p = Timed.ph
-            r = {"step": wall, "generate": p.get("generate", 0.0), "score": p.get("score", 0.0), "credit": 0.0,
-                 "forward": p.get("forward", 0.0), "tokens": p.get("tokens", 0)}
+            r = {"step": wall, "generate": p.get("generate", 0.0), "score": p.get("score", 0.0),
+                 "credit": p.get("credit", 0.0), "forward": p.get("forward", 0.0), "tokens": p.get("tokens", 0)}
             # Advantages, logging etc. inside the rollout preparation are "other"; everything after
             # the loss (backward, clipping, optimizer, scheduler, Trainer bookkeeping) is backward.
-            r["other"] = p.get("prepare", 0.0) - r["generate"] - r["score"]
+            r["other"] = p.get("prepare", 0.0) - r["generate"] - r["score"] - r["credit"]
             r["backward"] = wall - p.get("prepare", 0.0) - r["forward"]
             r["tok_s"] = r["tokens"] / max(r["generate"], 1e-9)
             _emit("result", r)
@@ -160,7 +169,7 @@ def worker_trl(steps: int, checkpointing: bool = True) -> None:
     rows = _rows(steps)
     data = Dataset.from_list([{"prompt": [{"role": "user",
                                            "content": user_message(r["question"], DEFAULT_INSTRUCTION)}],
-                               "answer": str(r["answer"])} for r in rows])
+                               "question": r["question"], "answer": str(r["answer"])} for r in rows])
     args = GRPOConfig(
         output_dir=tempfile.mkdtemp(), per_device_train_batch_size=G, num_generations=G, max_completion_length=MAX_NEW,
         temperature=TEMPERATURE, top_p=1.0, beta=0.0, num_iterations=1, loss_type="grpo", learning_rate=LR,
@@ -169,8 +178,9 @@ def worker_trl(steps: int, checkpointing: bool = True) -> None:
         model_init_kwargs={"dtype": "float32"}, disable_tqdm=True, gradient_checkpointing=checkpointing)
     lora = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=list(TARGETS),
                       task_type="CAUSAL_LM")
+    extra = {"credit": FlowCredit()} if flow else {}
     trainer = Timed(model=str(bundled_model_dir(MODEL)), reward_funcs=reward, args=args, train_dataset=data,
-                    peft_config=lora, callbacks=[Stepper()])
+                    peft_config=lora, callbacks=[Stepper()], **extra)
     trainer.train()
 
 
@@ -202,7 +212,7 @@ def _load() -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=10, help="measured steps per side (plus one warm-up step)")
-    p.add_argument("--sides", default="trl,uniform,flow")
+    p.add_argument("--sides", default="trl,uniform,flow,trlflow")
     p.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads of every worker (default: torch's)")
     p.add_argument("--trl-checkpointing", default="true", choices=["true", "false"],
                    help="TRL's gradient_checkpointing (TRL's GRPOConfig default: true; ours: false)")
@@ -213,8 +223,8 @@ def main() -> None:
             import torch
 
             torch.set_num_threads(args.threads)
-        if args.worker == "trl":
-            return worker_trl(args.steps, args.trl_checkpointing == "true")
+        if args.worker in ("trl", "trlflow"):
+            return worker_trl(args.steps, args.trl_checkpointing == "true", flow=args.worker == "trlflow")
         return worker_ours(args.worker, args.steps)
 
     sides = args.sides.split(",")
@@ -229,7 +239,7 @@ def main() -> None:
     loads = []
     try:
         for i in range(total):
-            for s in sides:  # A B C A B C: drifting load hits every side alike
+            for s in sides:  # A B C D A B C D: drifting load hits every side alike
                 procs[s].stdin.write("go\n")
                 procs[s].stdin.flush()
                 r = _read(procs[s], s)[1]
@@ -269,6 +279,9 @@ def report(results: dict[str, list[dict]], steps: int) -> None:
         checks.append(("uniform step <= 0.75 x TRL", med["uniform"]["step"] / base, 0.75))
     if "flow" in med:
         checks.append(("credit <= 2% of our FlowCredit step", med["flow"]["credit"] / med["flow"]["step"], 0.02))
+    if "trlflow" in med:  # the adapter's whole cost, the capture pass included
+        checks.append(("credit <= 5% of the TRL + FlowTracer step", med["trlflow"]["credit"] / med["trlflow"]["step"],
+                       0.05))
     for name, value, limit in checks:
         print(f"target {name:<36} {value:6.3f}  {'MET' if value <= limit else 'MISSED'}")
 
