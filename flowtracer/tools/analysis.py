@@ -96,7 +96,7 @@ def arm_scores(rb: RolloutBatch, *, seed: int = 0, flow: FlowCredit | None = Non
     the training arms' scores: uniform noise, old-policy entropy, mean received attention.
     """
     flow = flow or FlowCredit()
-    tau, unreached = flow.scores(None, None, rb)
+    tau, unreached = flow.scores(rb, None)
     gen = torch.Generator().manual_seed(seed)
     resp = rb.response_mask.bool()
     scores = {
