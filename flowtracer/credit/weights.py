@@ -78,11 +78,10 @@ def compute_credit(arm, model, input_ids: Tensor, attention_mask: Tensor, prompt
                          "one micro-batch at a time)")
     t0 = time.perf_counter()
     batch = credit_batch(input_ids, attention_mask, prompt_mask, response_mask, question_mask, answer_mask)
-    metrics: dict[str, float] = {}
+    metrics: dict[str, float] = {"credit/nonfinite_frac": 0.0}
     weights = None
-    nonfinite = torch.zeros(batch.batch_size, dtype=torch.bool, device=input_ids.device)
     if arm.needs_attention or arm.needs_entropy:
-        entropies, weights = _pass(arm, model, batch, nonfinite, metrics, temperature=temperature,
+        entropies, weights = _pass(arm, model, batch, metrics, temperature=temperature,
                                    micro_batch_size=micro_batch_size, tokenizer=tokenizer, step=step,
                                    logits_bytes=logits_bytes, stop_early=stop_early)
         batch.entropies = entropies
@@ -90,20 +89,19 @@ def compute_credit(arm, model, input_ids: Tensor, attention_mask: Tensor, prompt
         arm.apply(batch, tokenizer=tokenizer, step=step)
         metrics.update(batch.metrics)
         weights = batch.weights_or_ones()
-    metrics["credit/nonfinite_frac"] = float(nonfinite.float().mean())
     metrics["credit/seconds"] = time.perf_counter() - t0
     return Credit(weights.float(), metrics)
 
 
 @torch.no_grad()
-def _pass(arm, model, batch: RolloutBatch, nonfinite: Tensor, metrics: dict, *, temperature, micro_batch_size,
-          tokenizer, step, logits_bytes, stop_early) -> tuple[Tensor | None, Tensor | None]:
+def _pass(arm, model, batch: RolloutBatch, metrics: dict, *, temperature, micro_batch_size, tokenizer, step,
+          logits_bytes, stop_early) -> tuple[Tensor | None, Tensor | None]:
     """The forward, micro-batch by micro-batch: (entropies or None, weights or None if the arm is batch-global)."""
     layers = arm.capture_layers if arm.needs_attention else None
     per_row = not arm.batch_global
     B, T = batch.input_ids.shape
     entropies = torch.zeros(B, T, device=batch.input_ids.device) if arm.needs_entropy else None
-    weights = batch.response_mask.float() if per_row else None  # rows no forward reached keep ones
+    weights = batch.response_mask.float() if per_row else None
     was_training = model.training
     model.eval()
     try:
@@ -117,18 +115,24 @@ def _pass(arm, model, batch: RolloutBatch, nonfinite: Tensor, metrics: dict, *, 
             pos = torch.arange(T, device=idx.device)[cols]
             if entropies is not None:
                 entropies[idx[:, None], pos] = out.entropy
-            if not per_row:
-                continue
-            if out.attn is not None and not bool(torch.isfinite(out.attn).all()):
-                nonfinite[idx] = True  # no ranking from a non-finite map: these rows keep ones, counted
-                continue
-            view.entropies, view.attn = out.entropy, out.attn
-            arm.apply(view, tokenizer=tokenizer, step=step)
-            weights[idx[:, None], pos] = view.weights_or_ones().float()
-            merge_metrics(metrics, view.metrics, len(idx) / B)
+            if per_row:
+                part = weights_from_pass(arm, view, out.attn, out.entropy, tokenizer=tokenizer, step=step)
+                weights[idx[:, None], pos] = part.weights
+                merge_metrics(metrics, part.metrics, len(idx) / B)
     finally:
         model.train(was_training)
     return entropies, weights
+
+
+def weights_from_pass(arm, batch: RolloutBatch, attn: Tensor | None, entropies: Tensor | None = None, *,
+                      tokenizer=None, step: int | None = None) -> Credit:
+    """The arm on a batch whose forward outputs are known (the map of its layers, entropies): its
+    weights and stats. A non-finite map ranks nothing: all-ones weights, counted in credit/nonfinite_frac."""
+    if attn is not None and not bool(torch.isfinite(attn).all()):
+        return Credit(batch.response_mask.float(), {"credit/nonfinite_frac": 1.0})
+    batch.attn, batch.entropies = attn, entropies
+    arm.apply(batch, tokenizer=tokenizer, step=step)
+    return Credit(batch.weights_or_ones().float(), {**batch.metrics, "credit/nonfinite_frac": 0.0})
 
 
 def merge_metrics(total: dict[str, float], part: dict[str, float], share: float) -> None:

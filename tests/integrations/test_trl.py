@@ -130,7 +130,8 @@ def suite_weights(tok, model, out, inputs, arm) -> torch.Tensor:
 
 @pytest.mark.parametrize("name", ["tiny", "bundled"])
 def test_advantages_are_group_advantage_times_the_suites_flow_weights(tmp_path, name):
-    trainer = make(FlowGRPOTrainer, tmp_path, name, credit=FlowCredit(layers="middle"))
+    """The separate capture pass, right after TRL scored the batch."""
+    trainer = make(FlowGRPOTrainer, tmp_path, name, credit=FlowCredit(layers="middle"), fuse=False)
     inputs = step_inputs()
     plain = GRPOTrainer._generate_and_score_completions(trainer, inputs)["advantages"]  # TRL's own, (B,)
     out = trainer._generate_and_score_completions(inputs)
@@ -147,7 +148,30 @@ def test_advantages_are_group_advantage_times_the_suites_flow_weights(tmp_path, 
     assert m["credit/reached_frac"][-1] == 1.0 and m["credit/seconds"][-1] > 0
 
 
-@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
+@pytest.mark.parametrize("name", ["tiny", "bundled"])
+def test_fused_weights_come_from_the_loss_forward_and_reach_the_loss(tmp_path, name):
+    """Fused (the default for FlowCredit with one iteration): the map of TRL's own loss forward gives the
+    suite's weights, and the loss TRL computes is plain GRPO's loss on those (B, C) advantages."""
+    ours = make(FlowGRPOTrainer, tmp_path / "ours", name, credit=FlowCredit(layers="middle"))
+    plain = make(GRPOTrainer, tmp_path / "plain", name)
+    assert ours.fuse_credit
+    inputs = step_inputs()
+    out = ours._generate_and_score_completions(inputs)
+    assert out["advantages"].shape == (2 * G,)  # the weights wait for the loss forward
+    base = out["advantages"].clone()
+    expected = base[:, None] * suite_weights(ours.processing_class, ours.model, out, inputs, FlowCredit())
+    ours.current_gradient_accumulation_steps = plain.current_gradient_accumulation_steps = 1
+    loss = ours.compute_loss(ours.model, out)
+    torch.testing.assert_close(out["advantages"], expected, atol=1e-6, rtol=0)
+    reference = plain._generate_and_score_completions(step_inputs())
+    assert torch.equal(reference["advantages"], base)
+    assert torch.equal(loss, plain.compute_loss(plain.model, {**reference, "advantages": expected}))
+    m = ours._metrics["train"]
+    assert m["credit/no_answer_frac"][-1] == pytest.approx(len(NO_ANSWER_ROWS) / (2 * G))
+    assert 0 < m["credit/forward_seconds"][-1] <= m["credit/seconds"][-1]
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])  # TRL's default is dapo
 def test_uniform_arm_gives_plain_grpo_loss_and_gradients_exactly(tmp_path, loss_type):
     ours = make(FlowGRPOTrainer, tmp_path / "ours", config={"loss_type": loss_type}, credit=UniformCredit())
     plain = make(GRPOTrainer, tmp_path / "plain", config={"loss_type": loss_type})
@@ -164,11 +188,13 @@ def test_uniform_arm_gives_plain_grpo_loss_and_gradients_exactly(tmp_path, loss_
     assert any(bool(g.abs().sum() > 0) for g in grads[0])
 
 
-def test_two_steps_with_lora_move_the_adapters_and_log_the_credit(tmp_path):
+@pytest.mark.parametrize("fuse", [None, False], ids=["fused", "pass"])
+def test_two_steps_with_lora_move_the_adapters_and_log_the_credit(tmp_path, fuse):
     from peft import LoraConfig
 
-    trainer = make(FlowGRPOTrainer, tmp_path, credit=FlowCredit(layers=[2, 3]),
+    trainer = make(FlowGRPOTrainer, tmp_path, credit=FlowCredit(layers=[2, 3]), fuse=fuse,
                    peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    assert trainer.fuse_credit == (fuse is None)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     assert before and all("lora" in n for n in before)
     trainer.train()
@@ -176,12 +202,13 @@ def test_two_steps_with_lora_move_the_adapters_and_log_the_credit(tmp_path):
     assert all(not torch.equal(before[n], after[n]) for n in before if "lora_B" in n)
     steps = [h for h in trainer.state.log_history if "reward" in h]
     assert len(steps) == 2 and all(h["reward_std"] > 0 for h in steps)
-    for key in ("credit/fallback_frac", "credit/reached_frac", "credit/selected_frac", "credit/seconds"):
-        assert all(key in h for h in steps), key
+    for h in steps:
+        assert h["credit/no_answer_frac"] == pytest.approx(len(NO_ANSWER_ROWS) / (2 * G))
+        assert h["credit/reached_frac"] == 1.0 and 0.3 < h["credit/selected_frac"] < 0.5 and h["credit/seconds"] > 0
 
 
 def test_a_batch_of_no_answers_warns_once(tmp_path):
-    trainer = make(FlowGRPOTrainer, tmp_path, credit=FlowCredit(layers=[2, 3]), extraction=["hash"])
+    trainer = make(FlowGRPOTrainer, tmp_path, credit=FlowCredit(layers=[2, 3]), extraction=["hash"], fuse=False)
     with pytest.warns(UserWarning, match="100% of a batch's responses got uniform weights"):
         out = trainer._generate_and_score_completions(step_inputs())
     assert trainer._metrics["train"]["credit/no_answer_frac"][-1] == 1.0
@@ -195,7 +222,8 @@ def test_with_flowtracer_wraps_a_subclass_and_refuses_bad_arguments(tmp_path):
 
     cls = with_flowtracer(MyGRPO)
     assert issubclass(cls, MyGRPO) and cls.__name__ == "FlowTracerMyGRPO"
-    out = make(cls, tmp_path, credit=FlowCredit(layers=[2, 3]))._generate_and_score_completions(step_inputs())
+    trainer = make(cls, tmp_path, credit=FlowCredit(layers=[2, 3]), fuse=False)
+    out = trainer._generate_and_score_completions(step_inputs())
     assert out["advantages"].shape == out["completion_ids"].shape
     with pytest.raises(TypeError, match="not a subclass of trl.GRPOTrainer"):
         with_flowtracer(dict)
@@ -203,6 +231,10 @@ def test_with_flowtracer_wraps_a_subclass_and_refuses_bad_arguments(tmp_path):
         make(FlowGRPOTrainer, tmp_path, credit="flow")
     with pytest.raises(ValueError, match="unknown extractor"):
         make(FlowGRPOTrainer, tmp_path, credit=FlowCredit(), extraction=["boxd"])
+    for arm, config in ((UniformCredit(), {}), (FlowCredit(), {"num_iterations": 2})):
+        with pytest.raises(ValueError, match="fuse=True needs an arm that reads only the attention map"):
+            make(FlowGRPOTrainer, tmp_path, config=config, credit=arm, fuse=True)
+    assert not make(FlowGRPOTrainer, tmp_path, config={"num_iterations": 2}, credit=FlowCredit()).fuse_credit
 
 
 def test_an_untested_trl_version_is_refused_in_one_line(monkeypatch):
