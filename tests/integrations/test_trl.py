@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import functools
 import os
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -209,8 +210,12 @@ def test_two_steps_with_lora_move_the_adapters_and_log_the_credit(tmp_path, fuse
 
 def test_a_batch_of_no_answers_warns_once(tmp_path):
     trainer = make(FlowGRPOTrainer, tmp_path, credit=FlowCredit(layers=[2, 3]), extraction=["hash"], fuse=False)
-    with pytest.warns(UserWarning, match="100% of a batch's responses got uniform weights"):
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
         out = trainer._generate_and_score_completions(step_inputs())
+        trainer._generate_and_score_completions(step_inputs())
+    ours = [str(w.message) for w in seen if "FlowTracer:" in str(w.message)]
+    assert len(ours) == 1 and "100% of a batch's responses got uniform weights" in ours[0]
     assert trainer._metrics["train"]["credit/no_answer_frac"][-1] == 1.0
     w = out["advantages"] / GRPOTrainer._generate_and_score_completions(trainer, step_inputs())["advantages"][:, None]
     torch.testing.assert_close(w.nan_to_num(1.0) * out["completion_mask"], out["completion_mask"].float())
