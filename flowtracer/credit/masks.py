@@ -17,10 +17,8 @@ import torch
 from torch import Tensor
 
 from flowtracer.generation import response_token_offsets
-from flowtracer.rewards.extract import FALLBACK_EXTRACTORS, check_extraction, final_answer
+from flowtracer.rewards.extract import DEFAULT_EXTRACTION, FALLBACK_EXTRACTORS, check_extraction, final_answer
 from flowtracer.rewards.spans import char_span_to_token_mask, locate_question_span
-
-DEFAULT_EXTRACTION = ("answer_tag", "boxed", "hash", "last_number")  # the math verifier's default
 
 # answer_span(text, truncated) -> [start, end) of the answer in `text`, or None
 AnswerSpan = Callable[[str, bool], "tuple[int, int] | None"]
