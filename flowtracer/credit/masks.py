@@ -70,7 +70,7 @@ def answer_mask(tokenizer, completion_ids: Tensor, completion_mask: Tensor, eos_
 
 
 def answer_finder(extraction: Sequence[str] | AnswerSpan) -> AnswerSpan:
-    """`(text, truncated) -> span or None` for extractor names (checked here: ValueError) or a function."""
+    """`(text, truncated) -> span or None` for extractor names (checked here: InputError) or a function."""
     if callable(extraction):
         return extraction
     names = check_extraction(extraction)

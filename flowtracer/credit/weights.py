@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from flowtracer.batch import RolloutBatch, active_columns, split_rows
+from flowtracer.errors import InputError
 from flowtracer.model.forward import logprob_temperature, teacher_forced_pass
 
 
@@ -41,7 +42,7 @@ def credit_batch(input_ids: Tensor, attention_mask: Tensor, prompt_mask: Tensor,
     B = input_ids.shape[0]
     masks = [m.bool() for m in (prompt_mask, response_mask, question_mask, answer_mask)]
     if any(m.shape != input_ids.shape for m in (attention_mask, *masks)):
-        raise ValueError(f"every mask must have the shape of input_ids {tuple(input_ids.shape)}")
+        raise InputError(f"every mask must have the shape of input_ids {tuple(input_ids.shape)}")
     zeros = torch.zeros(B, device=input_ids.device)
     return RolloutBatch(input_ids=input_ids, attention_mask=attention_mask, prompt_mask=masks[0],
                         response_mask=masks[1], question_mask=masks[2], answer_mask=masks[3], rewards=zeros,
@@ -74,7 +75,7 @@ def compute_credit(arm, model, input_ids: Tensor, attention_mask: Tensor, prompt
             DeepSpeed ZeRO-3 / FSDP wrappers; same weights).
     """
     if arm.batch_global and arm.needs_attention:
-        raise ValueError(f"{type(arm).__name__}: a batch-global arm cannot read the attention map (the map exists "
+        raise InputError(f"{type(arm).__name__}: a batch-global arm cannot read the attention map (the map exists "
                          "one micro-batch at a time)")
     t0 = time.perf_counter()
     batch = credit_batch(input_ids, attention_mask, prompt_mask, response_mask, question_mask, answer_mask)

@@ -36,6 +36,7 @@ from packaging.version import Version
 
 from flowtracer.credit.masks import DEFAULT_EXTRACTION, answer_finder, answer_mask, question_mask
 from flowtracer.credit.weights import compute_credit, credit_batch, merge_metrics, weights_from_pass
+from flowtracer.errors import InputError
 from flowtracer.model.capture import capture_attention
 
 try:
@@ -82,14 +83,14 @@ class FlowTracerMixin:
     def __init__(self, *args, credit, extraction=DEFAULT_EXTRACTION, question_column: str | None = "question",
                  fuse: bool | None = None, micro_batch_size: int | None = None, **kwargs):
         if not callable(getattr(credit, "apply", None)) or not hasattr(credit, "needs_attention"):
-            raise TypeError(f"credit={credit!r} is not a credit arm: pass e.g. flowtracer.credit.FlowCredit()")
+            raise InputError(f"credit={credit!r} is not a credit arm: pass e.g. flowtracer.credit.FlowCredit()")
         answer_finder(extraction)  # a bad extractor name fails here, not after the first generation
         super().__init__(*args, **kwargs)
         self.credit, self.extraction, self.question_column = credit, extraction, question_column
         self.credit_micro_batch_size = micro_batch_size or self.args.per_device_train_batch_size
         self.fuse_credit = self._fusable() if fuse is None else bool(fuse)
         if self.fuse_credit and not self._fusable():
-            raise ValueError("fuse=True needs an arm that reads only the attention map, per row (FlowCredit, "
+            raise InputError("fuse=True needs an arm that reads only the attention map, per row (FlowCredit, "
                              "AttentionCredit), num_iterations=1 and gradient_accumulation_steps a multiple of "
                              "steps_per_generation; pass fuse=None to decide automatically")
         self._credit_pending = None  # the loss inputs whose forward the map is taken from (fused)
@@ -107,7 +108,7 @@ class FlowTracerMixin:
         if not self.model.training:
             return out
         if "pixel_values" in out:
-            raise ValueError("flowtracer.integrations.trl supports text-only models (the capture pass has no images)")
+            raise InputError("flowtracer.integrations.trl supports text-only models (the capture pass has no images)")
         t0 = time.perf_counter()
         masks = self._credit_masks(inputs, out)
         if self.fuse_credit:  # the weights come with the loss forward; the masks travel with the batch
@@ -224,7 +225,7 @@ def question_of(row: dict, column: str | None) -> str | None:
 def with_flowtracer(trainer_cls: type) -> type:
     """`trainer_cls` (GRPOTrainer or a subclass of it) with FlowTracer credit: `credit=` and the options above."""
     if not (isinstance(trainer_cls, type) and issubclass(trainer_cls, GRPOTrainer)):
-        raise TypeError(f"{trainer_cls!r} is not a subclass of trl.GRPOTrainer")
+        raise InputError(f"{trainer_cls!r} is not a subclass of trl.GRPOTrainer: wrap GRPOTrainer or a subclass of it")
     return type(f"FlowTracer{trainer_cls.__name__}", (FlowTracerMixin, trainer_cls),
                 {"__module__": trainer_cls.__module__, "__doc__": FlowTracerMixin.__doc__})
 

@@ -25,6 +25,7 @@ from flowtracer.batch import Generated
 from flowtracer.credit import FlowCredit, UniformCredit
 from flowtracer.data.datamodule import DEFAULT_INSTRUCTION
 from flowtracer.data.prompts import format_prompt, user_message
+from flowtracer.errors import InputError
 from flowtracer.generation import question_mask as suite_question_mask
 from flowtracer.integrations.trl import FlowGRPOTrainer, check_trl_version, with_flowtracer
 from flowtracer.model.policy import bundled_model_dir
@@ -230,14 +231,14 @@ def test_with_flowtracer_wraps_a_subclass_and_refuses_bad_arguments(tmp_path):
     trainer = make(cls, tmp_path, credit=FlowCredit(layers=[2, 3]), fuse=False)
     out = trainer._generate_and_score_completions(step_inputs())
     assert out["advantages"].shape == out["completion_ids"].shape
-    with pytest.raises(TypeError, match="not a subclass of trl.GRPOTrainer"):
+    with pytest.raises(InputError, match="not a subclass of trl.GRPOTrainer"):
         with_flowtracer(dict)
-    with pytest.raises(TypeError, match="not a credit arm"):
+    with pytest.raises(InputError, match="not a credit arm"):
         make(FlowGRPOTrainer, tmp_path, credit="flow")
-    with pytest.raises(ValueError, match="unknown extractor"):
+    with pytest.raises(InputError, match="unknown extractor"):
         make(FlowGRPOTrainer, tmp_path, credit=FlowCredit(), extraction=["boxd"])
     for arm, config in ((UniformCredit(), {}), (FlowCredit(), {"num_iterations": 2})):
-        with pytest.raises(ValueError, match="fuse=True needs an arm that reads only the attention map"):
+        with pytest.raises(InputError, match="fuse=True needs an arm that reads only the attention map"):
             make(FlowGRPOTrainer, tmp_path, config=config, credit=arm, fuse=True)
     assert not make(FlowGRPOTrainer, tmp_path, config={"num_iterations": 2}, credit=FlowCredit()).fuse_credit
 
