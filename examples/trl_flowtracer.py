@@ -21,6 +21,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
+import torch
 from datasets import Dataset
 from peft import LoraConfig
 from trl import GRPOConfig
@@ -66,14 +67,19 @@ def main() -> None:
         peft_config=LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
                                task_type="CAUSAL_LM"),
         credit=credit)  # FlowTracer: the arm (with extraction=..., question_column="question" by default)
+    before = {n: t.detach().clone() for n, t in trainer.model.named_parameters() if t.requires_grad}
     trainer.train()
+    after = dict(trainer.model.named_parameters())
+    moved = sum(not torch.equal(before[n], after[n].detach()) for n in before)
+    change = max((after[n].detach() - t).abs().max().item() for n, t in before.items())
 
     steps = [h for h in trainer.state.log_history if "reward" in h]
     credit_s = statistics.median(h["credit/seconds"] for h in steps)
     step_s = statistics.median(h["step_time"] for h in steps)
     print(f"\n{len(steps)} steps: reward {steps[0]['reward']:.3f} -> {steps[-1]['reward']:.3f}; "
           f"credit {credit_s:.3f} s of a {step_s:.2f} s step (median, {credit_s / step_s:.1%}); "
-          f"responses with uniform weights {statistics.mean(h['credit/fallback_frac'] for h in steps):.1%}")
+          f"responses with uniform weights {statistics.mean(h['credit/fallback_frac'] for h in steps):.1%}; "
+          f"{moved} of {len(before)} adapter tensors moved (max |change| {change:.2e})")
 
 
 if __name__ == "__main__":
