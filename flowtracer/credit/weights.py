@@ -137,6 +137,6 @@ def weights_from_pass(arm, batch: RolloutBatch, attn: Tensor | None, entropies: 
 
 
 def merge_metrics(total: dict[str, float], part: dict[str, float], share: float) -> None:
-    """Add one micro-batch's credit metrics: means weighted by its share of rows, `*_seconds` summed."""
+    """Add one micro-batch's credit metrics: means weighted by its share of rows, `*seconds` summed."""
     for k, v in part.items():
-        total[k] = total.get(k, 0.0) + float(v) * (1.0 if k.endswith("_seconds") else share)
+        total[k] = total.get(k, 0.0) + float(v) * (1.0 if k.endswith("seconds") else share)

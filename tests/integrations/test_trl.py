@@ -89,10 +89,11 @@ def policy(name: str):
 
 def make(cls, tmp_path, name="tiny", config=None, **kw):
     model, tok = policy(name)
-    args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2 * G, num_generations=G,
-                      max_completion_length=32, temperature=0.9, beta=0.0, learning_rate=1e-2, max_steps=2,
-                      use_cpu=True, bf16=False, report_to=[], logging_steps=1, save_strategy="no", seed=0,
-                      shuffle_dataset=False, disable_tqdm=True, gradient_checkpointing=False, **(config or {}))
+    args = GRPOConfig(**{**dict(output_dir=str(tmp_path), per_device_train_batch_size=2 * G, num_generations=G,
+                                max_completion_length=32, temperature=0.9, beta=0.0, learning_rate=1e-2, max_steps=2,
+                                use_cpu=True, bf16=False, report_to=[], logging_steps=1, save_strategy="no", seed=0,
+                                shuffle_dataset=False, disable_tqdm=True, gradient_checkpointing=False),
+                         **(config or {})})
     trainer = cls(model=copy.deepcopy(model), reward_funcs=reward, args=args, train_dataset=dataset(),
                   processing_class=tok, rollout_func=scripted(tok), **kw)
     trainer.model.train()
@@ -201,12 +202,40 @@ def test_two_steps_with_lora_move_the_adapters_and_log_the_credit(tmp_path, fuse
     assert before and all("lora" in n for n in before)
     trainer.train()
     after = dict(trainer.model.named_parameters())
-    assert all(not torch.equal(before[n], after[n]) for n in before if "lora_B" in n)
+    lora_b = [n for n in before if "lora_B" in n]
+    assert lora_b and all(not torch.equal(before[n], after[n]) for n in lora_b)
     steps = [h for h in trainer.state.log_history if "reward" in h]
     assert len(steps) == 2 and all(h["reward_std"] > 0 for h in steps)
     for h in steps:
         assert h["credit/no_answer_frac"] == pytest.approx(len(NO_ANSWER_ROWS) / (2 * G))
         assert h["credit/reached_frac"] == 1.0 and 0.3 < h["credit/selected_frac"] < 0.5 and h["credit/seconds"] > 0
+
+
+def test_fused_over_two_micro_batches_weights_each_loss_and_logs_once_per_generation(tmp_path):
+    """steps_per_generation 2: TRL shuffles and splits the generation batch; each half's loss forward
+    gives that half's weights, and the two halves' stats make one entry over the whole batch."""
+    seen = []
+
+    class Spy(FlowGRPOTrainer):
+        def _compute_loss(self, model, inputs):
+            loss = super()._compute_loss(model, inputs)
+            seen.append((inputs["advantages"].clone(), inputs["completion_mask"].clone()))
+            return loss
+
+    config = {"per_device_train_batch_size": G, "gradient_accumulation_steps": 2}
+    trainer = make(Spy, tmp_path, config=config, credit=FlowCredit(layers=[2, 3]))
+    assert trainer.fuse_credit and trainer.args.steps_per_generation == 2
+    trainer.train()
+    assert len(seen) == 4  # two optimizer steps x two micro-batches of G rows
+    for adv, mask in seen:
+        assert adv.shape == mask.shape and adv.shape[0] == G  # (B, C): the weights reached this loss
+    w = torch.cat([adv / adv.abs().amax(-1, keepdim=True).clamp_min(1e-12) for adv, _ in seen])
+    assert bool((w.abs() < 1 - 1e-6).logical_and(torch.cat([m for _, m in seen]).bool()).any())  # not uniform
+    steps = [h for h in trainer.state.log_history if "reward" in h]
+    assert len(steps) == 2 and len(trainer._credit_parts) == 0
+    for h in steps:  # row-weighted over both halves = the whole generation batch's share
+        assert h["credit/no_answer_frac"] == pytest.approx(len(NO_ANSWER_ROWS) / (2 * G))
+        assert h["credit/reached_frac"] == 1.0 and h["credit/seconds"] >= h["credit/forward_seconds"] > 0
 
 
 def test_a_batch_of_no_answers_warns_once(tmp_path):
