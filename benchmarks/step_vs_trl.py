@@ -15,9 +15,9 @@ flow), from its own clock (credit/seconds): "TRL + FlowTracer" takes the map fro
 forward (fused, the default where it applies), "TRL + FT, pass" from a separate no-grad capture pass
 (fuse=False; --sides trl,trlpass). Its share of that side's step is the target.
 
-Needs TRL, a benchmark-only dependency (requirements-bench.txt pins torch with it):
+Needs TRL, the `trl` extra (`make setup` installs it; requirements-bench.txt for a separate venv):
 
-    /work/venv-trl/bin/python benchmarks/step_vs_trl.py --steps 10
+    .venv/bin/python benchmarks/step_vs_trl.py --steps 10
 """
 
 from __future__ import annotations
