@@ -73,7 +73,7 @@ def worker(mode: str, T: int, B: int, reps: int, layers: str, weights: str) -> d
     import torch
 
     sys.path.insert(0, ROOT)
-    from flowtracer.train.step.forward import teacher_forced_pass
+    from flowtracer.model.forward import teacher_forced_pass
 
     model = load_model(weights, "eager" if mode == "eager" else "sdpa")
     torch.manual_seed(0)

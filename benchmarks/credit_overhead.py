@@ -37,7 +37,7 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 from flowtracer.credit.select import select_weights  # noqa: E402
 from flowtracer.flow import trace_flow  # noqa: E402
-from flowtracer.train.step.forward import teacher_forced_pass  # noqa: E402
+from flowtracer.model.forward import teacher_forced_pass  # noqa: E402
 
 QWEN15 = dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
               intermediate_size=8960, vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6,

@@ -26,8 +26,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from flowtracer.model.forward import teacher_forced_pass  # noqa: E402
 from flowtracer.model.layers import resolve_layers  # noqa: E402
-from flowtracer.train.step.forward import teacher_forced_pass  # noqa: E402
 
 
 def build_model(tiny: bool, device: str, dtype: torch.dtype):

@@ -93,7 +93,7 @@ def warm_up(arch: str) -> None:
     from peft import LoraConfig, get_peft_model
 
     from flowtracer.flow import trace_flow
-    from flowtracer.train.step.forward import teacher_forced_pass
+    from flowtracer.model.forward import teacher_forced_pass
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from tiny import tiny_model, tiny_tokenizer
@@ -111,8 +111,8 @@ def warm_up(arch: str) -> None:
 
 def _train_step(policy, opt, ids, attn, resp, run):
     """One micro-batch update as the trainer runs it; returns the captured attention map."""
+    from flowtracer.model.forward import teacher_forced_pass
     from flowtracer.rl import policy_loss
-    from flowtracer.train.step.forward import teacher_forced_pass
 
     opt.zero_grad(set_to_none=True)
     # Lightning's bf16-mixed: autocast around the forward, no cast cache

@@ -1,4 +1,5 @@
-"""Our GRPO step (uniform and FlowCredit arms) against TRL's plain GRPOTrainer step, side by side.
+"""Our GRPO step (uniform and FlowCredit arms) against TRL's plain GRPOTrainer step, and TRL with
+FlowTracer credit (flowtracer.integrations.trl.FlowGRPOTrainer, FlowCredit), side by side.
 
 Same model (bundled SmolLM2-135M-Instruct, float32 weights), LoRA r=8 / alpha 16 on q/k/v/o, one
 prompt x 8 completions x at most 48 new tokens per step (temperature 1, stop at EOS), one-digit
@@ -10,14 +11,18 @@ precision on both: ours `trainer.precision: bf16-mixed` with `sampling.dtype: au
 where the CPU multiplies bf16 natively, truncated importance sampling on), TRL `bf16=True`
 (accelerate's bf16 mixed precision over the same float32 weights: what a TRL user sets).
 
-Three worker processes are started once (TRL, ours-uniform, ours-FlowCredit), each loads its model
-and blocks before every step until the parent says go; the parent runs them in turn, A B C A B C,
-so machine load drifts over all three alike. The first step of each is a warm-up and is not
-counted. The table shows median seconds per phase and ours / TRL.
+One worker process per side is started once (TRL, ours-uniform, ours-FlowCredit, TRL + FlowTracer),
+each loads its model and blocks before every step until the parent says go; the parent runs them in
+turn, A B C D A B C D, so machine load drifts over all sides alike. The first step of each is a
+warm-up and is not counted. The table shows median seconds per phase and side / TRL. On the TRL +
+FlowTracer sides, "credit" is the adapter's whole cost (question and answer masks, the capture, the
+flow), from its own clock (credit/seconds): "TRL + FlowTracer" takes the map from TRL's loss
+forward (fused, the default where it applies), "TRL + FT, pass" from a separate no-grad capture pass
+(fuse=False; --sides trl,trlpass). Its share of that side's step is the target.
 
-Needs TRL, a benchmark-only dependency (requirements-bench.txt pins torch with it):
+Needs TRL, the `trl` extra (`make setup` installs it; requirements-bench.txt for a separate venv):
 
-    /work/venv-trl/bin/python benchmarks/step_vs_trl.py --steps 10
+    .venv/bin/python benchmarks/step_vs_trl.py --steps 10
 """
 
 from __future__ import annotations
@@ -36,7 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m-instruct"
 G, MAX_NEW, LR, TEMPERATURE, SEED, LORA_R, LORA_ALPHA = 8, 48, 1e-6, 1.0, 0, 8, 16
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
-SIDES = {"trl": "TRL GRPOTrainer", "uniform": "ours, uniform", "flow": "ours, FlowCredit"}
+SIDES = {"trl": "TRL GRPOTrainer", "uniform": "ours, uniform", "flow": "ours, FlowCredit",
+         "trlflow": "TRL + FlowTracer", "trlpass": "TRL + FT, pass"}
 PHASES = ("generate", "score", "credit", "forward", "backward", "other")
 
 
@@ -103,14 +109,17 @@ def worker_ours(arm: str, steps: int, precision: str = "32") -> None:
     trainer.fit(module, datamodule=dm)
 
 
-def worker_trl(steps: int, checkpointing: bool = True, precision: str = "32") -> None:
+def worker_trl(steps: int, checkpointing: bool = True, flow: bool = False, fuse: bool = True,
+               precision: str = "32") -> None:
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
+    from flowtracer.credit import FlowCredit
     from flowtracer.data.datamodule import DEFAULT_INSTRUCTION
     from flowtracer.data.prompts import user_message
+    from flowtracer.integrations.trl import FlowGRPOTrainer
     from flowtracer.model.policy import bundled_model_dir
     from flowtracer.rewards import get_verifier, safe_score
 
@@ -119,7 +128,7 @@ def worker_trl(steps: int, checkpointing: bool = True, precision: str = "32") ->
     def reward(completions, answer, **_):
         return [safe_score(verifier, c[0]["content"], a)[0].reward for c, a in zip(completions, answer)]
 
-    class Timed(GRPOTrainer):
+    class Timed(FlowGRPOTrainer if flow else GRPOTrainer):
         ph: dict = {}
 
         def _timed(self, name, fn, *args, **kwargs):
@@ -142,7 +151,10 @@ def worker_trl(steps: int, checkpointing: bool = True, precision: str = "32") ->
         def _compute_loss(self, *args, **kwargs):
             return self._timed("forward", super()._compute_loss, *args, **kwargs)
 
+
     class Stepper(TrainerCallback):
+        trainer = None
+
         def on_train_begin(self, args, state, control, **kw):
             _emit("ready")
 
@@ -154,19 +166,23 @@ def worker_trl(steps: int, checkpointing: bool = True, precision: str = "32") ->
         def on_step_end(self, args, state, control, **kw):
             wall = time.perf_counter() - self.t0
             p = Timed.ph
-            r = {"step": wall, "generate": p.get("generate", 0.0), "score": p.get("score", 0.0), "credit": 0.0,
-                 "forward": p.get("forward", 0.0), "tokens": p.get("tokens", 0)}
+            # TRL + FlowTracer: the credit's own clock (masks, capture, flow), of which the part inside
+            # the loss forward (fused: the map's recompute and the flow) leaves "forward".
+            m = self.trainer._metrics["train"]
+            credit, in_fwd = (m[k][-1] if m.get(k) else 0.0 for k in ("credit/seconds", "credit/forward_seconds"))
+            r = {"step": wall, "generate": p.get("generate", 0.0), "score": p.get("score", 0.0), "credit": credit,
+                 "forward": p.get("forward", 0.0) - in_fwd, "tokens": p.get("tokens", 0)}
             # Advantages, logging etc. inside the rollout preparation are "other"; everything after
             # the loss (backward, clipping, optimizer, scheduler, Trainer bookkeeping) is backward.
-            r["other"] = p.get("prepare", 0.0) - r["generate"] - r["score"]
-            r["backward"] = wall - p.get("prepare", 0.0) - r["forward"]
+            r["other"] = p.get("prepare", 0.0) - r["generate"] - r["score"] - (credit - in_fwd)
+            r["backward"] = wall - p.get("prepare", 0.0) - p.get("forward", 0.0)
             r["tok_s"] = r["tokens"] / max(r["generate"], 1e-9)
             _emit("result", r)
 
     rows = _rows(steps)
     data = Dataset.from_list([{"prompt": [{"role": "user",
                                            "content": user_message(r["question"], DEFAULT_INSTRUCTION)}],
-                               "answer": str(r["answer"])} for r in rows])
+                               "question": r["question"], "answer": str(r["answer"])} for r in rows])
     args = GRPOConfig(
         output_dir=tempfile.mkdtemp(), per_device_train_batch_size=G, num_generations=G, max_completion_length=MAX_NEW,
         temperature=TEMPERATURE, top_p=1.0, beta=0.0, num_iterations=1, loss_type="grpo", learning_rate=LR,
@@ -175,8 +191,11 @@ def worker_trl(steps: int, checkpointing: bool = True, precision: str = "32") ->
         model_init_kwargs={"dtype": "float32"}, disable_tqdm=True, gradient_checkpointing=checkpointing)
     lora = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=list(TARGETS),
                       task_type="CAUSAL_LM")
+    extra = {"credit": FlowCredit(), "fuse": None if fuse else False} if flow else {}
+    stepper = Stepper()
     trainer = Timed(model=str(bundled_model_dir(MODEL)), reward_funcs=reward, args=args, train_dataset=data,
-                    peft_config=lora, callbacks=[Stepper()])
+                    peft_config=lora, callbacks=[stepper], **extra)
+    stepper.trainer = trainer
     trainer.train()
 
 
@@ -208,7 +227,7 @@ def _load() -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=10, help="measured steps per side (plus one warm-up step)")
-    p.add_argument("--sides", default="trl,uniform,flow")
+    p.add_argument("--sides", default="trl,uniform,flow,trlflow")
     p.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads of every worker (default: torch's)")
     p.add_argument("--trl-checkpointing", default="true", choices=["true", "false"],
                    help="TRL's gradient_checkpointing (TRL's GRPOConfig default: true; ours: false)")
@@ -221,8 +240,9 @@ def main() -> None:
             import torch
 
             torch.set_num_threads(args.threads)
-        if args.worker == "trl":
-            return worker_trl(args.steps, args.trl_checkpointing == "true", args.precision)
+        if args.worker in ("trl", "trlflow", "trlpass"):
+            return worker_trl(args.steps, args.trl_checkpointing == "true", flow=args.worker != "trl",
+                              fuse=args.worker == "trlflow", precision=args.precision)
         return worker_ours(args.worker, args.steps, args.precision)
 
     sides = args.sides.split(",")
@@ -238,7 +258,7 @@ def main() -> None:
     loads = []
     try:
         for i in range(total):
-            for s in sides:  # A B C A B C: drifting load hits every side alike
+            for s in sides:  # A B C D A B C D: drifting load hits every side alike
                 procs[s].stdin.write("go\n")
                 procs[s].stdin.flush()
                 r = _read(procs[s], s)[1]
@@ -279,6 +299,9 @@ def report(results: dict[str, list[dict]], steps: int, precision: str = "32") ->
         checks.append(("uniform step <= 0.75 x TRL", med["uniform"]["step"] / base, 0.75))
     if "flow" in med:
         checks.append(("credit <= 2% of our FlowCredit step", med["flow"]["credit"] / med["flow"]["step"], 0.02))
+    for side in ("trlflow", "trlpass"):  # the adapter's whole cost, the capture included
+        if side in med:
+            checks.append((f"credit <= 5% of the {SIDES[side]} step", med[side]["credit"] / med[side]["step"], 0.05))
     for name, value, limit in checks:
         print(f"target {name:<36} {value:6.3f}  {'MET' if value <= limit else 'MISSED'}")
 

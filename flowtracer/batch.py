@@ -1,5 +1,6 @@
 """The data type every stage shares: `Generated` (what generation returns) and `RolloutBatch`
-(everything one RL step knows about its sampled responses, once scored).
+(everything one RL step knows about its sampled responses, once scored), and how a batch is cut
+into micro-batches (`split_rows`, `active_columns`).
 
 Layout of every (B, T) tensor: the prompt is left-padded and the response right-padded, so that
 `input_ids[b] = [pad .. pad, prompt tokens, response tokens, pad .. pad]`. Rollout callbacks (the
@@ -80,10 +81,21 @@ class RolloutBatch:
             if isinstance(value, Tensor):
                 value = value[idx]
                 out[f.name] = value[:, cols] if value.dim() >= 2 else value
-            elif isinstance(value, list):
-                out[f.name] = [value[i] for i in picked]
+            elif isinstance(value, list):  # texts (an API caller may give none)
+                out[f.name] = [value[i] for i in picked] if value else []
         return RolloutBatch(**out)
 
 
 # Filled per step or per micro-batch by forwards and credit arms (never copied into a micro-batch).
 OUTPUT_FIELDS = ("old_logprobs", "entropies", "attn", "token_weights")
+
+
+def split_rows(rows: Tensor, size: int) -> list[Tensor]:
+    """`rows` in chunks of `size` (0 = one chunk)."""
+    return list(rows.split(size)) if size > 0 else [rows]
+
+
+def active_columns(attention_mask: Tensor) -> slice:
+    """The column range that holds a real token in some row (drops all-padding columns)."""
+    used = attention_mask.bool().any(0).nonzero()
+    return slice(int(used[0]), int(used[-1]) + 1) if len(used) else slice(0, 0)

@@ -54,9 +54,9 @@ class AttentionCredit(ScoreCredit):
         self.variant = variant
         self.capture_layers = check_layers(layers)
 
-    def scores(self, trainer, pl_module, rollouts: RolloutBatch) -> tuple[Tensor, None]:
+    def scores(self, rollouts: RolloutBatch, step: int | None) -> tuple[Tensor, None]:
         if rollouts.attn is None:
             raise RuntimeError("AttentionCredit needs rollouts.attn: run the teacher-forced pass with "
-                               "capture_layers (the module does so when needs_attention=True)")
+                               "capture_layers (token_weights and the GRPO module do so when needs_attention=True)")
         resp = rollouts.response_mask.bool() & rollouts.attention_mask.bool()
         return received_attention(rollouts.attn, resp, self.variant), None

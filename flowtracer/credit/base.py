@@ -1,27 +1,37 @@
-"""The rollout-callback contract: a Lightning Callback with one more hook.
+"""The rollout-callback contract, and the arms' Lightning-free core.
 
-The GRPO module calls `on_rollout_batch` after advantages are computed and before the update. A
-credit arm writes `rollouts.token_weights` (B, T) and may add stats to `rollouts.metrics`.
+A credit arm turns a scored RolloutBatch into per-token weights: `apply(rollouts, tokenizer=,
+step=)` writes `rollouts.token_weights` (B, T) and adds stats to `rollouts.metrics`. That method is
+plain torch; the Lightning suite reaches it through the `on_rollout_batch` hook (called by the GRPO
+module after advantages are computed and before the update), any other trainer through
+`flowtracer.credit.weights` (which also runs the capture pass the arm needs).
 `ScoreCredit` is the shared protocol of the scored arms (flow, random, entropy, attention): score
 each token, favour the top `top_frac` of each response with weight `gamma`, log what was chosen.
+
+The arms need no Lightning: where Lightning is installed they are also Lightning callbacks (so
+`trainer.callbacks` in YAML takes them), and without it they are plain objects.
 """
 
 from __future__ import annotations
 
 import torch
-from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
 from flowtracer.batch import RolloutBatch
 from flowtracer.credit.select import check_options, select_mask, select_weights, weights_from_mask
 from flowtracer.credit.stats import class_shares
 
+try:
+    from lightning.pytorch.callbacks import Callback
+except ImportError:  # optional: the arms work without Lightning (TRL, a bare GPU box)
+    Callback = object
+
 
 class RolloutCallback(Callback):
     """Base class for anything that enriches a RolloutBatch before the policy update.
 
     Class attributes tell the step what the callback reads and does (flowtracer.train.step.placement
-    decides where it runs from them):
+    decides where it runs from them; flowtracer.credit.weights which pass it needs):
     `needs_attention` (the head-averaged map of `capture_layers`), `needs_entropy`,
     `batch_global` (its result depends on the whole batch at once: a batch-wide top-k, noise drawn
     over the batch shape; it then never sees the map) and `sets_weights` (it writes
@@ -40,7 +50,12 @@ class RolloutCallback(Callback):
     capture_layers: str | list[int] | None = None
 
     def on_rollout_batch(self, trainer, pl_module, rollouts: RolloutBatch) -> None:
-        """Enrich `rollouts` in place."""
+        """The Lightning hook: `apply` with the module's tokenizer and RL step."""
+        self.apply(rollouts, tokenizer=getattr(pl_module, "tokenizer", None), step=getattr(pl_module, "rl_step", None))
+
+    def apply(self, rollouts: RolloutBatch, *, tokenizer=None, step: int | None = None) -> None:
+        """Enrich `rollouts` in place (no Lightning object needed). `tokenizer` (optional) names the
+        token classes in the stats; `step` is the RL step (seeds step-dependent arms)."""
 
 
 class UniformCredit(RolloutCallback):
@@ -48,18 +63,17 @@ class UniformCredit(RolloutCallback):
 
     sets_weights = True
 
-    def on_rollout_batch(self, trainer, pl_module, rollouts: RolloutBatch) -> None:
-        rollouts.token_weights = rollouts.response_mask.to(rollouts.advantages.dtype)
+    def apply(self, rollouts: RolloutBatch, *, tokenizer=None, step: int | None = None) -> None:
+        rollouts.token_weights = rollouts.response_mask.to(torch.float32)
         rollouts.metrics["credit/fallback_frac"] = 0.0
 
 
 class ScoreCredit(RolloutCallback):
     """Shared protocol of the scored arms: score -> per-response selection -> token weights.
 
-    Subclasses implement `scores(trainer, pl_module, rollouts) -> (scores (B, T), fallback (B,) bool
-    or None)`; rows flagged in `fallback` get uniform weights (all ones on the response).
-    Selection rules (k = round-half-up(top_frac * n), >= 1, ties by position) are in
-    `flowtracer.credit.select`.
+    Subclasses implement `scores(rollouts, step) -> (scores (B, T), fallback (B,) bool or None)`;
+    rows flagged in `fallback` get uniform weights (all ones on the response). Selection rules
+    (k = round-half-up(top_frac * n), >= 1, ties by position) are in `flowtracer.credit.select`.
 
     Args:
         top_frac (float, default 0.4): share of each response's tokens that get `gamma`.
@@ -92,8 +106,11 @@ class ScoreCredit(RolloutCallback):
                            mapping=self.mapping, normalize=self.normalize)
         return w, sel  # continuous maps: `sel` (what "hard" would pick) is only used for stats
 
-    def on_rollout_batch(self, trainer, pl_module, rollouts: RolloutBatch) -> None:
-        scores, fallback = self.scores(trainer, pl_module, rollouts)
+    def scores(self, rollouts: RolloutBatch, step: int | None) -> tuple[Tensor, Tensor | None]:
+        raise NotImplementedError
+
+    def apply(self, rollouts: RolloutBatch, *, tokenizer=None, step: int | None = None) -> None:
+        scores, fallback = self.scores(rollouts, step)
         resp = rollouts.response_mask.bool()
         w, sel = self.weights(scores, resp)
         if fallback is not None and bool(fallback.any()):
@@ -101,9 +118,9 @@ class ScoreCredit(RolloutCallback):
             w = torch.where(fb, resp.to(w.dtype), w)
             sel = sel & ~fb
         rollouts.token_weights = w
-        rollouts.metrics.update(self.stats(pl_module, rollouts, scores, sel, w, fallback))
+        rollouts.metrics.update(self.stats(tokenizer, rollouts, scores, sel, w, fallback))
 
-    def stats(self, pl_module, rollouts: RolloutBatch, scores: Tensor, sel: Tensor, w: Tensor,
+    def stats(self, tokenizer, rollouts: RolloutBatch, scores: Tensor, sel: Tensor, w: Tensor,
               fallback: Tensor | None) -> dict[str, float]:
         resp = rollouts.response_mask.bool()
         kept = resp if fallback is None else resp & ~fallback.unsqueeze(-1)
@@ -118,7 +135,6 @@ class ScoreCredit(RolloutCallback):
             "credit/weight_mean": float((w * resp).sum()) / n_resp,
             "credit/score_share": float(share) if share is not None else 0.0,
         }
-        tokenizer = getattr(pl_module, "tokenizer", None)
         if tokenizer is not None:
             out.update(class_shares(tokenizer, rollouts.input_ids, sel))
         return out

@@ -47,7 +47,7 @@ class EntropyCredit(ScoreCredit):
         self.variant, self.keep_frac = variant, float(keep_frac)
         self.batch_global = variant == "80/20"  # the top keep_frac of the WHOLE batch's tokens
 
-    def scores(self, trainer, pl_module, rollouts: RolloutBatch) -> tuple[Tensor, None]:
+    def scores(self, rollouts: RolloutBatch, step: int | None) -> tuple[Tensor, None]:
         if rollouts.entropies is None:
             raise RuntimeError("EntropyCredit needs rollouts.entropies from the teacher-forced pass")
         return rollouts.entropies, None

@@ -66,10 +66,10 @@ class FlowCredit(ScoreCredit):
         self.condition_on_answer, self.conserve = bool(condition_on_answer), bool(conserve)
         self.edge_eps, self.source, self.fallback = float(edge_eps), source, fallback
 
-    def scores(self, trainer, pl_module, rollouts: RolloutBatch) -> tuple[Tensor, Tensor]:
+    def scores(self, rollouts: RolloutBatch, step: int | None) -> tuple[Tensor, Tensor]:
         if rollouts.attn is None:
             raise RuntimeError("FlowCredit needs rollouts.attn: run the teacher-forced pass with "
-                               "capture_layers (the module does so when needs_attention=True)")
+                               "capture_layers (token_weights and the GRPO module do so when needs_attention=True)")
         valid = rollouts.attention_mask.bool()
         resp = rollouts.response_mask.bool() & valid
         src = (rollouts.question_mask if self.source == "question" else rollouts.prompt_mask).bool() & valid

@@ -13,9 +13,9 @@ from flowtracer.credit.base import ScoreCredit
 class RandomCredit(ScoreCredit):
     """Random token selection on the same protocol as the other arms (k per response, weight gamma).
 
-    The scores are uniform noise from a CPU generator seeded by (seed, step), where step is
-    `pl_module.rl_step` (or this callback's own call count when the module has none), so a resumed
-    run draws exactly the tokens an uninterrupted run would.
+    The scores are uniform noise from a CPU generator seeded by (seed, step), where step is the RL
+    step the caller passes (the module's `rl_step`; this arm's own call count when none is given),
+    so a resumed run draws exactly the tokens an uninterrupted run would.
 
     Args:
         top_frac (float, default 0.4): share of each response's tokens that get `gamma`
@@ -36,8 +36,7 @@ class RandomCredit(ScoreCredit):
         """The CPU generator of a step: a pure function of (seed, step)."""
         return torch.Generator().manual_seed((self.seed * 1_000_003 + int(step)) % (2**63))
 
-    def scores(self, trainer, pl_module, rollouts: RolloutBatch) -> tuple[Tensor, None]:
-        step = getattr(pl_module, "rl_step", None)
+    def scores(self, rollouts: RolloutBatch, step: int | None) -> tuple[Tensor, None]:
         step = self._calls if step is None else step
         self._calls += 1
         noise = torch.rand(rollouts.response_mask.shape, generator=self.generator(step))

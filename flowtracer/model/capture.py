@@ -24,7 +24,7 @@ forward:
   unpadded sequence.
 
 Public API (the teacher-forced pass that uses it for log-probs and entropies is
-flowtracer.train.step.forward.teacher_forced_pass)::
+flowtracer.model.forward.teacher_forced_pass)::
 
     with capture_attention(model, "middle", attention_mask=mask) as cap:   # e.g. a training forward
         loss = policy_loss(model(input_ids, attention_mask=mask, ...))

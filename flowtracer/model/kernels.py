@@ -1,7 +1,7 @@
 """Optional fused Triton kernels (CUDA), each with a torch twin it is tested against.
 
 * `token_stats`: one read of a chunk of logits -> log p(target) and the entropy, at 1/temperature
-  (twin: flowtracer.train.step.forward's chunked log-softmax).
+  (twin: flowtracer.model.forward's chunked log-softmax).
 * `accumulate_attention`: the head-summed softmax of q k^T of one layer added into the (B, T, T)
   map, in two passes (per-row log-sum-exp per head, then per tile exp(s - lse)), skipping
   unreachable tiles (twin: flowtracer.model.capture's chunked matmul + softmax).

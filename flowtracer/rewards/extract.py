@@ -128,3 +128,15 @@ def extract_answer(text: str, names: tuple[str, ...]) -> tuple[str, Extracted | 
         if found is not None:
             return name, found
     return "", None
+
+
+def final_answer(text: str, names: tuple[str, ...]) -> tuple[str, Extracted | None]:
+    """`extract_answer`, then a ``\\boxed{}`` inside the chosen ``<answer>`` / ``####`` text narrows
+    the answer to the box content (the span still indexes `text`). Returns (extractor name, result)."""
+    name, found = extract_answer(text, names)
+    if found is not None and name in ("answer_tag", "hash"):
+        start = found[1][0]
+        inner = boxed(found[0])
+        if inner is not None:
+            found = (inner[0], (start + inner[1][0], start + inner[1][1]))
+    return name, found

@@ -6,7 +6,7 @@ import threading
 from typing import Any
 
 from flowtracer.rewards.base import Score
-from flowtracer.rewards.extract import DEFAULT_EXTRACTION, FALLBACK_EXTRACTORS, boxed, check_extraction, extract_answer
+from flowtracer.rewards.extract import DEFAULT_EXTRACTION, FALLBACK_EXTRACTORS, check_extraction, final_answer
 from flowtracer.rewards.latex import canonical, choice_letter, chosen_letter, plain, plain_number, word_answer
 
 # How `match` decided; every way but "string" (a literal copy of the reference) proves the reference checkable.
@@ -86,15 +86,10 @@ class MathVerifier:
         return self.match(gold, pred) is not None
 
     def __call__(self, response: str, reference: Any) -> Score:
-        name, found = extract_answer(response, self.extraction)
+        name, found = final_answer(response, self.extraction)
         if found is None:
             return Score(0.0, None, None)
         parsed, (start, end) = found
-        if name in ("answer_tag", "hash"):
-            inner = boxed(parsed)
-            if inner is not None:
-                parsed, (a, b) = inner[0], (start + inner[1][0], start + inner[1][1])
-                start, end = a, b
         if isinstance(reference, dict):  # a dataset row: {"answer": ..., ...}
             reference = reference["answer"]
         reward = 1.0 if self.equal(str(reference), parsed) else 0.0

@@ -19,10 +19,10 @@ from flowtracer.data.prompts import format_prompt
 from flowtracer.data.sources import load_rows
 from flowtracer.errors import InputError
 from flowtracer.generation import question_mask
+from flowtracer.model.forward import teacher_forced_pass
 from flowtracer.rewards import VerifierCache
 from flowtracer.rewards.base import safe_score
 from flowtracer.rewards.extract import row_extraction
-from flowtracer.train.step.forward import teacher_forced_pass
 from flowtracer.train.step.score import rollout_batch as build_rollout_batch
 from flowtracer.train.step.score import score_responses
 
@@ -96,7 +96,7 @@ def arm_scores(rb: RolloutBatch, *, seed: int = 0, flow: FlowCredit | None = Non
     the training arms' scores: uniform noise, old-policy entropy, mean received attention.
     """
     flow = flow or FlowCredit()
-    tau, unreached = flow.scores(None, None, rb)
+    tau, unreached = flow.scores(rb, None)
     gen = torch.Generator().manual_seed(seed)
     resp = rb.response_mask.bool()
     scores = {

@@ -7,5 +7,6 @@ preflight.py     every input check, before anything is written (ConfigError)
 guards.py        numerical guards: non-finite values skip the update
 distributed.py   DDP helpers: shard prompts, gather, synced logging
 sft.py           the SFT LightningModule and data module (`flowtracer sft`), merged export
-step/            Lightning-free pieces of one RL step: score, forward, placement, micro-batches, timer
+step/            Lightning-free pieces of one RL step: score, placement, micro-batches, timer (the
+                 forward itself is flowtracer.model.forward)
 """

@@ -377,7 +377,7 @@ def real_batch(tok):
 
 
 def test_flow_credit_end_to_end_tiny_model():
-    from flowtracer.train.step.forward import teacher_forced_pass
+    from flowtracer.model.forward import teacher_forced_pass
 
     tok, model = tiny_tokenizer(), tiny_model("llama")
     rb = real_batch(tok)

@@ -9,7 +9,7 @@ import torch
 from tiny import tiny_model
 
 from flowtracer.model.capture import capture_attention, chunk_plan, resolve_layers
-from flowtracer.train.step.forward import teacher_forced_pass
+from flowtracer.model.forward import teacher_forced_pass
 
 ARCHS = ["llama", "qwen2", "qwen3", "mistral"]
 SELECTIONS = ["middle", "early", "late", "all", [1, 4]]

@@ -19,7 +19,7 @@ import sys, torch
 sys.path.insert(0, "tests")
 from flowtracer.model import kernels
 from flowtracer.model.capture import capture_attention
-from flowtracer.train.step.forward import teacher_forced_pass
+from flowtracer.model.forward import teacher_forced_pass
 from tiny import tiny_model
 assert kernels._INTERPRET and kernels.triton is not None
 

@@ -15,15 +15,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from flowtracer.batch import RolloutBatch
+from flowtracer.batch import RolloutBatch, active_columns, split_rows
+from flowtracer.credit.weights import merge_metrics
+from flowtracer.model.forward import TeacherForcedOutput, teacher_forced_pass
 from flowtracer.model.policy import reference_mode
-from flowtracer.train.step.forward import TeacherForcedOutput, teacher_forced_pass
-
-
-def active_columns(attention_mask: Tensor) -> slice:
-    """The column range that holds a real token in some row (drops all-padding columns)."""
-    used = attention_mask.bool().any(0).nonzero()
-    return slice(int(used[0]), int(used[-1]) + 1) if len(used) else slice(0, 0)
 
 
 @dataclass
@@ -40,11 +35,6 @@ class MicroBatch:
     def take(self, full: Tensor | None) -> Tensor | None:
         """This micro-batch's block of a step-level (B, T) tensor."""
         return None if full is None else full[self.idx][:, self.cols]
-
-
-def split_rows(rows: Tensor, size: int) -> list[Tensor]:
-    """`rows` in chunks of `size` (0 = one chunk)."""
-    return list(rows.split(size)) if size > 0 else [rows]
 
 
 def forward(policy, mb: MicroBatch, *, temperature: float, capture_layers=None, with_grad: bool = False,
@@ -137,8 +127,3 @@ def pre_pass(policy, rollouts: RolloutBatch, *, micro_batch_size: int, temperatu
     weights = acc.get("weights", default=rollouts.response_mask)  # rows no callback weighted: ones
     return PrePassResult(acc.get("old"), acc.get("entropy"), acc.get("ref"), weights, metrics, bad_maps, credit_seconds)
 
-
-def merge_metrics(total: dict[str, float], part: dict[str, float], share: float) -> None:
-    """Add one micro-batch's callback metrics: means weighted by its share of rows, `*_seconds` summed."""
-    for k, v in part.items():
-        total[k] = total.get(k, 0.0) + float(v) * (1.0 if k.endswith("_seconds") else share)

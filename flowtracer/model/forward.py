@@ -20,6 +20,12 @@ log-probs and entropies are always float32, so the PPO ratio and the TIS weights
 numbers. The entropy's dot product runs with autocast off (it would round to bf16 otherwise).
 Frozen linear layers multiply with cached autocast-dtype copies of their weights
 (flowtracer.model.casts.autocast_linears: the same numbers, without a cast per call).
+
+An arm that reads only the map (FlowCredit, AttentionCredit) asks for `token_stats=False`: then no
+log-prob or entropy is projected, and the forward stops right after the last captured layer (the
+layers above it and the vocabulary head cannot change the map).
+
+Lightning-free (floor 2): the GRPO module, the credit weights API and the TRL adapter share it.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import torch.utils.checkpoint
 from flowtracer.model import kernels
 from flowtracer.model.capture import BACKENDS, MAX_CHUNK_BYTES, auto_budget, capture_attention, unwrap
 from flowtracer.model.casts import autocast_linears
+from flowtracer.model.layers import resolve_layers
 
 
 def logprob_temperature(sampling_temperature: float) -> float:
@@ -45,8 +52,8 @@ def logprob_temperature(sampling_temperature: float) -> float:
 class TeacherForcedOutput:
     """What one teacher-forced pass returns (all (B, T) / (B, T, T) float32, zero where undefined)."""
 
-    logprobs: torch.Tensor
-    entropy: torch.Tensor
+    logprobs: torch.Tensor | None  # None with token_stats=False
+    entropy: torch.Tensor | None
     attn: torch.Tensor | None
     layers: tuple[int, ...] | None = None
     attn_seconds: float = 0.0  # of the forward's wall time, the part spent recomputing the map
@@ -65,6 +72,8 @@ def teacher_forced_pass(
     logits_chunk_bytes: int | None = None,
     backend: str = "auto",
     stats_mask: torch.Tensor | None = None,
+    token_stats: bool = True,
+    stop_early: bool = True,
 ) -> TeacherForcedOutput:
     """One teacher-forced forward over prompt+response: log-probs, entropies and the attention map.
 
@@ -89,6 +98,11 @@ def teacher_forced_pass(
             tokens); the others stay 0 and cost nothing. Default: every token with a real predecessor.
         backend: "auto" (fused Triton kernels for the map and the token statistics on CUDA in
             bf16/fp16, torch elsewhere), "torch" or "triton".
+        token_stats: False = the map only (no log-probs or entropies, which are then None): the
+            forward stops after the last captured layer. Needs capture_layers and no grad.
+        stop_early: with token_stats=False, stop after the last captured layer (an exception raised
+            by a hook); False runs every layer (same map), for wrappers that must see each forward
+            end (DeepSpeed ZeRO-3, FSDP).
 
     Returns:
         TeacherForcedOutput with ``logprobs[b, t] = log p(input_ids[b, t] | tokens < t)`` and
@@ -102,7 +116,12 @@ def teacher_forced_pass(
     valid = attention_mask.bool()
     if position_ids is None:
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
+    if not token_stats and (capture_layers is None or with_grad):
+        raise ValueError("token_stats=False computes only the attention map: pass capture_layers and with_grad=False")
     lm = unwrap(model)
+    if not token_stats:
+        return _map_only(model, lm, input_ids, attention_mask, position_ids, capture_layers, attn_chunk_bytes, backend,
+                         stop_early)
     head = lm.get_output_embeddings()
     if head is None:
         raise ValueError(f"{type(lm).__name__} has no output embeddings (lm_head); a causal LM is required")
@@ -123,13 +142,49 @@ def teacher_forced_pass(
                                attn_seconds=captured.seconds)
 
 
+class _StopForward(Exception):
+    """Raised by a hook after the last layer the map needs; caught by `_map_only`."""
+
+
+@torch.no_grad()
+def _map_only(model, lm, input_ids, attention_mask, position_ids, layers, chunk_bytes, backend,
+              stop_early: bool) -> TeacherForcedOutput:
+    """The attention map alone: the decoder runs up to the last captured layer, then stops.
+
+    Decoders without a `layers` list (no place to stop) run to the end; the map is the same.
+    """
+    with capture_attention(model, layers, attention_mask=attention_mask, chunk_bytes=chunk_bytes,
+                           backend=backend) as captured:
+        stack = getattr(_decoder(lm), "layers", None)
+        last = resolve_layers(layers, len(stack))[-1] if stop_early and isinstance(stack, torch.nn.ModuleList) else None
+
+        def stop(_module, _args, _output):
+            raise _StopForward
+
+        handle = stack[last].register_forward_hook(stop) if last is not None and last < len(stack) - 1 else None
+        try:
+            model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                  logits_to_keep=1)
+        except _StopForward:
+            pass
+        finally:
+            if handle is not None:
+                handle.remove()
+    return TeacherForcedOutput(logprobs=None, entropy=None, attn=captured.attn, layers=captured.layers,
+                               attn_seconds=captured.seconds)
+
+
+def _decoder(lm):
+    return lm.get_decoder() if hasattr(lm, "get_decoder") else getattr(lm, lm.base_model_prefix)
+
+
 def _last_hidden(model, lm, input_ids, attention_mask, position_ids):
     """(the decoder's final hidden states (B, T, d), the model's own logits of the last position).
 
     logits_to_keep=1: the model's head runs on the last position only (checked against ours);
     the chunked projection does the rest without a (B, T, vocab) tensor.
     """
-    decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else getattr(lm, lm.base_model_prefix)
+    decoder = _decoder(lm)
     hidden: list[torch.Tensor] = []
 
     def grab(_module, _args, output):

@@ -1,0 +1,63 @@
+"""flowtracer.model.forward: the map-only pass (token_stats=False) stops after the last captured layer
+and gives the very map of the full pass."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from tiny import tiny_model
+
+from flowtracer.model.forward import teacher_forced_pass
+
+
+def _batch(B: int = 3, T: int = 24):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 100, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[0, :5] = 0  # a left-padded prompt
+    mask[1, -4:] = 0  # a right-padded response
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def _layer_calls(model) -> tuple[list[int], list]:
+    calls: list[int] = []
+    layers = model.get_base_model().model.layers if hasattr(model, "get_base_model") else model.model.layers
+    handles = [layer.register_forward_hook(lambda *_a, i=i: calls.append(i)) for i, layer in enumerate(layers)]
+    return calls, handles
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "mistral"])
+@pytest.mark.parametrize("layers", ["middle", "early", [1, 3], "late"], ids=str)
+def test_map_only_equals_the_full_pass_and_stops_early(arch, layers):
+    model = tiny_model(arch)
+    ids, mask = _batch()
+    full = teacher_forced_pass(model, ids, mask, capture_layers=layers)
+    calls, handles = _layer_calls(model)
+    try:
+        only = teacher_forced_pass(model, ids, mask, capture_layers=layers, token_stats=False)
+        ran, calls[:] = list(calls), []
+        whole = teacher_forced_pass(model, ids, mask, capture_layers=layers, token_stats=False, stop_early=False)
+    finally:
+        for h in handles:
+            h.remove()
+    assert torch.equal(only.attn, full.attn) and torch.equal(whole.attn, full.attn)
+    assert only.layers == full.layers and only.logprobs is None and only.entropy is None
+    assert ran == list(range(max(full.layers) + 1))  # nothing above the last captured layer ran
+    assert calls == list(range(model.config.num_hidden_layers))
+
+
+def test_map_only_through_a_lora_wrapper():
+    model = get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    ids, mask = _batch()
+    full = teacher_forced_pass(model, ids, mask, capture_layers="middle")
+    only = teacher_forced_pass(model, ids, mask, capture_layers="middle", token_stats=False)
+    assert torch.equal(only.attn, full.attn)
+
+
+def test_map_only_needs_layers_and_no_grad():
+    ids, mask = _batch()
+    with pytest.raises(ValueError, match="capture_layers"):
+        teacher_forced_pass(tiny_model("llama"), ids, mask, capture_layers=None, token_stats=False)
+    with pytest.raises(ValueError, match="with_grad=False"):
+        teacher_forced_pass(tiny_model("llama"), ids, mask, with_grad=True, token_stats=False)
