@@ -45,30 +45,35 @@ def variants(num_layers: int) -> list[tuple[str, list[int]]]:
             + [(f"L{i}", [i]) for i in range(num_layers)])
 
 
-def variant_scores(rb, attn: Tensor) -> dict[str, Tensor]:
-    """{scorer: (B, T)} of one map: flow throughput (two injections) and received attention."""
+def variant_scores(rb, attn: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """({scorer: (B, T)}, {scorer: (B,) bool scored}) of one map: flow throughput (two injections;
+    scored where the flow reaches the answer) and received attention (always scored)."""
     resp = rb.response_mask.bool()
     saved = rb.attn
     rb.attn = attn
     try:
-        out = {"flow": FlowCredit().scores(None, None, rb)[0],
-               "flow_reach": FlowCredit(inject="reachability").scores(None, None, rb)[0]}
+        flows = {name: FlowCredit(inject=inj).scores(None, None, rb)
+                 for name, inj in (("flow", "uniform"), ("flow_reach", "reachability"))}
     finally:
         rb.attn = saved
-    out["attention_mean"] = received_attention(attn, resp, "mean")
-    out["attention_max"] = received_attention(attn, resp, "max")
-    return out
+    scores = {name: tau for name, (tau, _) in flows.items()}
+    scored = {name: ~unreached for name, (_, unreached) in flows.items()}
+    for variant in ("mean", "max"):
+        scores[f"attention_{variant}"] = received_attention(attn, resp, variant)
+        scored[f"attention_{variant}"] = torch.ones_like(resp[:, 0])
+    return scores, scored
 
 
 def sweep_batch(model, rb, gt, metrics: Callable[[dict[str, Tensor]], dict]) -> dict[tuple, dict[str, Tensor]]:
-    """{(scorer, layers, heads): {metric: (B,)}} for every variant of this batch."""
+    """{(scorer, layers, heads): {metric: (B,), NaN where the variant's flow misses the answer}}."""
     out = {}
     for heads in HEADS:
         maps = layer_maps(model, rb, heads)
         for name, layers in variants(len(maps)):
             attn = torch.stack([maps[i] for i in layers]).mean(0) if len(layers) > 1 else maps[layers[0]]
-            for scorer, m in metrics(variant_scores(rb, attn)).items():
-                out[scorer, name, heads] = m
+            scores, scored = variant_scores(rb, attn)
+            for scorer, m in metrics(scores).items():
+                out[scorer, name, heads] = {k: torch.where(scored[scorer], v, torch.nan) for k, v in m.items()}
         del maps
     return out
 
@@ -80,17 +85,20 @@ def summarise(per: dict[tuple, dict[str, Tensor]], seed: int = 0) -> list[dict]:
             for (s, lay, h), d in per.items() for m, v in d.items()]
 
 
-def best(table: list[dict], metric: str, scorers=("flow", "flow_reach")) -> dict:
-    """The row with the highest mean of `metric` among `scorers`."""
+def best(table: list[dict], metric: str, scorers=("flow", "flow_reach")) -> dict | None:
+    """The row with the highest mean of `metric` among `scorers` (None when no problem was scored)."""
     rows = [r for r in table if r["metric"] == metric and r["scorer"] in scorers and not math.isnan(r["mean"])]
-    return max(rows, key=lambda r: r["mean"])
+    return max(rows, key=lambda r: r["mean"]) if rows else None
 
 
 def versus_default(per: dict, table: list[dict], metric: str, seed: int = 0) -> str:
     """One line: the best flow variant on `metric` against the default, with the paired difference."""
     top = best(table, metric)
+    ref = next((r for r in table if (r["scorer"], r["layers"], r["heads"]) == DEFAULT and r["metric"] == metric),
+               None)
+    if top is None or ref is None or math.isnan(ref["mean"]):
+        return f"- {metric}: n/a (no problem has this metric defined)"
     key = (top["scorer"], top["layers"], top["heads"])
-    ref = next(r for r in table if (r["scorer"], r["layers"], r["heads"]) == DEFAULT and r["metric"] == metric)
     diff = bootstrap_mean_ci(per[key][metric] - per[DEFAULT][metric], seed=seed)
     disjoint = top["lo"] > ref["hi"]
     return (f"- {metric}: best flow variant {key} {fmt_ci(top['mean'], top['lo'], top['hi'], pct=False)} vs "
@@ -107,7 +115,7 @@ def write(per: dict, out: str, command: str, seed: int = 0) -> list[dict]:
         w.writeheader()
         w.writerows({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in table)
     cell = {(r["scorer"], r["layers"], r["heads"], r["metric"]): r for r in table}
-    lines = [f"`{command} --sweep`", "", "Mean [95% bootstrap CI] over problems. flow = throughput, inject uniform "
+    lines = [f"`{command}`", "", "Mean [95% bootstrap CI] over problems. flow = throughput, inject uniform "
              "(the paper's); flow_reach = inject reachability.", "", "**Best flow variant vs FlowTracer's default "
              "(middle layers, heads mean, inject uniform)** (the best of many variants: its interval is optimistic)",
              ""]
