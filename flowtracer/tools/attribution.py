@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -300,7 +301,7 @@ def main(argv: list[str]) -> int:
     per, counts = run(model, tokenizer, rows, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                       layers=args.layers, seed=args.seed, instruction=args.instruction, reference=args.reference,
                       with_sweep=args.sweep)
-    command = "flowtracer attribution " + " ".join(argv)
+    command = shlex.join(["flowtracer", "attribution", *argv])  # quoted: the line runs as written
     write(summarise(per, args.seed), counts, args.out, command)
     print(Path(args.out + ".md").read_text())
     if args.sweep:

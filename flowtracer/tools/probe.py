@@ -38,9 +38,11 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -174,6 +176,16 @@ def probe_masks(scores: dict[str, Tensor], reasoning: Tensor, frac: float, class
     return out
 
 
+def relative_positions(mask: Tensor, reasoning: Tensor) -> Tensor:
+    """(N,) float: where each masked token sits in its row's reasoning, 0 = its first reasoning
+    token, 1 = its last (a row with one reasoning token counts as 1)."""
+    rank = reasoning.long().cumsum(-1) - 1  # index among the row's reasoning tokens
+    n = reasoning.sum(-1, keepdim=True).expand_as(rank)
+    rel = rank / (n - 1).clamp(min=1)
+    rel = torch.where(n > 1, rel, 1.0)
+    return rel[mask & reasoning].float()
+
+
 def reasoning_segment(rb, rows: Tensor, cut: Tensor, masks: list[Tensor], pad_id: int):
     """The tokens r[:c] of `rows`, right-aligned in a (B, W) segment (W = max c), and each arm's
     blocked columns in that segment, stacked (A, B, W). Left of a short segment is masked padding."""
@@ -232,14 +244,24 @@ def regenerate(model, prompt_ids: Tensor, prompt_valid: Tensor, seg_ids: Tensor,
     return torch.stack(new, 1)
 
 
-@torch.no_grad()
-def probe_batch(model, tokenizer, rows: list[dict], result: ProbeResult, *, verifiers: Verifiers,
-                max_new_tokens: int, layers="middle", seed: int = 0, responses: list[str] | None = None,
-                **prompt_kw) -> dict[str, Tensor]:
-    """Probe one batch of problems; adds to `result` and returns the masks (for tests), with the
-    protected tokens under "protected" and the response tokens under "response".
+@dataclass
+class ArmSelection:
+    """One batch's responses, teacher-forced, and what every arm masks (probe_masks)."""
+    rb: Any  # flowtracer.tools.analysis.rollout_batch's batch
+    verdicts: list
+    masks: dict[str, Tensor]
+    reasoning: Tensor  # (B, T) bool: the maskable reasoning of the eligible rows
+    protected: Tensor  # (B, T) bool: the protected scaffold inside r[:c]
+    eligible: Tensor  # (B,) bool
+    classes: Tensor  # (B, T) long: FINE_CLASSES ids
+    cut: Tensor  # (B,) long: the answer's first column
 
-    `responses` probes given responses (e.g. a run's rollouts) instead of greedy ones."""
+
+@torch.no_grad()
+def select_arms(model, tokenizer, rows: list[dict], *, verifiers: Verifiers, protect: str, frac: float,
+                max_new_tokens: int, layers="middle", seed: int = 0, responses: list[str] | None = None,
+                **prompt_kw) -> ArmSelection:
+    """Steps 1-2 of the probe: greedy (or given) responses, one teacher-forced pass, every arm's masks."""
     prompts, spans = format_prompts(tokenizer, [r["question"] for r in rows], **prompt_kw)
     if responses is None:
         greedy = SamplingConfig(num_generations=1, max_new_tokens=max_new_tokens, temperature=0.0)
@@ -253,13 +275,28 @@ def probe_batch(model, tokenizer, rows: list[dict], result: ProbeResult, *, veri
     cols = torch.arange(rb.seq_len, device=cut.device)
     reasoning = rb.response_mask.bool() & (cols.unsqueeze(0) < cut.unsqueeze(1))
     protected = protected_mask(tokenizer, rb, verdicts) & reasoning
-    if result.protect == "scaffold":
+    if protect == "scaffold":
         reasoning = reasoning & ~protected
     eligible = reached & reasoning.any(-1)
     reasoning = reasoning & eligible.unsqueeze(1)
     classes = fine_class_ids(tokenizer, rb.input_ids, protected)
     noise = torch.rand(reasoning.shape, generator=torch.Generator().manual_seed(seed + 1_000_003)).to(cut.device)
-    masks = probe_masks(scores, reasoning, result.frac, classes=classes, noise=noise)
+    masks = probe_masks(scores, reasoning, frac, classes=classes, noise=noise)
+    return ArmSelection(rb, verdicts, masks, reasoning, protected, eligible, classes, cut)
+
+
+@torch.no_grad()
+def probe_batch(model, tokenizer, rows: list[dict], result: ProbeResult, *, verifiers: Verifiers,
+                max_new_tokens: int, layers="middle", seed: int = 0, responses: list[str] | None = None,
+                **prompt_kw) -> dict[str, Tensor]:
+    """Probe one batch of problems; adds to `result` and returns the masks (for tests), with the
+    protected tokens under "protected" and the response tokens under "response".
+
+    `responses` probes given responses (e.g. a run's rollouts) instead of greedy ones."""
+    sel = select_arms(model, tokenizer, rows, verifiers=verifiers, protect=result.protect, frac=result.frac,
+                      max_new_tokens=max_new_tokens, layers=layers, seed=seed, responses=responses, **prompt_kw)
+    rb, verdicts, masks, reasoning, eligible = sel.rb, sel.verdicts, sel.masks, sel.reasoning, sel.eligible
+    cut, classes, protected = sel.cut, sel.classes, sel.protected
     result.n_problems += len(rows)
     result.n_eligible += int(eligible.sum())
     result.reasoning_tokens += int(reasoning.sum())
@@ -354,7 +391,7 @@ def main(argv: list[str]) -> int:
                        batch_size=args.batch_size, layers=args.layers, seed=args.seed, protect=args.protect, **kw)
     print(result.markdown())
     if args.results:
-        result.write_results(args.results, "flowtracer probe " + " ".join(argv))
+        result.write_results(args.results, shlex.join(["flowtracer", "probe", *argv]))  # quoted: runs as written
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"table": result.table(), "classes": result.class_table(), "n_problems": result.n_problems,

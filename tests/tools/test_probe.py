@@ -19,6 +19,7 @@ from flowtracer.tools.probe import (
     probe_batch,
     probe_masks,
     regenerate,
+    relative_positions,
     run_probe,
 )
 
@@ -138,6 +139,25 @@ def test_class_matched_random_reproduces_the_class_histogram():
     assert not torch.equal(cm, top)  # same histogram, other tokens
     other = class_matched(top, reasoning, classes, torch.rand(B, T, generator=g))
     assert not torch.equal(other, cm) and torch.equal(other.sum(-1), top.sum(-1))
+
+
+def test_relative_positions_against_a_loop():
+    """Each pick's index among its row's reasoning tokens over (count - 1), picks outside the
+    reasoning ignored; a one-token reasoning counts as 1."""
+    g = torch.Generator().manual_seed(7)
+    reasoning = torch.rand(6, 20, generator=g) < 0.6
+    reasoning[5] = False
+    reasoning[5, 9] = True
+    mask = torch.rand(6, 20, generator=g) < 0.4
+    mask[5, 9] = True
+    want = []
+    for b in range(6):
+        cols = reasoning[b].nonzero().squeeze(-1).tolist()
+        want += [cols.index(c) / max(len(cols) - 1, 1) if len(cols) > 1 else 1.0
+                 for c in range(20) if mask[b, c] and reasoning[b, c]]
+    got = relative_positions(mask, reasoning)
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float32))
+    assert got.min() >= 0 and got.max() <= 1 and got[-1] == 1.0
 
 
 def test_regenerate_matches_generate_and_masking_changes_logits(tiny_model_dir):
