@@ -8,7 +8,7 @@ from torch import Tensor
 from flowtracer.batch import RolloutBatch
 from flowtracer.credit.base import ScoreCredit
 from flowtracer.credit.select import check_choice
-from flowtracer.model.layers import check_layers
+from flowtracer.model.layers import HEADS, check_layers
 
 VARIANTS = ("mean", "max")
 
@@ -38,6 +38,8 @@ class AttentionCredit(ScoreCredit):
         variant (str, default "mean"): "mean" or "max" over the later response tokens.
         layers (str | list[int], default "middle"): attention layers averaged into the map:
             "early", "middle", "late", "all", or a list of layer indices.
+        heads (str, default "mean"): how each layer's query heads make its map: "mean" or "max"
+            (element-wise maximum over the heads; flowtracer.model.capture).
         top_frac (float, default 0.4): share of each response's tokens that get `gamma`.
         gamma (float, default 1.5): weight of the selected tokens; the others keep 1.0.
         select (str, default "top"): "top" = most attended, "bottom" = least.
@@ -48,9 +50,12 @@ class AttentionCredit(ScoreCredit):
     needs_attention = True
 
     def __init__(self, variant: str = "mean", layers: str | list[int] = "middle", top_frac: float = 0.4,
-                 gamma: float = 1.5, select: str = "top", mapping: str = "hard", normalize: bool = False):
+                 gamma: float = 1.5, select: str = "top", mapping: str = "hard", normalize: bool = False,
+                 heads: str = "mean"):
         super().__init__(top_frac=top_frac, gamma=gamma, select=select, mapping=mapping, normalize=normalize)
         check_choice("variant", variant, VARIANTS)
+        check_choice("heads", heads, HEADS)
+        self.capture_heads = heads
         self.variant = variant
         self.capture_layers = check_layers(layers)
 

@@ -32,7 +32,7 @@ class RolloutCallback(Callback):
 
     Class attributes tell the step what the callback reads and does (flowtracer.train.step.placement
     decides where it runs from them; flowtracer.credit.weights which pass it needs):
-    `needs_attention` (the head-averaged map of `capture_layers`), `needs_entropy`,
+    `needs_attention` (the map of `capture_layers`, heads aggregated by `capture_heads`), `needs_entropy`,
     `batch_global` (its result depends on the whole batch at once: a batch-wide top-k, noise drawn
     over the batch shape; it then never sees the map) and `sets_weights` (it writes
     `token_weights`; at most one such callback per run).
@@ -48,6 +48,7 @@ class RolloutCallback(Callback):
     batch_global: bool = False
     sets_weights: bool = False
     capture_layers: str | list[int] | None = None
+    capture_heads: str = "mean"
 
     def on_rollout_batch(self, trainer, pl_module, rollouts: RolloutBatch) -> None:
         """The Lightning hook: `apply` with the module's tokenizer and RL step."""

@@ -11,7 +11,8 @@ from flowtracer.batch import RolloutBatch
 from flowtracer.credit.base import ScoreCredit
 from flowtracer.credit.select import check_choice
 from flowtracer.flow import trace_flow
-from flowtracer.model.layers import check_layers
+from flowtracer.flow.trace import INJECTS
+from flowtracer.model.layers import HEADS, check_layers
 
 SOURCES = ("question", "prompt")
 FALLBACKS = ("uniform", "last_token")
@@ -28,6 +29,11 @@ class FlowCredit(ScoreCredit):
     Args:
         layers (str | list[int], default "middle"): attention layers averaged into the map:
             "early", "middle" ([L/3, 2L/3)), "late", "all", or a list of layer indices.
+        heads (str, default "mean"): how each layer's query heads make its map: "mean" (the
+            paper's) or "max" (element-wise maximum over the heads; flowtracer.model.capture).
+        inject (str, default "uniform"): flow into the sources: "uniform" 1/|Q'| (the paper's) or
+            "reachability" h(q) / sum h (the walk conditioned to reach the answer;
+            flowtracer.flow.trace_flow).
         top_frac (float, default 0.4): share of each response's tokens that get `gamma`
             (k = round-half-up(top_frac * n), at least 1; ties go to the earlier token).
         gamma (float, default 1.5): weight of the selected tokens; the other response tokens keep 1.
@@ -56,9 +62,13 @@ class FlowCredit(ScoreCredit):
     def __init__(self, layers: str | list[int] = "middle", top_frac: float = 0.4, gamma: float = 1.5,
                  select: str = "top", mapping: str = "hard", normalize: bool = False,
                  condition_on_answer: bool = True, conserve: bool = True, edge_eps: float = 0.0,
-                 source: str = "question", fallback: str = "uniform"):
+                 source: str = "question", fallback: str = "uniform", heads: str = "mean",
+                 inject: str = "uniform"):
         super().__init__(top_frac=top_frac, gamma=gamma, select=select, mapping=mapping, normalize=normalize)
         check_choice("source", source, SOURCES)
+        check_choice("heads", heads, HEADS)
+        check_choice("inject", inject, INJECTS)
+        self.capture_heads, self.inject = heads, inject
         check_choice("fallback", fallback, FALLBACKS)
         if not edge_eps >= 0:
             raise ValueError(f"edge_eps must be >= 0, got {edge_eps}")
@@ -87,7 +97,7 @@ class FlowCredit(ScoreCredit):
             rows = slice(None) if bool(traced.all()) else traced.nonzero().squeeze(-1)
             res = trace_flow(rollouts.attn[rows], src[rows], ans[rows], valid_mask=valid[rows],
                              edge_eps=self.edge_eps, condition_on_answer=self.condition_on_answer,
-                             conserve=self.conserve)
+                             conserve=self.conserve, inject=self.inject)
             tau[rows], reached[rows] = res.throughput, res.reached
             mass = res.sink_flow.sum(-1)[res.reached]
             if tau.is_cuda:

@@ -71,3 +71,28 @@ def class_shares(tokenizer, input_ids: Tensor, selected: Tensor, prefix: str = "
         counts[cls] += c
     total = max(sum(counts.values()), 1)
     return {f"{prefix}{k}": v / total for k, v in counts.items()}
+
+
+# The finer classes of the research tools (flowtracer.tools.probe / attribution): "=" apart from the
+# other operators, and "scaffold" (the answer's opening scaffold), which only the caller can mark.
+FINE_CLASSES = ("digit", "operator", "=", "newline", "space", "word", "punctuation", "special", "scaffold")
+
+
+def fine_class(text: str) -> str:
+    """`token_class` with "=" split from the operators and whitespace named "space"."""
+    cls = token_class(text)
+    if cls == "operator" and text.strip() == "=":
+        return "="
+    return "space" if cls == "whitespace" else cls
+
+
+def fine_class_ids(tokenizer, input_ids: Tensor, scaffold: Tensor | None = None) -> Tensor:
+    """(B, T) long: the index in FINE_CLASSES of every token; `scaffold` (B, T) bool overrides."""
+    ids, inverse = torch.unique(input_ids, return_inverse=True)
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    per_id = [FINE_CLASSES.index("special" if i in special else fine_class(tokenizer.decode([i])))
+              for i in ids.tolist()]
+    out = torch.tensor(per_id, dtype=torch.long, device=input_ids.device)[inverse]
+    if scaffold is not None:
+        out = torch.where(scaffold.bool(), FINE_CLASSES.index("scaffold"), out)
+    return out

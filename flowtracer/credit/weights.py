@@ -110,6 +110,7 @@ def _pass(arm, model, batch: RolloutBatch, metrics: dict, *, temperature, micro_
             cols = active_columns(batch.attention_mask[idx])
             view = batch.inputs_of(idx, cols)
             out = teacher_forced_pass(model, view.input_ids, view.attention_mask, capture_layers=layers,
+                                      capture_heads=getattr(arm, "capture_heads", "mean"),
                                       temperature=logprob_temperature(temperature), stats_mask=view.response_mask,
                                       token_stats=arm.needs_entropy, logits_chunk_bytes=logits_bytes,
                                       stop_early=stop_early)

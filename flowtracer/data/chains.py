@@ -190,7 +190,8 @@ def parse_steps(text: str, question: str) -> list[dict]:
     *use spans* are the operands of the reading steps' expressions at v's position, when that
     expression has exactly two numbers ("10 + 4"). Returns [{"var", "result_span", "used",
     "use_spans"}] in text order; lines that are not steps are ignored, so a malformed response
-    simply has fewer steps.
+    simply has fewer steps. Each step also carries its "line_span": the whole line, with the
+    newline that ends it when there is one.
     """
     defs = dict(_DEF.findall(question))  # derived variable -> the variable it reads
     steps = []
@@ -210,8 +211,9 @@ def parse_steps(text: str, question: str) -> list[dict]:
                 uses.append((later.start("sub") + o.start(), later.start("sub") + o.end()))
             else:
                 uses.append(None)
+        end = m.end() + (text[m.end():m.end() + 1] == "\n")
         out.append({"var": var, "result_span": (m.start("res"), m.end("res")), "used": bool(uses),
-                    "use_spans": [u for u in uses if u is not None]})
+                    "use_spans": [u for u in uses if u is not None], "line_span": (m.start(), end)})
     return out
 
 

@@ -53,3 +53,26 @@ def covers_all(selected: Tensor, pos: Tensor) -> Tensor:
     """(B,) float64: 1 where every positive token is selected, 0 otherwise, NaN with no positives."""
     ok = (~pos | selected).all(-1).double()
     return torch.where(pos.any(-1), ok, torch.nan)
+
+
+def group_scores(scores: Tensor, groups: Tensor, n_groups: int, reduce: str = "sum") -> tuple[Tensor, Tensor]:
+    """Scores of token groups (statements, lines): ((B, G) float64, (B, G) bool present).
+
+    groups (B, T) long: the group of each token, -1 for none. A group's score is the sum ("sum") or
+    the max ("max") of its tokens' scores; `present` marks the groups that hold at least one token
+    (absent ones score 0 and must be left out, e.g. `auroc(g, pos & present, neg & present)`).
+    """
+    if reduce not in ("sum", "max"):
+        raise ValueError(f"reduce = {reduce!r}; use 'sum' or 'max'")
+    B = scores.shape[0]
+    s = scores.double().nan_to_num(0.0)
+    inside = groups >= 0
+    idx = torch.where(inside, groups, n_groups)  # a spill-over column for tokens in no group
+    count = torch.zeros(B, n_groups + 1, dtype=torch.long, device=s.device).scatter_add_(1, idx, inside.long())
+    if reduce == "sum":
+        out = torch.zeros(B, n_groups + 1, dtype=s.dtype, device=s.device).scatter_add_(1, idx, s * inside)
+    else:
+        out = torch.full((B, n_groups + 1), -torch.inf, dtype=s.dtype, device=s.device)
+        out = out.scatter_reduce(1, idx, torch.where(inside, s, -torch.inf), reduce="amax")
+    present = count[:, :n_groups] > 0
+    return torch.where(present, out[:, :n_groups], 0.0), present

@@ -14,6 +14,8 @@ from torch import Tensor
 
 from .graph import H_TINY, build_capacity, check_attn, check_mask, solve_unit
 
+INJECTS = ("uniform", "reachability")
+
 
 @dataclass
 class FlowResult:
@@ -29,7 +31,7 @@ class FlowResult:
     reached     (B,) bool: some source token reaches an answer token through positive edges.
     inject      (B, T): flow the super-source puts into each token (sums to 1 when reached, else 0).
     source_mask, answer_mask, valid_mask  (B, T) bool, as used (source/answer already AND valid).
-    condition_on_answer, conserve, edge_eps  the switches this result was computed with.
+    condition_on_answer, conserve, edge_eps, inject_mode  the switches this result was computed with.
     """
 
     reach: Tensor
@@ -44,6 +46,7 @@ class FlowResult:
     condition_on_answer: bool = True
     conserve: bool = True
     edge_eps: float = 0.0
+    inject_mode: str = "uniform"
 
     @property
     def batched(self) -> bool:
@@ -76,6 +79,7 @@ def trace_flow(
     edge_eps: float = 0.0,
     condition_on_answer: bool = True,
     conserve: bool = True,
+    inject: str = "uniform",
 ) -> FlowResult:
     """Trace flow from the source (question) tokens to the answer tokens through attention.
 
@@ -88,6 +92,8 @@ def trace_flow(
             tokens are ignored (never read or checked) and every result there is 0. Default: all valid.
         edge_eps: capacities below this are set to 0 before anything else (pruning).
         condition_on_answer, conserve: the paper's ablation switches, see below.
+        inject: how the unit of flow is put into the sources: "uniform" (the paper's) or
+            "reachability", see below.
 
     Graph (all switch settings): answer tokens are absorbing, their only out-edge goes to the
     super-sink s with weight 1 (out-edges to later tokens are dropped). h is always computed on this
@@ -105,6 +111,11 @@ def trace_flow(
     Injection: with conditioning, 1/|Q'| into each alive source (Q' = alive part of Q); without it,
     1/|Q| into every source (the walk is not conditioned, so dead-end sources also get mass), in both
     cases only when `reached`.
+    inject="reachability": h(q) / sum_{Q'} h into each alive source q instead (dead sources get 0,
+    whatever the switches): the start distribution of a walk that starts uniformly on Q and is
+    conditioned to reach A. With the uniform injection every alive source sends exactly its
+    1/|Q'| to the answer in the Doob setting, so throughput cannot rank sources by relevance;
+    with this one a source's share is its weight of paths to the answer.
     A source token that is also an answer token is a source like any other: it gets its injection
     (h = 1 > 0) and passes it straight to the sink (a one-token path in `dominant_paths`).
 
@@ -119,6 +130,10 @@ def trace_flow(
             the read part of attn, negative/NaN edge_eps, an empty answer set, or capacities so large
             that h overflows float64 (the batch index is named where one sequence is at fault).
     """
+    if inject not in INJECTS:
+        raise ValueError(f"inject = {inject!r} is not an option; use 'uniform' (the paper's, default) "
+                         "or 'reachability'")
+    inject_mode = inject
     A3, src, ans, val, batched = _inputs(attn, source_mask, answer_mask, valid_mask, edge_eps)
     G = build_capacity(A3, val, ans, float(edge_eps), batched)  # G[b, k, i] = W[b, i, k]
     f64 = G.dtype
@@ -135,9 +150,7 @@ def trace_flow(
     reached = (src & alive).any(dim=-1)
 
     _reweight(G, h, alive, condition_on_answer, conserve)
-    inj_set = (src & alive) if condition_on_answer else src
-    inject = inj_set.to(f64) / inj_set.sum(dim=-1, keepdim=True).clamp_min(1)
-    inject = inject * reached.unsqueeze(-1)
+    inject = _injection(inject, src, alive, h, condition_on_answer) * reached.unsqueeze(-1)
 
     # Node flow: (I - W'^T) f = inject, W'^T = G (lower triangular system).
     f = solve_unit(G, inject, transpose=False)
@@ -157,6 +170,7 @@ def trace_flow(
         condition_on_answer=bool(condition_on_answer),
         conserve=bool(conserve),
         edge_eps=float(edge_eps),
+        inject_mode=inject_mode,
     )
     if not batched:
         for name in ("reach", "capacity", "inflow", "throughput", "reached", "inject", "source_mask",
@@ -189,6 +203,16 @@ def _inputs(attn, source_mask, answer_mask, valid_mask, edge_eps):
         where = f"sequence {b} of the batch has" if batched else "the sequence has"
         raise ValueError(f"empty answer set: {where} no valid answer token (answer_mask & valid_mask)")
     return A3, src, ans, val, batched
+
+
+def _injection(mode: str, src: Tensor, alive: Tensor, h: Tensor, condition_on_answer: bool) -> Tensor:
+    """(B, T) flow into each source, summing to 1 over a row with any injected source (0 otherwise)."""
+    if mode == "reachability":
+        w = torch.where(src & alive, h, 0.0)
+    else:
+        w = ((src & alive) if condition_on_answer else src).to(h.dtype)
+    total = w.sum(dim=-1, keepdim=True)
+    return w / torch.where(total > 0, total, 1.0)
 
 
 def _reweight(G: Tensor, h: Tensor, alive: Tensor, condition_on_answer: bool, conserve: bool) -> None:

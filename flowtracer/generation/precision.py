@@ -14,7 +14,7 @@ own log-probs (what truncated importance sampling compares the learner with).
   Copies of frozen parameters (a LoRA base) are kept between steps (flowtracer.model.casts);
   trainable ones are cast on every call. Buffers (rotary frequencies) keep their dtype.
 * `LogprobRecorder`: a logits processor that records log p(sampled token) under the sampler's
-  tempered distribution log_softmax(logits / T), T as in flowtracer.train.step.forward, from the
+  tempered distribution log_softmax(logits / T), T as in flowtracer.model.forward, from the
   float32 copy of the logits `generate` hands its processors (before its own temperature, top-k
   and top-p warpers, which transformers appends after user processors). One step's log-softmax
   is held until the next step reveals the token drawn from it.

@@ -154,8 +154,9 @@ class FlowTracerMixin:
         inputs, self._credit_pending = self._credit_pending, None  # the loss's own forward only
         if inputs is None:
             return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, *args, **kwargs)
+        heads = getattr(self.credit, "capture_heads", "mean")
         with capture_attention(self.accelerator.unwrap_model(model), self.credit.capture_layers,
-                               attention_mask=attention_mask) as captured:
+                               attention_mask=attention_mask, heads=heads) as captured:
             result = super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, *args, **kwargs)
         t0 = time.perf_counter()
         P = inputs["prompt_ids"].shape[1]

@@ -13,7 +13,8 @@ forward:
 * For the selected layers only, the wrapper recomputes ``softmax(q k^T * scaling + mask)`` from the
   post-RoPE ``q`` and ``k`` it was handed, in chunks of query rows, sums it over all query heads
   (GQA: each key/value head serves a group of query heads, never materialised with ``repeat_kv``)
-  and adds it into one float32 ``(B, T, T)`` buffer. Per chunk only the causally reachable key
+  and adds it into one float32 ``(B, T, T)`` buffer (``heads="max"``: the maximum over the query
+  heads instead of their mean, taken chunk by chunk). Per chunk only the causally reachable key
   range is computed and the mask is applied only to the columns where it masks something, so the
   cost is about half of a dense ``T x T`` recompute.
 * On CUDA in bf16/fp16 (``backend="auto"``) fused Triton kernels (flowtracer.model.kernels) replace that
@@ -54,9 +55,9 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from flowtracer.model import cpu_attention, kernels
-from flowtracer.model.layers import LAYER_PRESETS, resolve_layers
+from flowtracer.model.layers import HEADS, LAYER_PRESETS, resolve_layers
 
-__all__ = ["LAYER_PRESETS", "AttentionCapture", "capture_attention", "resolve_layers"]
+__all__ = ["HEADS", "LAYER_PRESETS", "AttentionCapture", "capture_attention", "resolve_layers"]
 
 BACKENDS = ("auto", "torch", "triton")
 # Working-memory budgets of the chunked loops. Left as None they are 1/4 (attention) and 1/2
@@ -188,16 +189,23 @@ class AttentionCapture:
     Created by :func:`capture_attention`. After the ``with`` block, ``attn`` is the float32
     ``(B, T, T)`` map (detached), ``layers`` the captured layer indices. Each selected layer is
     captured at most once per context, so a gradient-checkpointing recompute inside the context
-    adds nothing twice; run one forward per context.
+    adds nothing twice; run one forward per context. ``heads`` ("mean" | "max") aggregates each
+    layer's query heads; with ``per_layer`` each layer's map is also kept in ``layer_attn``
+    ({layer: (B, T, T)}, for sweeps over layers; ``attn`` is then their mean).
     """
 
     def __init__(
         self, layers: list[int], model_name: str, attention_mask: torch.Tensor | None,
         chunk_bytes: int | None, vocab_size: int | None = None, backend: str = "auto",
+        heads: str = "mean", per_layer: bool = False,
     ):
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
+        check_heads(heads, backend)
         self.backend = backend
+        self.heads = heads
+        self.per_layer = bool(per_layer)
+        self.layer_attn: dict[int, torch.Tensor] = {}  # per_layer: each layer's own map
         self.layers = tuple(layers)
         self.model_name = model_name
         self.chunk_bytes = chunk_bytes
@@ -253,23 +261,18 @@ class AttentionCapture:
         if H % Hkv:
             raise ValueError(f"{self.model_name}: {H} query heads are not a multiple of {Hkv} key/value heads")
         G = H // Hkv
-        if self.attn is None:
-            self.attn = torch.zeros(B, T, T, dtype=torch.float32, device=q.device)
-        elif self.attn.shape != (B, T, T):
-            raise RuntimeError(
-                f"one capture context saw two forwards of different shapes {tuple(self.attn.shape)} and {(B, T, T)}; "
-                "use one context per forward"
-            )
+        out = self._buffer(module.layer_idx, B, T, q.device)
         scaling = kwargs.get("scaling")
         scaling = D**-0.5 if scaling is None else float(scaling)
         softcap = kwargs.get("softcap")
         is_causal = kwargs.get("is_causal")
         is_causal = getattr(module, "is_causal", True) if is_causal is None else bool(is_causal)
         allowed, plans = self._mask(attention_mask, kwargs.get("sliding_window"), is_causal, B, T, q.device)
-        weight = 1.0 / (H * len(self.layers))
-        if softcap is None and kernels.use_triton(self.backend, q):
+        # mean: the head sum / H; max: the head maximum. Each layer then counts 1/L (1 in its own map).
+        weight = (1.0 / H if self.heads == "mean" else 1.0) / (1 if self.per_layer else len(self.layers))
+        if softcap is None and self.heads == "mean" and kernels.use_triton(self.backend, q):
             try:
-                return self._accumulate_triton(q, k, allowed, plans, scaling, weight)
+                return self._accumulate_triton(q, k, allowed, plans, scaling, weight, out)
             except Exception as exc:  # noqa: BLE001 - an unusable Triton install must not break the RL step
                 if self.backend == "triton":
                     raise
@@ -302,10 +305,25 @@ class AttentionCapture:
                 scores[..., u - k0 : v - k0].masked_fill_(~block, fill)
             probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
             del scores
-            self.attn[:, s:e, k0:k1].add_(probs.sum(dim=(1, 2)), alpha=weight)
-            del probs
+            # (B, Hkv, G, c, keys) -> (B, c, keys): only this chunk of this layer's heads is ever held
+            heads = probs.sum(dim=(1, 2)) if self.heads == "mean" else probs.amax(dim=(1, 2))
+            out[:, s:e, k0:k1].add_(heads, alpha=weight)
+            del probs, heads
 
-    def _accumulate_triton(self, q, k, allowed, plans, scaling, weight) -> None:
+    def _buffer(self, layer: int, B: int, T: int, device) -> torch.Tensor:
+        """The float32 (B, T, T) map this layer adds into: the shared one, or its own (per_layer)."""
+        if self.attn is None:
+            self.attn = torch.zeros(B, T, T, dtype=torch.float32, device=device)
+        elif self.attn.shape != (B, T, T):
+            raise RuntimeError(
+                f"one capture context saw two forwards of different shapes {tuple(self.attn.shape)} and {(B, T, T)}; "
+                "use one context per forward"
+            )
+        if not self.per_layer:
+            return self.attn
+        return self.layer_attn.setdefault(layer, torch.zeros_like(self.attn))
+
+    def _accumulate_triton(self, q, k, allowed, plans, scaling, weight, out) -> None:
         """Fused path (flowtracer.model.kernels): the key range of each block of query rows comes from the
         same chunk plan as the torch path."""
         bm = kernels.BLOCK
@@ -318,7 +336,7 @@ class AttentionCapture:
                 lo[s // bm], hi[s // bm] = k0, k1
             plans[key] = (torch.from_numpy(lo).to(q.device), torch.from_numpy(hi).to(q.device))
         klo, khi = plans[key]
-        kernels.accumulate_attention(q, k, allowed, klo, khi, self.attn, scaling, weight)
+        kernels.accumulate_attention(q, k, allowed, klo, khi, out, scaling, weight)
 
     def _mask(self, attention_mask, sliding_window, is_causal, B, T, device):
         """The boolean (Bm, 1, T, T) mask this layer used, built once per distinct mask per forward."""
@@ -362,9 +380,15 @@ class AttentionCapture:
                 "class is not supported (it needs the standard `attention_interface(self, query, key, value, "
                 "attention_mask, ...)` call with `layer_idx` on its attention modules), or no forward ran."
             )
+        if self.per_layer and self.layer_attn:
+            self.layer_attn = dict(sorted(self.layer_attn.items()))
+            self.attn.zero_()
+            for m in self.layer_attn.values():
+                self.attn.add_(m, alpha=1.0 / len(self.layer_attn))
         if self.valid is not None:
             pair = self.valid[:, :, None] & self.valid[:, None, :]
-            self.attn.masked_fill_(~pair, 0.0)  # padded rows/columns exactly zero (also clears NaN)
+            for m in (self.attn, *self.layer_attn.values()):
+                m.masked_fill_(~pair, 0.0)  # padded rows/columns exactly zero (also clears NaN)
         self._masks.clear()
 
 
@@ -378,6 +402,15 @@ def _compute_dtype(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torc
         dt = torch.get_autocast_dtype(dev)
         return q.to(dt), k.to(dt)
     return q, k
+
+
+def check_heads(heads: str, backend: str = "auto") -> str:
+    """Validate the `heads` knob ("mean" | "max"); the fused Triton kernel only sums heads."""
+    if heads not in HEADS:
+        raise ValueError(f"heads = {heads!r} is not an option; use 'mean' (the paper's, default) or 'max'")
+    if heads == "max" and backend == "triton":
+        raise ValueError("heads='max' has no Triton kernel; use backend='auto' or 'torch' (the chunked torch path)")
+    return heads
 
 
 def chunk_plan(allowed: torch.Tensor, valid: torch.Tensor | None, rows: int, T: int):
@@ -435,6 +468,8 @@ def capture_attention(
     attention_mask: torch.Tensor | None = None,
     chunk_bytes: int | None = None,
     backend: str = "auto",
+    heads: str = "mean",
+    per_layer: bool = False,
 ) -> Iterator[AttentionCapture]:
     """Capture the averaged attention map of the selected layers during one forward of ``model``.
 
@@ -446,12 +481,15 @@ def capture_attention(
     validity is read off the mask the model builds). ``chunk_bytes`` bounds the per-chunk temporary
     (default: a quarter of what (B, T, vocab) logits would take, at most 256 MiB). ``backend``:
     "torch" (chunked matmul + softmax), "triton" (fused kernels, CUDA bf16/fp16) or "auto" (Triton
-    where it applies, else torch).
+    where it applies, else torch). ``heads``: "mean" (default, the paper's) or "max" over each layer's
+    query heads (torch path: per chunk of query rows the head maximum is taken before anything is
+    added, so per-head maps never exist beyond one chunk of one layer); layers are averaged either
+    way. ``per_layer`` also keeps each selected layer's map (``capture.layer_attn``).
     """
     lm = unwrap(model)
     name = type(lm).__name__
     selected = resolve_layers(layers, _num_layers(lm))
-    capture = AttentionCapture(selected, name, attention_mask, chunk_bytes, _vocab_size(lm), backend)
+    capture = AttentionCapture(selected, name, attention_mask, chunk_bytes, _vocab_size(lm), backend, heads, per_layer)
 
     attn_modules = [m for m in lm.modules() if isinstance(getattr(m, "layer_idx", None), int) and hasattr(m, "config")]
     if not any(m.layer_idx in selected for m in attn_modules):

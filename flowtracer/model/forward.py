@@ -65,6 +65,7 @@ def teacher_forced_pass(
     attention_mask: torch.Tensor | None = None,
     *,
     capture_layers: str | Sequence[int] | None = "middle",
+    capture_heads: str = "mean",
     position_ids: torch.Tensor | None = None,
     temperature: float = 1.0,
     with_grad: bool = False,
@@ -83,6 +84,8 @@ def teacher_forced_pass(
         attention_mask: (B, T) 1 for real tokens, 0 for padding (default: all ones).
         capture_layers: "middle" (default), "early", "late", "all", a list of layer indices, or None
             to skip the attention map.
+        capture_heads: "mean" (default, the paper's) or "max": how each layer's query heads are
+            aggregated into the map (flowtracer.model.capture).
         position_ids: default ``cumsum(attention_mask) - 1`` (what ``generate`` uses), so a padded
             row sees the same positions as its unpadded sequence.
         temperature: logits are divided by it before log-softmax (match the sampling temperature).
@@ -126,7 +129,7 @@ def teacher_forced_pass(
     if head is None:
         raise ValueError(f"{type(lm).__name__} has no output embeddings (lm_head); a causal LM is required")
     capture_ctx = (capture_attention(model, capture_layers, attention_mask=attention_mask,
-                                     chunk_bytes=attn_chunk_bytes, backend=backend)
+                                     chunk_bytes=attn_chunk_bytes, backend=backend, heads=capture_heads)
                    if capture_layers is not None else contextlib.nullcontext())
     with torch.enable_grad() if with_grad else torch.no_grad(), autocast_linears(model):
         with capture_ctx as captured:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 LAYER_PRESETS = ("early", "middle", "late", "all")
+HEADS = ("mean", "max")  # how a layer's query heads are aggregated (flowtracer.model.capture); the first is the default
 _FIX = "use 'middle' (the paper's default), 'early', 'late', 'all' or a list of layer indices like [2, 3]"
 
 

@@ -140,3 +140,34 @@ def final_answer(text: str, names: tuple[str, ...]) -> tuple[str, Extracted | No
         if inner is not None:
             found = (inner[0], (start + inner[1][0], start + inner[1][1]))
     return name, found
+
+
+# The opening scaffold each marker extractor needs right before its answer ("<answer>", "\\boxed{",
+# "####"), and the phrase a fallback answer is often announced with ("The answer is").
+_SCAFFOLDS = (
+    ("answer_tag", re.compile(r"<answer>\s*$")),
+    ("boxed", re.compile(r"\\(?:boxed|fbox)\s*\{\s*$")),
+    ("hash", re.compile(r"####\s*$")),
+)
+_ANSWER_IS = re.compile(r"(?:\b(?:the|my)\s+)?(?:\bfinal\s+)?\banswer\s+is\s*:?\s*\$?\s*$", re.IGNORECASE)
+
+
+def scaffold_span(text: str, answer_span: tuple[int, int]) -> tuple[int, int] | None:
+    """[start, end) of the answer's opening scaffold in `text`, or None.
+
+    The scaffold is the marker of the extractor that produced `answer_span` (the one whose span it
+    is): "<answer>" (answer_tag), "\\boxed{" / "\\fbox{" (boxed), "####" (hash), with the
+    whitespace up to the answer; an answer no marker extractor produced (last_number, last_line)
+    has the scaffold "The answer is" (also "Answer is", "The final answer is:") when the text
+    before it ends with that phrase.
+    """
+    start = answer_span[0]
+    head = text[:start]
+    for name, pattern in _SCAFFOLDS:
+        found = EXTRACTORS[name](text)
+        if found is not None and tuple(found[1]) == tuple(answer_span):
+            m = pattern.search(head)
+            return (m.start(), m.end()) if m else None
+    tail = max(0, start - 64)  # the phrase is short: search only the tail
+    m = _ANSWER_IS.search(head, tail)
+    return (m.start(), m.end()) if m else None

@@ -18,11 +18,11 @@ from flowtracer.data.datamodule import DEFAULT_INSTRUCTION  # the quickstart's i
 from flowtracer.data.prompts import format_prompt
 from flowtracer.data.sources import load_rows
 from flowtracer.errors import InputError
-from flowtracer.generation import question_mask
+from flowtracer.generation import question_mask, response_token_offsets
 from flowtracer.model.forward import teacher_forced_pass
-from flowtracer.rewards import VerifierCache
+from flowtracer.rewards import Score, VerifierCache, char_span_to_token_mask
 from flowtracer.rewards.base import safe_score
-from flowtracer.rewards.extract import row_extraction
+from flowtracer.rewards.extract import row_extraction, scaffold_span
 from flowtracer.train.step.score import rollout_batch as build_rollout_batch
 from flowtracer.train.step.score import score_responses
 
@@ -70,13 +70,34 @@ def judge(verifiers: Verifiers, rows: list[dict], texts: list[str]) -> list:
 
 
 def rollout_batch(tokenizer, verifiers: Verifiers, rows: list[dict], gen: Generated,
-                  prompts: list[str]) -> tuple[RolloutBatch, list[str | None]]:
-    """A RolloutBatch of one response per row (each its own group, zero advantages) and the parsed
-    answers, scored exactly as the trainer scores (flowtracer.train.step.score)."""
+                  prompts: list[str]) -> tuple[RolloutBatch, list[Score]]:
+    """A RolloutBatch of one response per row (each its own group, zero advantages) and the
+    verifier's Score of each (parsed answer, its span), scored exactly as the trainer scores
+    (flowtracer.train.step.score)."""
     scored = score_responses(tokenizer, verifiers, rows, gen)
     rb = build_rollout_batch(gen, scored, prompts=prompts, answers=[str(r.get("answer")) for r in rows],
                              group_size=1, advantage=None)
-    return rb, [s.parsed for s in scored.scores]
+    return rb, list(scored.scores)
+
+
+def protected_mask(tokenizer, rb: RolloutBatch, scores: list[Score]) -> Tensor:
+    """(B, T) bool: the answer's opening scaffold (flowtracer.rewards.extract.scaffold_span: `<answer>`,
+    `\\boxed{`, `####`, "The answer is") and the token right before the first answer token, per row
+    with an answer span (the probe never masks them; the attribution never counts them as negatives)."""
+    out = torch.zeros_like(rb.response_mask, dtype=torch.bool)
+    for i, score in enumerate(scores):
+        ans = rb.answer_mask[i].nonzero().squeeze(-1)
+        if score.answer_span is None or ans.numel() == 0:
+            continue
+        cols = rb.response_mask[i].nonzero().squeeze(-1)
+        span = scaffold_span(rb.responses[i], score.answer_span)
+        if span is not None:
+            offsets = response_token_offsets(tokenizer, rb.input_ids[i, cols].tolist(), rb.responses[i])
+            out[i, cols] = char_span_to_token_mask(offsets, span, cols.numel()).to(out.device)
+        before = int(ans.min()) - 1
+        if before >= 0 and bool(rb.response_mask[i, before]):
+            out[i, before] = True
+    return out
 
 
 @torch.no_grad()
@@ -86,7 +107,6 @@ def teacher_force(model, rb: RolloutBatch, layers: str | list[int] = "middle") -
     rb.old_logprobs, rb.entropies, rb.attn = out.logprobs, out.entropy, out.attn
 
 
-ARMS = ("flow_top", "flow_bottom", "random", "entropy", "attention")
 
 
 def arm_scores(rb: RolloutBatch, *, seed: int = 0, flow: FlowCredit | None = None) -> tuple[dict[str, Tensor], Tensor]:

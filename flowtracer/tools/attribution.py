@@ -2,6 +2,7 @@
 
     flowtracer attribution --config experiments/attribution_chains.yaml
     flowtracer attribution --config experiments/attribution_chains.yaml --n 20 --out /tmp/attr
+    flowtracer attribution --config experiments/attribution_chains.yaml --sweep    # + layers x heads x inject
 
 On variable chains (flowtracer.data.chains) the dependencies are known by construction. For each
 problem the model writes its own greedy response; one teacher-forced pass then scores every token
@@ -9,22 +10,33 @@ with each scorer, exactly as the credit arms do (flowtracer.tools.analysis.arm_s
 flow_top (throughput tau), flow_bottom (-tau), attention_mean / attention_max (attention received
 from later response tokens), entropy (of the distribution predicting the token), random.
 
-Ground truth, per problem:
-  question  positives = tokens of the statements the answer depends on ("a = 7", "c = a + 3"),
-            negatives = tokens of the distractor statements (dep_spans / distractor_spans of the
-            generator; "Let " and "." excluded, since both kinds share them word for word).
-  response  positives = tokens of the *used intermediate results* of the model's own response:
-            flowtracer.data.chains.parse_steps reads its "<lhs> = <expr> = <n>" lines; a step's
-            result n is used when a later step reads its variable (a step "e = ..." reads the
-            variable of e's definition in the question; the query step "c + d = ..." reads c and
-            d). Negatives = every other response token except the final answer span (the flow
-            sink, high by construction) - including the eos token.
+Ground truth, per problem (flowtracer.tools.truth):
+  question   dependency statements ("a = 7", "c = a + 3") vs distractor statements ("Let " and "."
+             excluded, shared word for word). Token level: their tokens. Statement level: each
+             statement scored by the sum and by the max of its tokens' scores.
+  response   read from the model's own response by flowtracer.data.chains.parse_steps: a step's
+             result is *used* when a later step reads its variable. Write sites = where a used
+             result is written ("10" of "c = 7 + 3 = 10"), read sites = where a later step reads it
+             ("10" of "c + d = 10 + 3 = 13"). Line level: every step line (its tokens and the
+             newline that ends it), used lines vs lines no later step reads.
+  negatives  of the response: every other response token except the answer's opening scaffold
+             (flowtracer.tools.analysis.protected_mask), the answer, `</answer>` and eos (everything
+             from the answer on): the flow sink and the format, high or low by construction.
 Metrics (per problem, then the mean over problems with a 95% percentile bootstrap interval):
-  AUROC (Mann-Whitney, ties 1/2), precision@k with k = number of positives (R-precision; ties at
-  the k-th score split in expectation), and cover@40: the scorer's top 40% of response tokens
-  (the credit arms' selection, flowtracer.credit.select.select_mask) contains every token of every
-  used intermediate result. Problems whose flow does not reach an answer are left out for every
-  scorer (counted); a metric is undefined (left out) where a problem has no positives/negatives.
+  AUROC (Mann-Whitney, ties 1/2) for every level above; "used vs other digits" = write + read sites
+  against the other digit tokens of the response only (the class-matched comparison); "write
+  (old negatives)" = write sites against every non-answer token (the first version of this table,
+  kept for comparison); precision@k of the write sites with k = their number (ties at the k-th
+  score split in expectation); cover@40: the scorer's top 40% of response tokens (the credit
+  selection, flowtracer.credit.select.select_mask) contains every write site. Problems whose flow does
+  not reach an answer are left out for every scorer (counted); a metric is undefined (left out) where
+  a problem has no positives or no negatives.
+By class: each scorer's mean score per token class of the response (FINE_CLASSES, the protected
+scaffold as "scaffold", the answer and what follows as "answer+"), the score taken as its percentile
+within the response (1 = the token the scorer ranks first, 0 = last), so scorers compare.
+With --sweep the same responses are also scored from each layer preset and single layer, heads
+mean or max, flow injection uniform or reachability (flowtracer.tools.sweep). Rows without chain
+ground truth (e.g. the quickstart) get the by-class table only.
 """
 
 from __future__ import annotations
@@ -32,6 +44,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -41,59 +54,43 @@ from torch import Tensor
 
 from flowtracer.config import SamplingConfig
 from flowtracer.credit.attention import received_attention
-from flowtracer.credit.select import select_mask
-from flowtracer.data.chains import INSTRUCTION, used_result_spans
+from flowtracer.credit.select import rank_in_response, select_mask
+from flowtracer.credit.stats import FINE_CLASSES, fine_class_ids
+from flowtracer.data.chains import INSTRUCTION
 from flowtracer.errors import InputError
-from flowtracer.evaluation.ranking import auroc, covers_all, precision_at_k
+from flowtracer.evaluation.ranking import auroc, covers_all, group_scores, precision_at_k
 from flowtracer.evaluation.stats import bootstrap_mean_ci, fmt_ci
-from flowtracer.generation import generate, response_token_offsets
+from flowtracer.generation import generate
 from flowtracer.model.policy import load_policy
-from flowtracer.rewards.spans import char_span_to_token_mask
+from flowtracer.tools import sweep
 from flowtracer.tools.analysis import (
     Verifiers,
     arm_scores,
     format_prompts,
     given_responses,
     load_problems,
+    protected_mask,
     require_positive,
     rollout_batch,
     teacher_force,
 )
+from flowtracer.tools.truth import excluded_mask, ground_truth, has_truth, spans_mask
+
+__all__ = ["ground_truth", "spans_mask", "scorer_scores", "batch_metrics", "run", "main"]
 
 SCORERS = ("flow_top", "flow_bottom", "attention_mean", "attention_max", "entropy", "random")
-METRICS = {"q_auroc": "question AUROC", "q_prec": "question P@k", "r_auroc": "response AUROC",
-           "r_prec": "response P@k", "r_cover40": "top-40% covers all"}
-
-
-def spans_mask(offsets, spans, length: int, shift: int = 0) -> Tensor:
-    """(length,) bool: tokens overlapping any of the character spans (shifted by `shift`)."""
-    mask = torch.zeros(length, dtype=torch.bool)
-    for a, b in spans:
-        mask |= char_span_to_token_mask(offsets, (a + shift, b + shift), length)
-    return mask
-
-
-def ground_truth(tokenizer, rb, rows: list[dict], qspans) -> dict[str, Tensor]:
-    """(B, T) bool masks: q_dep, q_dis (question statements), r_used (used intermediate results)."""
-    B, T = rb.input_ids.shape
-    out = {k: torch.zeros(B, T, dtype=torch.bool) for k in ("q_dep", "q_dis", "r_used")}
-    plen = int(rb.prompt_mask.any(0).nonzero().max()) + 1  # prompts end at this column
-    for i, row in enumerate(rows):  # per problem (text offsets), never per token
-        meta, span = row.get("meta") or {}, qspans[i]
-        if span is None or "dep_spans" not in meta:
-            raise InputError("attribution needs chain problems with ground truth (meta.dep_spans); "
-                             "use data/chains_*.jsonl or the 'chains' source")
-        enc = tokenizer(rb.prompts[i], add_special_tokens=False, return_offsets_mapping=True)
-        n = len(enc["input_ids"])
-        cols = slice(plen - n, plen)
-        out["q_dep"][i, cols] = spans_mask(enc["offset_mapping"], meta["dep_spans"], n, span[0])
-        out["q_dis"][i, cols] = spans_mask(enc["offset_mapping"], meta["distractor_spans"], n, span[0])
-        rcols = rb.response_mask[i].nonzero().squeeze(-1)
-        ids = rb.input_ids[i, rcols].tolist()
-        offsets = response_token_offsets(tokenizer, ids, rb.responses[i])
-        used = used_result_spans(rb.responses[i], row["question"])
-        out["r_used"][i, rcols] = spans_mask(offsets, used, len(ids))
-    return {k: v.to(rb.input_ids.device) for k, v in out.items()}
+METRICS = {
+    "q_auroc": "question AUROC (tokens)", "q_prec": "question P@k (tokens)",
+    "q_stmt_sum": "question AUROC (statements, sum)", "q_stmt_max": "question AUROC (statements, max)",
+    "w_auroc_old": "write AUROC (old negatives)", "w_auroc": "write AUROC", "r_auroc": "read AUROC",
+    "wr_auroc": "write + read AUROC", "cls_auroc": "used vs other digits AUROC",
+    "line_sum": "line AUROC (sum)", "line_max": "line AUROC (max)",
+    "w_prec": "write P@k", "w_cover40": "top-40% covers all writes",
+}
+TABLES = {"Question side": ("q_auroc", "q_prec", "q_stmt_sum", "q_stmt_max"),
+          "Response side, tokens": ("w_auroc_old", "w_auroc", "r_auroc", "wr_auroc", "cls_auroc"),
+          "Response side, lines and selection": ("line_sum", "line_max", "w_prec", "w_cover40")}
+CLASS_COLUMNS = (*FINE_CLASSES, "answer+")  # "answer+": the answer, `</answer>` and eos
 
 
 def scorer_scores(rb, seed: int) -> tuple[dict[str, Tensor], Tensor]:
@@ -105,57 +102,111 @@ def scorer_scores(rb, seed: int) -> tuple[dict[str, Tensor], Tensor]:
             "entropy": arms["entropy"], "random": arms["random"]}, reached
 
 
+def _group_auroc(s: Tensor, groups: Tensor, label: Tensor, reduce: str) -> Tensor:
+    """AUROC of groups labelled 1 over groups labelled 0 (label (B, G): 1, 0 or -1 = no group)."""
+    g, present = group_scores(s, groups, label.shape[-1], reduce)
+    return auroc(g, present & (label == 1), present & (label == 0))
+
+
 def batch_metrics(scores: dict[str, Tensor], gt: dict[str, Tensor], rb, top_frac: float = 0.4) -> dict:
-    """{scorer: {metric: (B,) float64}} for one batch."""
+    """{scorer: {metric: (B,) float64}} for one batch (METRICS; gt from flowtracer.tools.truth)."""
     resp = rb.response_mask.bool()
-    r_neg = resp & ~gt["r_used"] & ~rb.answer_mask.bool()
+    excl = gt.get("excluded", rb.answer_mask.bool())
+    write, read = gt["r_used"], gt["r_read"]
+    both = write | read
+    neg = {"w": resp & ~write & ~excl, "r": resp & ~read & ~excl, "wr": resp & ~both & ~excl}
+    old_neg = resp & ~write & ~rb.answer_mask.bool()
+    digits = gt["digit"] & resp & ~excl
     out = {}
     for name, s in scores.items():
         s = s.double()
         top = select_mask(s, resp, top_frac=top_frac)
-        out[name] = {"q_auroc": auroc(s, gt["q_dep"], gt["q_dis"]),
-                     "q_prec": precision_at_k(s, gt["q_dep"], gt["q_dis"]),
-                     "r_auroc": auroc(s, gt["r_used"], r_neg), "r_prec": precision_at_k(s, gt["r_used"], r_neg),
-                     "r_cover40": covers_all(top, gt["r_used"])}
+        out[name] = {
+            "q_auroc": auroc(s, gt["q_dep"], gt["q_dis"]), "q_prec": precision_at_k(s, gt["q_dep"], gt["q_dis"]),
+            "q_stmt_sum": _group_auroc(s, gt["q_stmt"], gt["q_stmt_label"], "sum"),
+            "q_stmt_max": _group_auroc(s, gt["q_stmt"], gt["q_stmt_label"], "max"),
+            "w_auroc_old": auroc(s, write, old_neg), "w_auroc": auroc(s, write, neg["w"]),
+            "r_auroc": auroc(s, read, neg["r"]), "wr_auroc": auroc(s, both, neg["wr"]),
+            "cls_auroc": auroc(s, both & digits, digits & ~both),
+            "line_sum": _group_auroc(s, gt["r_line"], gt["r_line_label"], "sum"),
+            "line_max": _group_auroc(s, gt["r_line"], gt["r_line_label"], "max"),
+            "w_prec": precision_at_k(s, write, neg["w"]), "w_cover40": covers_all(top, write)}
+    return out
+
+
+def class_sums(scores: dict[str, Tensor], classes: Tensor, resp: Tensor, keep: Tensor) -> dict[str, Tensor]:
+    """{scorer: (2, C) float64}: per class of CLASS_COLUMNS, the sum of the tokens' within-response
+    score percentiles (1 = ranked first) and their count, over the rows in `keep` (B,) bool."""
+    n = resp.sum(-1, keepdim=True)
+    rows = resp & keep.unsqueeze(-1)
+    out = {}
+    for name, s in scores.items():
+        rank = rank_in_response(s.double(), resp, "top")
+        pct = torch.where(n > 1, 1 - rank.double() / (n - 1).clamp(min=1), 1.0)
+        sums = torch.zeros(len(CLASS_COLUMNS), dtype=torch.float64).index_add_(0, classes[rows].cpu(),
+                                                                              pct[rows].cpu())
+        counts = torch.bincount(classes[rows].cpu(), minlength=len(CLASS_COLUMNS)).double()
+        out[name] = torch.stack([sums, counts])
     return out
 
 
 @torch.no_grad()
 def attribution_batch(model, tokenizer, rows, *, max_new_tokens: int, layers, seed: int, instruction: str,
-                      reference: bool = False):
-    """Greedy responses (or, with `reference`, the rows' reference solutions), scores and per-problem
-    metrics of one batch: (metrics, reached, correct)."""
+                      reference: bool = False, with_sweep: bool = False):
+    """Greedy responses (or, with `reference`, the rows' reference solutions) of one batch, scored:
+    (metrics or None without ground truth, class sums, reached, correct, sweep metrics or None)."""
     prompts, spans = format_prompts(tokenizer, [r["question"] for r in rows], instruction=instruction)
     if reference:
         gen = given_responses(tokenizer, prompts, spans, [r["meta"]["solution"] for r in rows])
     else:
         gen = generate(model, tokenizer, prompts, spans,
                        SamplingConfig(num_generations=1, max_new_tokens=max_new_tokens, temperature=0.0))
-    rb, _ = rollout_batch(tokenizer, Verifiers(), rows, gen, prompts)
+    rb, verdicts = rollout_batch(tokenizer, Verifiers(), rows, gen, prompts)
     teacher_force(model, rb, layers)
     scores, reached = scorer_scores(rb, seed)
-    gt = ground_truth(tokenizer, rb, rows, spans)
-    return batch_metrics(scores, gt, rb), reached.cpu(), rb.rewards > 0.5
+    protected = protected_mask(tokenizer, rb, verdicts)
+    excl = excluded_mask(rb, protected)
+    classes = fine_class_ids(tokenizer, rb.input_ids, protected)
+    classes = torch.where(excl & ~protected, len(FINE_CLASSES), classes)  # the answer and what follows
+    sums = class_sums(scores, classes, rb.response_mask.bool(), reached)
+    metrics = swept = None
+    if has_truth(rows):
+        gt = {**ground_truth(tokenizer, rb, rows, spans), "excluded": excl,
+              "digit": classes == FINE_CLASSES.index("digit")}
+        metrics = batch_metrics(scores, gt, rb)
+        if with_sweep:
+            swept = sweep.sweep_batch(model, rb, gt, lambda s: batch_metrics(s, gt, rb))
+    return metrics, sums, reached.cpu(), rb.rewards > 0.5, swept
 
 
 def run(model, tokenizer, rows, *, max_new_tokens=64, batch_size=25, layers="middle", seed=0,
-        instruction=INSTRUCTION, reference: bool = False) -> tuple[dict, dict]:
-    """{scorer: {metric: (n,) per-problem values, NaN = left out}} and counts."""
+        instruction=INSTRUCTION, reference: bool = False, with_sweep: bool = False) -> tuple[dict, dict]:
+    """({scorer: {metric: (n,) per-problem values, NaN = left out}} ({} without ground truth), counts
+    with "classes" ({scorer: (2, C)} percentile sums and counts) and "sweep" ({variant: {metric: (n,)}}))."""
     model.eval()
-    per = {s: {m: [] for m in METRICS} for s in SCORERS}
-    n_reached = n_correct = 0
+    truth = has_truth(rows, strict=True)
+    per = {s: {m: [] for m in METRICS} for s in SCORERS} if truth else {}
+    swept: dict = {}
+    counts = {"problems": len(rows), "reached": 0, "correct": 0, "classes": {}}
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        metrics, reached, correct = attribution_batch(model, tokenizer, chunk, max_new_tokens=max_new_tokens,
-                                                      layers=layers, seed=seed + start, instruction=instruction,
-                                                      reference=reference)
-        n_reached, n_correct = n_reached + int(reached.sum()), n_correct + int(correct.sum())
-        for s in SCORERS:
+        metrics, sums, reached, correct, sw = attribution_batch(
+            model, tokenizer, chunk, max_new_tokens=max_new_tokens, layers=layers, seed=seed + start,
+            instruction=instruction, reference=reference, with_sweep=with_sweep)
+        counts["reached"] += int(reached.sum())
+        counts["correct"] += int(correct.sum())
+        for s, v in sums.items():
+            counts["classes"][s] = counts["classes"].get(s, 0) + v
+        for s in per:
             for m in METRICS:
                 per[s][m].append(torch.where(reached, metrics[s][m].cpu(), torch.nan))
+        for key, d in (sw or {}).items():
+            for m, v in d.items():
+                swept.setdefault(key, {}).setdefault(m, []).append(torch.where(reached, v.cpu(), torch.nan))
         print(f"[attribution] {start + len(chunk)}/{len(rows)} problems", file=sys.stderr, flush=True)
     per = {s: {m: torch.cat(v) for m, v in d.items()} for s, d in per.items()}
-    return per, {"problems": len(rows), "reached": n_reached, "correct": n_correct}
+    counts["sweep"] = {k: {m: torch.cat(v) for m, v in d.items()} for k, d in swept.items()}
+    return per, counts
 
 
 def summarise(per: dict, seed: int = 0) -> list[dict]:
@@ -164,21 +215,50 @@ def summarise(per: dict, seed: int = 0) -> list[dict]:
             for s, d in per.items() for m, v in d.items()]
 
 
-def write(table: list[dict], counts: dict, out: str, command: str) -> None:
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    with open(out + ".csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["scorer", "metric", "n", "mean", "lo", "hi"])
-        w.writeheader()
-        w.writerows({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in table)
-    cell = {(r["scorer"], r["metric"]): r for r in table}
+def class_table(sums: dict[str, Tensor]) -> list[dict]:
+    """One row per scorer: its mean percentile per class; and a row of token counts."""
+    rows = [{"scorer": s, **{c: round(float(v[0, j] / v[1, j]), 4) if v[1, j] > 0 else "" for j, c in
+                             enumerate(CLASS_COLUMNS)}} for s, v in sums.items()]
+    if sums:
+        n = next(iter(sums.values()))[1]
+        rows.append({"scorer": "tokens", **{c: int(n[j]) for j, c in enumerate(CLASS_COLUMNS)}})
+    return rows
+
+
+def markdown(table: list[dict], counts: dict, command: str) -> str:
     lines = [f"`{command}`", "", f"{counts['problems']} problems, {counts['reached']} with flow reaching the answer "
-             f"(scored), {counts['correct']} answered correctly (greedy). Mean [95% bootstrap CI] over problems.", "",
-             "| scorer | " + " | ".join(METRICS.values()) + " |", "|---" * (len(METRICS) + 1) + "|"]
-    for s in SCORERS:
-        vals = [fmt_ci(cell[s, m]["mean"], cell[s, m]["lo"], cell[s, m]["hi"], pct=m.endswith(("prec", "cover40")))
-                for m in METRICS]
-        lines.append(f"| {s} | " + " | ".join(vals) + " |")
-    Path(out + ".md").write_text("\n".join(lines) + "\n")
+             f"(scored), {counts['correct']} answered correctly (greedy). Mean [95% bootstrap CI] over problems.", ""]
+    cell = {(r["scorer"], r["metric"]): r for r in table}
+    for title, keys in TABLES.items() if table else ():
+        lines += [f"**{title}**", "", "| scorer | " + " | ".join(METRICS[m] for m in keys) + " |",
+                  "|---" * (len(keys) + 1) + "|"]
+        for s in SCORERS:
+            vals = [fmt_ci(cell[s, m]["mean"], cell[s, m]["lo"], cell[s, m]["hi"],
+                           pct=m.endswith(("prec", "cover40"))) for m in keys]
+            lines.append(f"| {s} | " + " | ".join(vals) + " |")
+        lines.append("")
+    lines += ["**Mean score by token class** (the score as a percentile within its response: 1 = ranked first, "
+              "0 = last; 0.5 = no preference)", "",
+              "| scorer | " + " | ".join(f"`{c}`" if c == "=" else c for c in CLASS_COLUMNS) + " |",
+              "|---" * (len(CLASS_COLUMNS) + 1) + "|"]
+    for r in class_table(counts["classes"]):
+        lines.append(f"| {r['scorer']} | " + " | ".join(str(r[c]) for c in CLASS_COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write(table: list[dict], counts: dict, out: str, command: str) -> None:
+    """<out>.csv (metrics), <out>_classes.csv (by class), <out>.md (the command and every table)."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    if table:
+        with open(out + ".csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["scorer", "metric", "n", "mean", "lo", "hi"])
+            w.writeheader()
+            w.writerows({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in table)
+    with open(out + "_classes.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["scorer", *CLASS_COLUMNS])
+        w.writeheader()
+        w.writerows(class_table(counts["classes"]))
+    Path(out + ".md").write_text(markdown(table, counts, command))
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -195,7 +275,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--instruction", default=INSTRUCTION, help="instruction appended to each question")
     p.add_argument("--reference", action="store_true",
                    help="score the reference solutions instead of the model's greedy responses")
-    p.add_argument("--out", default="results/attribution_chains", help="writes <out>.csv and <out>.md")
+    p.add_argument("--sweep", action="store_true",
+                   help="also score every layer preset and single layer x heads mean|max x flow injection "
+                        "uniform|reachability; writes <out>_sweep.csv and <out>_sweep.md")
+    p.add_argument("--out", default="results/attribution_chains", help="writes <out>.csv, <out>_classes.csv, <out>.md")
     args = p.parse_args(argv)
     if args.config:
 
@@ -211,15 +294,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str]) -> int:
-
-
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     model, tokenizer = load_policy(os.path.expanduser(args.model), lora=None)
     rows = load_problems(args.data, args.n)
     per, counts = run(model, tokenizer, rows, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                      layers=args.layers, seed=args.seed, instruction=args.instruction, reference=args.reference)
-    table = summarise(per, args.seed)
-    write(table, counts, args.out, "flowtracer attribution " + " ".join(argv))
+                      layers=args.layers, seed=args.seed, instruction=args.instruction, reference=args.reference,
+                      with_sweep=args.sweep)
+    command = shlex.join(["flowtracer", "attribution", *argv])  # quoted: the line runs as written
+    write(summarise(per, args.seed), counts, args.out, command)
     print(Path(args.out + ".md").read_text())
+    if args.sweep:
+        sweep.write(counts["sweep"], args.out + "_sweep", command, seed=args.seed)
+        print(Path(args.out + "_sweep.md").read_text())
     return 0

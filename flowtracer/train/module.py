@@ -233,7 +233,7 @@ class GRPOModule(GuardedUpdates, LightningModule):
         row_cbs = plan.at(Placement.PRE_PASS, batch_global=False)
         pre = micro.pre_pass(
             self.policy, rollouts, micro_batch_size=self.optim.micro_batch_size, temperature=self._temperature,
-            capture_layers=plan.pre_pass_layers, with_reference=self.loss_cfg.beta > 0,
+            capture_layers=plan.pre_pass_layers, capture_heads=plan.heads, with_reference=self.loss_cfg.beta > 0,
             run_callbacks=(lambda view: self._run_callbacks(row_cbs, view)) if row_cbs else None,
             logits_bytes=self._logits_bytes())
         timer.move("old_pass", "credit", pre.credit_seconds)
@@ -296,7 +296,7 @@ class GRPOModule(GuardedUpdates, LightningModule):
                 ref = micro.reference_logprobs(self.policy, mb, temperature=temp, logits_bytes=budget)
         with timer("forward"):
             fwd = micro.forward(self.policy, mb, temperature=temp, capture_layers=plan.forward_layers,
-                                with_grad=True, logits_bytes=budget)
+                                capture_heads=plan.heads, with_grad=True, logits_bytes=budget)
         timer.move("forward", "credit", fwd.attn_seconds)  # the map's recompute is credit cost
         old = mb.take(pre.old_logprobs) if pre is not None else fwd.logprobs.detach()
         entropy = mb.take(pre.entropies) if pre is not None else fwd.entropy

@@ -201,6 +201,20 @@ def test_flow_credit_matches_loop(select, cond, cons):
     assert sum(m[f"credit/class/{c}"] for c in CLASSES) == pytest.approx(1.0)
 
 
+def test_flow_credit_reachability_injection_matches_loop():
+    rb = hand_batch(2)
+    FlowCredit(inject="reachability").on_rollout_batch(None, stand_in(), rb)
+    uniform = flow_tau_loop(rb)
+    differs = 0
+    for b, item in enumerate(flow_tau_loop(rb, inject="reachability")):
+        resp = rb.response_mask[b:b + 1]
+        ref = resp.float() if item is None or not item[1] else ref_hard(item[0][None], resp, 0.4, 1.5)
+        torch.testing.assert_close(rb.token_weights[b:b + 1], ref.float())
+        differs += item is not None and not torch.allclose(item[0], uniform[b][0])
+    assert differs > 0  # the knob changes the throughput
+    assert rb.metrics["credit/answer_mass"] == pytest.approx(1.0, abs=1e-9)
+
+
 @pytest.mark.parametrize("mapping", ["linear", "rank"])
 def test_flow_credit_continuous_normalized(mapping):
     rb = hand_batch(3)
@@ -263,6 +277,14 @@ def test_flags_and_layers():
     assert AttentionCredit(layers="late").capture_layers == "late"
     with pytest.raises(ValueError):
         FlowCredit(layers="middle-ish")
+    assert FlowCredit().capture_heads == AttentionCredit().capture_heads == RolloutCallback.capture_heads == "mean"
+    assert FlowCredit(heads="max").capture_heads == AttentionCredit(heads="max").capture_heads == "max"
+    assert FlowCredit().inject == "uniform" and FlowCredit(inject="reachability").inject == "reachability"
+    for bad in (dict(heads="sum"), dict(inject="h")):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            FlowCredit(**bad)
+    with pytest.raises(ValueError, match="heads"):
+        AttentionCredit(heads="median")
 
 
 # ----------------------------------------------------------------------------- baselines

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from flowtracer.evaluation.ranking import auroc, covers_all, precision_at_k
+from flowtracer.evaluation.ranking import auroc, covers_all, group_scores, precision_at_k
 
 
 def brute_auroc(s, pos, neg):
@@ -86,3 +86,30 @@ def test_bootstrap_and_wilson_intervals():
     assert all(math.isnan(x) for x in bootstrap_mean_ci(torch.tensor([math.nan])))
     p, lo, hi = wilson_ci(459, 1000)
     assert p == 0.459 and abs(lo - 0.4282) < 1e-3 and abs(hi - 0.4901) < 1e-3
+
+
+def test_group_auroc_matches_brute_force_on_a_hand_made_example():
+    """Statements/lines scored by the sum and by the max of their tokens, then AUROC over groups."""
+    # 10 tokens, 4 groups: g0 = tokens 0-2 (positive), g1 = 3-4 (negative), g2 = 6-8 (positive),
+    # g3 = 9 (negative); token 5 is in no group. Row 1 has no token of g3 (absent: left out).
+    s = torch.tensor([[0.1, 0.5, 0.2, 0.9, 0.0, 5.0, 0.3, 0.3, 0.1, 0.6],
+                      [1.0, 0.0, 0.0, 0.2, 0.2, 9.0, 0.1, 0.1, 0.1, 9.0]])
+    groups = torch.tensor([[0, 0, 0, 1, 1, -1, 2, 2, 2, 3], [0, 0, 0, 1, 1, -1, 2, 2, 2, -1]])
+    label = torch.tensor([1, 0, 1, 0])  # per group: 1 positive, 0 negative
+    for reduce, fn in (("sum", sum), ("max", max)):
+        g, present = group_scores(s, groups, 4, reduce)
+        for b in range(2):
+            members = [[float(s[b, t]) for t in range(10) if int(groups[b, t]) == j] for j in range(4)]
+            want_scores = [fn(m) if m else 0.0 for m in members]
+            assert present[b].tolist() == [bool(m) for m in members]
+            assert torch.allclose(g[b], torch.tensor(want_scores, dtype=torch.float64))
+            pos = [bool(m) and int(label[j]) == 1 for j, m in enumerate(members)]
+            neg = [bool(m) and int(label[j]) == 0 for j, m in enumerate(members)]
+            got = auroc(g[b:b + 1], torch.tensor([pos]), torch.tensor([neg]))
+            assert abs(float(got) - brute_auroc(want_scores, pos, neg)) < 1e-12
+    # by hand, row 0: sums g0 0.8, g1 0.9, g2 0.7, g3 0.6 -> pairs (g0>g1 no, g0>g3 yes, g2>g1 no,
+    # g2>g3 yes) = 2/4; maxes g0 0.5, g1 0.9, g2 0.3, g3 0.6 -> 0/4
+    g, present = group_scores(s, groups, 4, "sum")
+    assert float(auroc(g[:1], (label == 1)[None] & present[:1], (label == 0)[None] & present[:1])) == 0.5
+    g, present = group_scores(s, groups, 4, "max")
+    assert float(auroc(g[:1], (label == 1)[None] & present[:1], (label == 0)[None] & present[:1])) == 0.0

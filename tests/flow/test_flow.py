@@ -27,7 +27,7 @@ def _prod(W, path) -> float:
     return math.prod(W[a][b] for a, b in zip(path, path[1:]))
 
 
-def reference(attn, src, ans, valid, eps, cond, cons):
+def reference(attn, src, ans, valid, eps, cond, cons, inject_mode="uniform"):
     """Literal docs/method.md definitions on plain Python floats, summing over all enumerated paths."""
     T = len(attn)
     A = [bool(ans[t] and valid[t]) for t in range(T)]
@@ -56,6 +56,9 @@ def reference(attn, src, ans, valid, eps, cond, cons):
     inj_set = [Q[q] and (h[q] > 0 or not cond) for q in range(T)]
     n = sum(inj_set)
     inject = [(1.0 / n if (inj_set[q] and reached) else 0.0) for q in range(T)]
+    if inject_mode == "reachability":  # h(q) / sum of h over the alive sources
+        z = sum(h[q] for q in range(T) if Q[q])
+        inject = [h[q] / z if (Q[q] and reached) else 0.0 for q in range(T)]
     f = [inject[k] + sum(inject[q] * _prod(Wp, p) for q in range(k) for p in _paths(q, k)) for k in range(T)]
     tau = [f[k] + sum(f[k] * Wp[k][j] for j in range(T)) + (f[k] if A[k] else 0.0) for k in range(T)]
     return dict(reach=h, capacity=Wp, inflow=f, throughput=tau, reached=reached, inject=inject)
@@ -114,6 +117,59 @@ def test_matches_path_enumeration(cond, cons):
             one = FlowResult(**{k: v[b] if isinstance(v, torch.Tensor) else v for k, v in vars(batched).items()})
             _check_against(one, refs[b], T)
     assert n_unreached > 0  # the random cases do cover unreached sequences
+
+
+@pytest.mark.parametrize("cond,cons", MODES)
+def test_reachability_injection_matches_path_enumeration(cond, cons):
+    rng = random.Random(99 + 10 * cond + cons)
+    for _ in range(30):
+        T = rng.randint(1, 8)
+        attn, src, ans, val = random_case(rng, T)
+        ref = reference(attn, src, ans, val, 0.0, cond, cons, inject_mode="reachability")
+        res = trace_flow(torch.tensor(attn, dtype=torch.float64), torch.tensor(src), torch.tensor(ans),
+                         valid_mask=torch.tensor(val), condition_on_answer=cond, conserve=cons,
+                         inject="reachability")
+        assert res.inject_mode == "reachability"
+        _check_against(res, ref, T)
+
+
+def test_reachability_injection_is_the_conditioned_walk():
+    """inject="reachability" (Doob setting): f(k) = P(a walk passes k), for the walk that starts
+    uniformly on the question and is conditioned to reach the answer. Brute force: enumerate every
+    walk q -> ... -> a (q a source, a the first answer token it meets), weight = product of its
+    capacities (uniform start: the 1/|Q| cancels in the conditioning); f(k) = weight of the walks
+    through k / weight of all walks. The uniform injection is not this walk: it differs."""
+    rng = random.Random(5)
+    differs = 0
+    for _ in range(30):
+        T = rng.randint(3, 8)
+        attn, src, ans, val = random_case(rng, T)
+        A = [bool(ans[t] and val[t]) for t in range(T)]
+        Q = [bool(src[t] and val[t]) for t in range(T)]
+        W = [[float(attn[k][i]) if (val[i] and val[k] and not A[i] and k > i) else 0.0 for k in range(T)]
+             for i in range(T)]
+        walks = [[q] for q in range(T) if Q[q] and A[q]]  # a source on the answer: a one-token walk
+        walks += [p for q in range(T) if Q[q] and not A[q] for a in range(q + 1, T) if A[a] for p in _paths(q, a)
+                  if not any(A[m] for m in p[1:-1])]
+        weight = [_prod(W, p) for p in walks]
+        z = sum(weight)
+        kw = dict(valid_mask=torch.tensor(val), inject="reachability")
+        res = trace_flow(torch.tensor(attn, dtype=torch.float64), torch.tensor(src), torch.tensor(ans), **kw)
+        if z == 0:
+            assert not bool(res.reached) and float(res.inflow.abs().sum()) == 0.0
+            continue
+        want = torch.tensor([sum(w for p, w in zip(walks, weight) if k in p) / z for k in range(T)],
+                            dtype=torch.float64)
+        torch.testing.assert_close(res.inflow, want, rtol=0, atol=1e-10)
+        uniform = trace_flow(torch.tensor(attn, dtype=torch.float64), torch.tensor(src), torch.tensor(ans),
+                             valid_mask=torch.tensor(val))
+        differs += not torch.allclose(uniform.inflow, want, atol=1e-6)
+    assert differs > 0
+
+
+def test_bad_inject_raises():
+    with pytest.raises(ValueError, match="reachability"):
+        trace_flow(torch.zeros(3, 3), torch.tensor([1, 0, 0]), torch.tensor([0, 0, 1]), inject="h")
 
 
 def test_float32_input_matches_reference():

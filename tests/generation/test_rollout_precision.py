@@ -10,7 +10,7 @@ from tiny import tiny_model, tiny_tokenizer
 import flowtracer.generation.precision as prec
 from flowtracer.config import SamplingConfig
 from flowtracer.generation import generate, row_seeds, sample
-from flowtracer.train.step.forward import teacher_forced_pass
+from flowtracer.model.forward import teacher_forced_pass
 
 PROMPTS = ["What is 2 + 3?", "Add 17 and 5, then tell me the sum please.", "9 - 4 = ?"]
 

@@ -35,8 +35,9 @@ def _batch(B: int = 3, T: int = 30, seed: int = 0):
     return ids.masked_fill(mask == 0, 0), mask
 
 
-def _eager_reference(model, ids, mask, layers):
-    """Mean of eager attentions over `layers` and all heads (padding zeroed); log-probs/entropies from full logits."""
+def _eager_reference(model, ids, mask, layers, heads="mean"):
+    """Mean of eager attentions over `layers` of the mean (or max) over all heads (padding zeroed);
+    log-probs/entropies from full logits."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     base.set_attn_implementation("eager")
     try:
@@ -47,7 +48,8 @@ def _eager_reference(model, ids, mask, layers):
         base.set_attn_implementation("sdpa")
     valid = mask.bool()
     pair = valid[:, :, None] & valid[:, None, :]
-    attn = torch.stack([out.attentions[i].mean(dim=1) for i in layers]).mean(dim=0)
+    per_head = [out.attentions[i] for i in layers]  # each (B, H, T, T): every head of the layer
+    attn = torch.stack([a.mean(dim=1) if heads == "mean" else a.amax(dim=1) for a in per_head]).mean(dim=0)
     attn = attn.masked_fill(~pair, 0.0).nan_to_num(0.0)
     logp = torch.log_softmax(out.logits.float(), dim=-1)
     target = torch.zeros_like(valid)
@@ -313,3 +315,47 @@ def test_backend_argument():
     if not torch.cuda.is_available():  # the fused kernels need CUDA: asking for them on CPU is an error
         with pytest.raises(ValueError, match="triton"):
             teacher_forced_pass(model, ids, mask, backend="triton")
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "mistral"])
+@pytest.mark.parametrize("layers", ["middle", [0, 3, 5]], ids=str)
+def test_heads_max_matches_eager_per_head_maximum(arch, layers):
+    """heads="max": each layer's element-wise maximum over its query heads (eager keeps every head),
+    averaged over the layers; padded rows/columns zero; the same with many small query chunks."""
+    model = _model(arch)
+    ids, mask = _batch()
+    sel = resolve_layers(layers, model.config.num_hidden_layers)
+    ref, _, _ = _eager_reference(model, ids, mask, sel, heads="max")
+    for budget in (None, 3000):
+        out = teacher_forced_pass(model, ids, mask, capture_layers=layers, capture_heads="max",
+                                  attn_chunk_bytes=budget)
+        torch.testing.assert_close(out.attn, ref, atol=ATOL, rtol=0)
+    mean = teacher_forced_pass(model, ids, mask, capture_layers=layers).attn
+    valid = mask.bool()
+    assert (out.attn >= mean - ATOL).all() and (out.attn - mean).abs().max() > 1e-3  # a different map
+    assert (out.attn.sum(-1)[valid] >= 1 - ATOL).all()  # a head maximum: rows sum to at least 1
+
+
+@pytest.mark.parametrize("heads", ["mean", "max"])
+def test_per_layer_maps(heads):
+    """per_layer keeps each layer's own map (= eager on that layer alone); attn is their mean."""
+    model = _model("qwen3")
+    ids, mask = _batch()
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad(), capture_attention(model, "all", attention_mask=mask, heads=heads, per_layer=True) as cap:
+        model(input_ids=ids, attention_mask=mask, position_ids=pos)
+    assert list(cap.layer_attn) == list(range(6))
+    for layer, m in cap.layer_attn.items():
+        ref, _, _ = _eager_reference(model, ids, mask, [layer], heads=heads)
+        torch.testing.assert_close(m, ref, atol=ATOL, rtol=0)
+    ref_all, _, _ = _eager_reference(model, ids, mask, range(6), heads=heads)
+    torch.testing.assert_close(cap.attn, ref_all, atol=ATOL, rtol=0)
+
+
+def test_heads_argument():
+    model = _model("llama")
+    ids, mask = _batch()
+    with pytest.raises(ValueError, match="heads"):
+        teacher_forced_pass(model, ids, mask, capture_heads="sum")
+    with pytest.raises(ValueError, match="Triton"):
+        teacher_forced_pass(model, ids, mask, capture_heads="max", backend="triton")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from tiny import tiny_model
 
-from flowtracer.train.step.forward import teacher_forced_pass
+from flowtracer.model.forward import teacher_forced_pass
 
 # bf16 keeps 8 bits of mantissa: scores off by ~2^-8 relative, so probabilities off by ~1e-2 at most
 # (softmax and the head/layer average run in float32; the average shrinks the error further).

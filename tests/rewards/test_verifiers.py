@@ -233,3 +233,22 @@ def test_locate_question_span():
     assert tok.decode([t for t, m in zip(enc["input_ids"], mask.tolist()) if m]) == question
     assert locate_question_span(prompt, "absent") is None
     assert locate_question_span(prompt, "   ") is None
+
+
+def test_scaffold_span_of_each_extractor():
+    from flowtracer.rewards.extract import EXTRACTORS, scaffold_span
+
+    cases = [  # (text, extractor that produces the answer, the scaffold text or None)
+        ("x = 4\n<answer> 4</answer>", "answer_tag", "<answer> "),
+        ("so \\boxed{ 4 }", "boxed", "\\boxed{ "),
+        ("so \\fbox{4}", "boxed", "\\fbox{"),
+        ("x = 4\n####  4", "hash", "####  "),
+        ("3 + 1 = 4. The answer is: 4", "last_number", "The answer is: "),
+        ("3 + 1 = 4. The final answer is $4", "last_number", "The final answer is $"),
+        ("3 + 1 = 4", "last_number", None),
+        ("<answer>4</answer> and then 5", "last_number", None),  # the tag is not what produced 5
+    ]
+    for text, name, want in cases:
+        _, span = EXTRACTORS[name](text)
+        got = scaffold_span(text, span)
+        assert (None if got is None else text[got[0]:got[1]]) == want, text

@@ -12,7 +12,16 @@ from conftest import ROOT
 from flowtracer.credit.select import num_selected
 from flowtracer.model.policy import load_policy
 from flowtracer.tools.analysis import Verifiers, load_problems
-from flowtracer.tools.probe import ProbeResult, probe_batch, probe_masks, regenerate, run_probe
+from flowtracer.tools.probe import (
+    PROBE_ARMS,
+    ProbeResult,
+    class_matched,
+    probe_batch,
+    probe_masks,
+    regenerate,
+    relative_positions,
+    run_probe,
+)
 
 
 def test_probe_masks_have_requested_size():
@@ -37,21 +46,59 @@ def test_probe_runs_on_tiny_model(tiny_model_dir):
     rows = load_problems([str(ROOT / "data/arith_train.jsonl")], 6)
     # A random tiny model rarely writes a number: probe given responses so that answers parse.
     responses = [f"{r['question'][8:-1]} = {r['answer']}" for r in rows]
-    torch.manual_seed(0)
-    result = ProbeResult(frac=0.2)
-    masks = probe_batch(model, tok, rows, result, verifiers=Verifiers(), max_new_tokens=6, responses=responses)
-    assert result.n_problems == 6 and result.n_eligible == 6
-    n_reason = torch.tensor([len(r) - len(str(row["answer"])) for r, row in zip(responses, rows)])
-    want = num_selected(n_reason, 0.2)  # one char per token: reasoning = the text before the answer
-    for arm in ("flow_top", "flow_bottom", "random", "entropy", "attention"):
-        assert torch.equal(masks[arm].sum(-1), want), arm
-        assert result.masked_tokens[arm] == int(want.sum())
-    assert result.reasoning_tokens == int(n_reason.sum())
-    assert {r["arm"] for r in result.records} == {"flow_top", "flow_bottom", "random", "entropy", "attention"}
-    table = {r["arm"]: r for r in result.table()}
-    assert set(table) == {"none", "flow_top", "flow_bottom", "random", "entropy", "attention"}
-    assert all(0.0 <= r["changed"] <= 1.0 and 0.0 <= r["flipped"] <= 1.0 for r in table.values())
-    assert "| flow_top |" in result.markdown()
+    for protect, n_protected in (("scaffold", 1), ("none", 0)):
+        torch.manual_seed(0)
+        result = ProbeResult(frac=0.2, protect=protect)
+        masks = probe_batch(model, tok, rows, result, verifiers=Verifiers(), max_new_tokens=6, responses=responses)
+        assert result.n_problems == 6 and result.n_eligible == 6
+        # one char per token: the reasoning is the text before the answer, less (protected) the space before it
+        n_reason = torch.tensor([len(r) - len(str(row["answer"])) - n_protected for r, row in zip(responses, rows)])
+        assert masks["protected"].sum(-1).tolist() == [1] * 6  # last_number, no "The answer is": the space
+        want = num_selected(n_reason, 0.2)
+        for arm in PROBE_ARMS:
+            assert torch.equal(masks[arm].sum(-1), want), arm
+            assert result.masked_tokens[arm] == int(want.sum())
+            assert sum(result.class_counts[arm]) == int(want.sum())
+        assert result.reasoning_tokens == int(n_reason.sum())
+        assert result.class_counts["class_random"] == result.class_counts["flow_top"]
+        assert {r["arm"] for r in result.records} == set(PROBE_ARMS)
+        table = {r["arm"]: r for r in result.table()}
+        assert set(table) == {"none", *PROBE_ARMS}
+        assert all(0.0 <= r[k] <= 1.0 for r in table.values() for k in ("changed", "flipped", "changed_repro"))
+        assert "| flow_top |" in result.markdown() and f"protect = {protect}" in result.markdown()
+
+
+EXTRACTOR_CASES = {  # extractor -> (response, its scaffold text right before the answer)
+    "answer_tag": ("12 + 30 = 42\n<answer>42</answer>", "<answer>"),
+    "boxed": ("12 + 30 = 42, so \\boxed{42}", "\\boxed{"),
+    "hash": ("12 + 30 = 42\n#### 42", "#### "),
+    "last_number": ("12 + 30 = 42. The answer is 42", "The answer is "),
+}
+
+
+@pytest.mark.parametrize("extractor", list(EXTRACTOR_CASES))
+def test_protected_scaffold_is_never_masked(tiny_model_dir, extractor):
+    """For each extractor, no arm (random and class-matched random included) masks the scaffold or
+    the token before the answer, even when 90% of the reasoning is masked; without protection the
+    same probe does mask them (so the test can fail)."""
+    model, tok = load_policy(tiny_model_dir, lora=None)
+    model.eval()
+    response, scaffold = EXTRACTOR_CASES[extractor]
+    rows = [{"question": "What is 12 + 30?", "answer": "42", "verifier": "math"}] * 4
+    start = response.rindex("42") - len(scaffold)
+    want = set(range(start, start + len(scaffold))) | {response.rindex("42") - 1}
+    hit = {}
+    for protect in ("scaffold", "none"):
+        result = ProbeResult(frac=0.9, protect=protect)
+        masks = probe_batch(model, tok, rows, result, verifiers=Verifiers(), max_new_tokens=4,
+                            responses=[response] * 4, seed=3)
+        assert result.n_eligible == 4
+        for b in range(4):
+            cols = masks["response"][b].nonzero().squeeze(-1).tolist()  # one token per character
+            assert len(cols) == len(response)
+            assert {i for i, c in enumerate(cols) if masks["protected"][b, c]} == want
+        hit[protect] = any(bool((masks[arm] & masks["protected"]).any()) for arm in PROBE_ARMS)
+    assert not hit["scaffold"] and hit["none"]
 
 
 def test_none_arm_changes_no_greedy_answer(tiny_model_dir):
@@ -65,14 +112,52 @@ def test_none_arm_changes_no_greedy_answer(tiny_model_dir):
             for r in load_problems([str(ROOT / "data/arith_train.jsonl")], 6)]
     greedy = ProbeResult(frac=0.2)
     probe_batch(model, tok, rows, greedy, verifiers=Verifiers(), max_new_tokens=8)
-    assert greedy.n_problems == greedy.n_eligible == 6
-    assert greedy.changed["none"] == 0 and greedy.flipped["none"] == 0
+    assert greedy.n_problems == greedy.n_eligible == 6 and greedy.protect == "scaffold"
+    assert greedy.changed["none"] == 0 and greedy.flipped["none"] == 0 and greedy.n_repro == 6
     originals = [r["original"] for r in greedy.records if r["arm"] == "random"]
     assert len(originals) == 6 and all(len(o) >= 5 for o in originals)
     swapped = [o[:4] + ("1" if o[4] == "0" else "0") + o[5:] for o in originals]
     given = ProbeResult(frac=0.2)
     probe_batch(model, tok, rows, given, verifiers=Verifiers(), max_new_tokens=8, responses=swapped)
     assert given.n_eligible == 6 and given.changed["none"] == 6
+
+
+def test_class_matched_random_reproduces_the_class_histogram():
+    """Per row and class, class_random masks exactly as many tokens as flow_top, all eligible,
+    drawn by the noise (another noise draws other tokens)."""
+    g = torch.Generator().manual_seed(4)
+    B, T = 8, 60
+    reasoning = torch.rand(B, T, generator=g) < 0.8
+    classes = torch.randint(0, 5, (B, T), generator=g)
+    flow = torch.rand(B, T, generator=g) + (classes == 2) * 1.0  # flow prefers class 2, as it prefers newlines
+    scores = {"flow_top": flow, "random": torch.rand(B, T, generator=g)}
+    masks = probe_masks(scores, reasoning, 0.3, classes=classes, noise=torch.rand(B, T, generator=g))
+    top, cm = masks["flow_top"], masks["class_random"]
+    assert not (cm & ~reasoning).any()
+    for c in range(5):
+        assert torch.equal((top & (classes == c)).sum(-1), (cm & (classes == c)).sum(-1)), c
+    assert not torch.equal(cm, top)  # same histogram, other tokens
+    other = class_matched(top, reasoning, classes, torch.rand(B, T, generator=g))
+    assert not torch.equal(other, cm) and torch.equal(other.sum(-1), top.sum(-1))
+
+
+def test_relative_positions_against_a_loop():
+    """Each pick's index among its row's reasoning tokens over (count - 1), picks outside the
+    reasoning ignored; a one-token reasoning counts as 1."""
+    g = torch.Generator().manual_seed(7)
+    reasoning = torch.rand(6, 20, generator=g) < 0.6
+    reasoning[5] = False
+    reasoning[5, 9] = True
+    mask = torch.rand(6, 20, generator=g) < 0.4
+    mask[5, 9] = True
+    want = []
+    for b in range(6):
+        cols = reasoning[b].nonzero().squeeze(-1).tolist()
+        want += [cols.index(c) / max(len(cols) - 1, 1) if len(cols) > 1 else 1.0
+                 for c in range(20) if mask[b, c] and reasoning[b, c]]
+    got = relative_positions(mask, reasoning)
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float32))
+    assert got.min() >= 0 and got.max() <= 1 and got[-1] == 1.0
 
 
 def test_regenerate_matches_generate_and_masking_changes_logits(tiny_model_dir):
@@ -108,21 +193,29 @@ def test_regenerate_matches_generate_and_masking_changes_logits(tiny_model_dir):
 
 
 def test_probe_cli_batches(tiny_model_dir, tmp_path, capsys):
+    import csv
+
     from flowtracer.cli import main
 
     out = tmp_path / "probe.json"
     main(["probe", "--model", tiny_model_dir, "--data", str(ROOT / "data/arith_val.jsonl"), "--n", "5",
           "--batch-size", "2", "--max-new-tokens", "8", "--out", str(out), "--results", str(tmp_path / "probe")])
-    assert "| arm | answer changed | correctness flipped | masked share |" in capsys.readouterr().out
+    assert "| arm | answer changed | correctness flipped | changed (none reproduces) |" in capsys.readouterr().out
     data = json.loads(out.read_text())
-    assert data["n_problems"] == 5 and len(data["table"]) == 6
+    assert data["n_problems"] == 5 and len(data["table"]) == 7 and len(data["classes"]) == 6
+    assert data["args"]["protect"] == "scaffold"
+    classes = list(csv.DictReader(open(tmp_path / "probe_classes.csv")))
+    assert [r["arm"] for r in classes] == list(PROBE_ARMS) and "scaffold" in classes[0]
     import csv
 
     rows = list(csv.DictReader(open(tmp_path / "probe.csv")))
+    assert {r["protect"] for r in rows} == {"scaffold"}
     assert [r["arm"] for r in rows] == [r["arm"] for r in data["table"]]
     for r in rows:  # a rate lies inside its interval (or no eligible problem: no interval)
         assert r["changed_lo"] == "nan" or float(r["changed_lo"]) <= float(r["changed"]) <= float(r["changed_hi"])
     assert "flowtracer probe" in (tmp_path / "probe.md").read_text()
+    with pytest.raises(SystemExit):  # argparse: one of the choices
+        main(["probe", "--model", tiny_model_dir, "--protect", "tag"])
 
 
 def test_run_probe_rejects_bad_frac(tiny_model_dir):

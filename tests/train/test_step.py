@@ -44,11 +44,12 @@ class Recording(Callback):
 
 def fit(model_dir, tmp_path, *, arms=(), monkeypatch=None, steps=1, temperature=1.0, beta=0.0, fuse=True,
         checkpointing=False, **optim):
-    """Run `steps` RL steps; returns (module, recorder, forward-call log [(batch rows, with_grad, layers)])."""
+    """Run `steps` RL steps; returns (module, recorder, forward-call log [(batch rows, with_grad, layers, heads)])."""
     rec, calls = Recording(), []
     if monkeypatch is not None:
         def counting(*args, **kwargs):
-            calls.append((args[1].shape[0], kwargs.get("with_grad", False), kwargs.get("capture_layers")))
+            calls.append((args[1].shape[0], kwargs.get("with_grad", False), kwargs.get("capture_layers"),
+                          kwargs.get("capture_heads")))
             return REAL_PASS(*args, **kwargs)
 
         def loss_spy(logp, old, adv, resp, **kw):
@@ -183,6 +184,30 @@ def test_two_weight_setting_arms_are_refused():
     plan = plan_credit([FlowCredit(), TraceCallback()], ppo_epochs=1, mini_batches=1, micro_batch_size=0,
                        batch_size=8)  # a callback that sets no weights may sit beside an arm
     assert [p for _, p in plan.placements] == [Placement.IN_FORWARD, Placement.BEFORE_UPDATE]
+
+
+@pytest.mark.parametrize("fuse", [True, False], ids=["in-forward", "pre-pass"])
+def test_heads_max_and_reachability_reach_the_step(tmp_path, tiny_model_dir, monkeypatch, fuse):
+    """FlowCredit(heads="max") makes every pass that captures the map take the head maximum (rows of
+    a head maximum sum to more than 1), and the update is real; arms that disagree are refused."""
+    arm = RecordingFlow(heads="max", inject="reachability")
+    arm.keep = ("weights", "attn", "mask", "resp")
+    _, rec, calls = fit(tiny_model_dir, tmp_path, arms=[arm], monkeypatch=monkeypatch, fuse=fuse)
+    captured = [c for c in calls if c[2] is not None]
+    assert captured and all(c[3] == "max" for c in captured)
+    valid = arm.seen[0]["mask"].bool()
+    assert (arm.seen[0]["attn"].sum(-1)[valid] > 1 + 1e-3).any()  # a head maximum, not a softmax average
+    assert_real_update(rec)
+    with pytest.raises(ValueError, match="head aggregations"):
+        plan_credit([FlowCredit(heads="max"), TraceCallback(), AttentionNeeding()], ppo_epochs=1, mini_batches=1,
+                    micro_batch_size=0, batch_size=8)
+
+
+class AttentionNeeding(Callback):
+    """A callback that reads the mean-head map and sets no weights."""
+
+    needs_attention, needs_entropy, batch_global, sets_weights = True, False, False, False
+    capture_layers, capture_heads = "middle", "mean"
 
 
 # ----------------------------------------------------------------------------- defect 4: pre-pass bounded

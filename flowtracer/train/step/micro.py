@@ -38,10 +38,11 @@ class MicroBatch:
 
 
 def forward(policy, mb: MicroBatch, *, temperature: float, capture_layers=None, with_grad: bool = False,
-            logits_bytes: int | None = None) -> TeacherForcedOutput:
+            logits_bytes: int | None = None, capture_heads: str = "mean") -> TeacherForcedOutput:
     """The teacher-forced forward of one micro-batch, stats on its response tokens only."""
     v = mb.view
     return teacher_forced_pass(policy, v.input_ids, v.attention_mask, capture_layers=capture_layers,
+                               capture_heads=capture_heads,
                                with_grad=with_grad, stats_mask=v.response_mask, temperature=temperature,
                                logits_chunk_bytes=logits_bytes)
 
@@ -90,7 +91,7 @@ class PrePassResult:
 @torch.no_grad()
 def pre_pass(policy, rollouts: RolloutBatch, *, micro_batch_size: int, temperature: float, capture_layers,
              run_callbacks: Callable[[RolloutBatch], None] | None, with_reference: bool,
-             logits_bytes: int | None) -> PrePassResult:
+             logits_bytes: int | None, capture_heads: str = "mean") -> PrePassResult:
     """No-grad teacher-forced pass, one micro-batch at a time, before the update.
 
     Each micro-batch: old log-probs and entropies (at `temperature`), the map if `capture_layers`,
@@ -105,7 +106,8 @@ def pre_pass(policy, rollouts: RolloutBatch, *, micro_batch_size: int, temperatu
     try:
         for idx in split_rows(torch.arange(rollouts.batch_size), micro_batch_size):
             mb = MicroBatch.of(rollouts, idx)
-            out = forward(policy, mb, temperature=temperature, capture_layers=capture_layers, logits_bytes=logits_bytes)
+            out = forward(policy, mb, temperature=temperature, capture_layers=capture_layers, logits_bytes=logits_bytes,
+                          capture_heads=capture_heads)
             acc.add("old", mb, out.logprobs)
             acc.add("entropy", mb, out.entropy)
             credit_seconds += out.attn_seconds

@@ -1,6 +1,6 @@
 """Where each rollout callback (credit arm) of a step runs, decided once per step.
 
-A callback declares what it reads: `needs_attention` (the averaged map of `capture_layers`),
+A callback declares what it reads: `needs_attention` (the map of `capture_layers` / `capture_heads`),
 `needs_entropy`, `batch_global` (its result depends on the whole batch at once), `sets_weights`.
 Three placements:
 
@@ -36,6 +36,7 @@ class CreditPlan:
     pre_pass: bool  # a no-grad pass runs before the update (old log-probs then come from it)
     pre_pass_layers: object  # layers the pre-pass captures (None = no map)
     forward_layers: object  # layers each training forward captures (None = no map)
+    heads: str = "mean"  # how each captured layer's query heads are aggregated
 
     def at(self, placement: Placement, batch_global: bool | None = None) -> list:
         """The callbacks placed at `placement` (optionally only the batch-global or per-row ones)."""
@@ -56,6 +57,15 @@ def capture_layers(callbacks) -> object:
     return json.loads(layer_sets.pop()) if layer_sets else None
 
 
+def capture_heads(callbacks) -> str:
+    """The one head aggregation ("mean" | "max") the attention-needing callbacks share."""
+    heads = {getattr(cb, "capture_heads", "mean") for cb in callbacks if cb.needs_attention}
+    if len(heads) > 1:
+        raise ValueError(f"credit callbacks ask for different head aggregations {sorted(heads)}; "
+                         "give them the same `heads`")
+    return heads.pop() if heads else "mean"
+
+
 def check_callbacks(callbacks) -> None:
     """Refuse combinations that have no single meaning (called before anything is written)."""
     setters = [type(cb).__name__ for cb in callbacks if getattr(cb, "sets_weights", False)]
@@ -67,6 +77,7 @@ def check_callbacks(callbacks) -> None:
         raise ValueError(f"{', '.join(both)}: a batch-global callback cannot read the attention map "
                          "(the map exists one micro-batch at a time)")
     capture_layers(callbacks)
+    capture_heads(callbacks)
 
 
 def plan_credit(callbacks, *, ppo_epochs: int, mini_batches: int, micro_batch_size: int,
@@ -86,4 +97,5 @@ def plan_credit(callbacks, *, ppo_epochs: int, mini_batches: int, micro_batch_si
     in_pre = [cb for cb, p in placements if p is Placement.PRE_PASS]
     in_fwd = [cb for cb, p in placements if p is Placement.IN_FORWARD]
     return CreditPlan(tuple(placements), pre_pass=not fused or bool(in_pre),
-                      pre_pass_layers=capture_layers(in_pre), forward_layers=capture_layers(in_fwd))
+                      pre_pass_layers=capture_layers(in_pre), forward_layers=capture_layers(in_fwd),
+                      heads=capture_heads(callbacks))
