@@ -20,8 +20,8 @@ answer span = its last 12 characters), so random responses get rewards with spre
 It imports neither datasets, jsonargparse, reasoning-gym nor math-verify (the GPU image has torch
 2.11, transformers 5.17, lightning 2.6 and peft only): no CLI, no verifier registry.
 Optional extra checks when time allows (they need jsonargparse, i.e. the CLI):
-    flowtracer fit --config experiments/quickstart.yaml --config experiments/ddp_gpu.yaml
-    flowtracer fit --config experiments/quickstart.yaml --config experiments/fsdp_gpu.yaml
+    flowtracer fit --config experiments/quickstart.yaml --config experiments/scale_out/ddp_gpu.yaml
+    flowtracer fit --config experiments/quickstart.yaml --config experiments/scale_out/fsdp_gpu.yaml
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ def write_grid(tmp: Path, launcher: str, steps: int) -> Path:
             "overrides": {"trainer.max_steps": steps, "model.log_rollouts": False},
             "env": {"OMP_NUM_THREADS": 1}, "launcher": launcher,
             "ray": {"num_cpus": 2, "include_dashboard": False},
-            "axes": {"arm": {"uniform": str(exp / "ablation_uniform.yaml"), "flow": str(exp / "ablation_flow.yaml")},
+            "axes": {"arm": {"uniform": str(exp / "ablations/uniform.yaml"), "flow": str(exp / "ablations/flow.yaml")},
                      "seed": [0, 1]}}
     path = tmp / f"{launcher}.yaml"
     path.write_text(yaml.safe_dump(grid, sort_keys=False))

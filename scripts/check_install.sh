@@ -27,7 +27,7 @@ test -s "$(dirname "$(dirname "$ckpt")")/eval.json"
 # The base install has no cluster engine: `--launcher ray` names the extra in one line (exit 2).
 if "$tmp/venv/bin/python" -c "import ray" 2>/dev/null; then echo "check_install: ray in the base install"; exit 1; fi
 set +e
-msg=$("$tmp/venv/bin/flowtracer" grid --config experiments/grid_quickstart.yaml --launcher ray --no-live 2>&1 >/dev/null)
+msg=$("$tmp/venv/bin/flowtracer" grid --config experiments/grids/quickstart.yaml --launcher ray --no-live 2>&1 >/dev/null)
 code=$?
 set -e
 [[ $code -eq 2 && "$msg" == *"pip install 'flowtracer[ray]'"* && $(wc -l <<<"$msg") -eq 1 ]] \

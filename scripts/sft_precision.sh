@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# SFT on chains (experiments/sft_chains.yaml, full fine-tuning), the first N steps in float32 and in
+# SFT on chains (experiments/sft/chains.yaml, full fine-tuning), the first N steps in float32 and in
 # bf16-mixed from the same seed, one after the other; prints train/val loss per run and the wall times.
 # Run under the shared measurement lock:
 #   flock /work/locks/measure.lock nice -n 5 bash scripts/sft_precision.sh lightning_logs/sft_precision 30
@@ -11,7 +11,7 @@ mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 for P in 32-true bf16-mixed; do
   t0=$(date +%s)
-  "$PY" -m flowtracer.cli sft --config experiments/sft_chains.yaml --trainer.max_steps "$STEPS" \
+  "$PY" -m flowtracer.cli sft --config experiments/sft/chains.yaml --trainer.max_steps "$STEPS" \
     --trainer.val_check_interval "$STEPS" --model.export_dir null --trainer.precision "$P" \
     --trainer.logger.init_args.save_dir "$OUT" --trainer.logger.init_args.name "sft_$P" > "$OUT/sft_$P.log" 2>&1
   echo "$P $(( $(date +%s) - t0 ))" >> "$OUT/wall.txt"

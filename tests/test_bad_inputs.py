@@ -271,7 +271,7 @@ def test_a_crafted_checkpoint_is_refused_and_its_payload_never_runs(command, tmp
 def test_plan_defaults_to_this_machine_and_says_when_it_does_not_fit(capsys, monkeypatch):
     monkeypatch.delenv("FLOWTRACER_MEMORY_GB", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    quick, gpu = str(ROOT / "experiments/quickstart.yaml"), str(ROOT / "experiments/lora_qwen3_4b_dapo_1k.yaml")
+    quick, gpu = str(ROOT / "experiments/quickstart.yaml"), str(ROOT / "experiments/lora/qwen3_4b_dapo_1k.yaml")
     assert main(["plan", "--config", quick]) == 0
     assert "GiB (this machine's RAM): peak" in capsys.readouterr().out
     assert main(["plan", "--config", gpu]) == 0

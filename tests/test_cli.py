@@ -124,14 +124,25 @@ def test_switching_the_credit_arm_is_a_yaml_change(tmp_path, tiny_model_dir):
         assert rec["weights"].count(1.5) == max(1, int(0.4 * n + 0.5))
 
 
-@pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "experiments").glob("*.yaml")
-                                           if not p.name.startswith(("grid_", "sft_", "attribution_"))))
-# grid files: test_grid.py; sft_*: test_sft_configs_parse; attribution_*: tests/test_attribution.py
+EXPERIMENTS = ROOT / "experiments"
+RUN_CONFIGS = ("quickstart.yaml", "rl", "paper", "lora")  # full run configs
+OVERLAYS = ("ablations", "eval", "scale_out")  # overlays on a run config
+# grids/: tests/tools/test_grid.py; sft/: test_sft_configs_parse; tools/: tests/tools/test_attribution.py
+
+
+def test_every_experiment_lives_in_a_known_folder():
+    known = set(RUN_CONFIGS + OVERLAYS + ("grids", "sft", "tools"))
+    for path in EXPERIMENTS.rglob("*.yaml"):
+        assert path.relative_to(EXPERIMENTS).parts[0] in known, path
+
+
+@pytest.mark.parametrize("config", sorted(str(p.relative_to(EXPERIMENTS)) for p in EXPERIMENTS.rglob("*.yaml")
+                                           if p.relative_to(EXPERIMENTS).parts[0] in RUN_CONFIGS + OVERLAYS))
 def test_every_experiment_config_parses(config, capsys):
     """Every shipped config resolves through the CLI (ablation arms on top of the quickstart)."""
-    args = ["fit", "--config", str(ROOT / "experiments" / config), "--print_config"]
-    if config.startswith(("ablation_", "eval_")) or config.endswith("_gpu.yaml"):  # overlays on a run config
-        args[1:1] = ["--config", str(ROOT / "experiments" / "quickstart.yaml")]
+    args = ["fit", "--config", str(EXPERIMENTS / config), "--print_config"]
+    if config.split("/")[0] in OVERLAYS:
+        args[1:1] = ["--config", str(EXPERIMENTS / "quickstart.yaml")]
     with pytest.raises(SystemExit) as done:
         main(args)
     assert done.value.code in (0, None)
@@ -140,10 +151,10 @@ def test_every_experiment_config_parses(config, capsys):
     assert arm.startswith("flowtracer.credit.")
 
 
-@pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "experiments").glob("sft_*.yaml")))
+@pytest.mark.parametrize("config", sorted(p.name for p in (EXPERIMENTS / "sft").glob("*.yaml")))
 def test_sft_configs_parse(config, capsys):
     with pytest.raises(SystemExit) as done:
-        main(["sft", "--config", str(ROOT / "experiments" / config), "--print_config"])
+        main(["sft", "--config", str(EXPERIMENTS / "sft" / config), "--print_config"])
     assert done.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["export_dir"] and printed["data"]["target_field"]

@@ -1,8 +1,8 @@
 """`flowtracer attribution`: do the scorers find the tokens the answer depends on? (ground truth)
 
-    flowtracer attribution --config experiments/attribution_chains.yaml
-    flowtracer attribution --config experiments/attribution_chains.yaml --n 20 --out /tmp/attr
-    flowtracer attribution --config experiments/attribution_chains.yaml --sweep    # + layers x heads x inject
+    flowtracer attribution --config experiments/tools/attribution_chains.yaml
+    flowtracer attribution --config experiments/tools/attribution_chains.yaml --n 20 --out /tmp/attr
+    flowtracer attribution --config experiments/tools/attribution_chains.yaml --sweep    # + layers x heads x inject
 
 On variable chains (flowtracer.data.chains) the dependencies are known by construction. For each
 problem the model writes its own greedy response; one teacher-forced pass then scores every token

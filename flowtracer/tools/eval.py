@@ -1,6 +1,6 @@
 """`flowtracer eval` (alias `flowtracer test`): a policy on the config's eval sets, by benchmark.
 
-    flowtracer eval --config experiments/eval_math.yaml --model smollm2-135m-instruct   # a base model
+    flowtracer eval --config experiments/eval/math.yaml --model smollm2-135m-instruct   # a base model
     flowtracer eval --ckpt_path lightning_logs/quickstart/version_0/checkpoints/last.ckpt  # a run
     flowtracer eval --config experiments/quickstart.yaml --model exported/merged         # an export
 
@@ -40,7 +40,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="flowtracer eval", allow_abbrev=False, description=__doc__.split("\n\n")[0])
     p.add_argument("--config", action="append", default=None,
                    help="fit-style config with data.eval_sets (default: the run's config.yaml); repeat to "
-                        "overlay several, e.g. --config run.yaml --config experiments/eval_math.yaml")
+                        "overlay several, e.g. --config run.yaml --config experiments/eval/math.yaml")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--ckpt_path", default=None, help="a fit checkpoint (<run>/checkpoints/last.ckpt)")
     src.add_argument("--model", default=None, help="a model folder, bundled name or hub id, evaluated as is")

@@ -1,8 +1,8 @@
 """`flowtracer grid`: run a base config over axes (credit arm, seed, any dotted key), one `fit` per cell.
 
-    flowtracer grid --config experiments/grid_quickstart.yaml              # sequential, resumable
-    flowtracer grid --config experiments/grid_quickstart.yaml --parallel 2
-    flowtracer grid --config experiments/grid_quickstart.yaml --report-only
+    flowtracer grid --config experiments/grids/quickstart.yaml              # sequential, resumable
+    flowtracer grid --config experiments/grids/quickstart.yaml --parallel 2
+    flowtracer grid --config experiments/grids/quickstart.yaml --report-only
 
 Grid file (paths relative to it):
 
@@ -13,7 +13,7 @@ Grid file (paths relative to it):
     overrides: {trainer.max_steps: 12} # dotted keys set in every cell
     env: {OMP_NUM_THREADS: 1}          # environment variables of every cell's `fit`
     axes:                              # the cross product of these is the grid
-      arm: {uniform: ablation_uniform.yaml, flow: ablation_flow.yaml}   # name -> config file (or a dict)
+      arm: {uniform: ablations/uniform.yaml, flow: ablations/flow.yaml}   # name -> config file (or a dict)
       seed: [0, 1]                     # sets seed_everything, model.seed and data.seed
       model.optim.lr: [1.0e-4, 2.0e-4] # any dotted key
     launcher: local                    # local | ray | slurm (--launcher overrides it)
@@ -156,7 +156,7 @@ def _axis_choices(path: Path, axes: dict) -> list[list[tuple[str, str, list[Path
         opts = []
         if axis == "arm":
             if not isinstance(values, dict):
-                raise InputError("axis `arm` maps arm names to config files, e.g. {flow: ablation_flow.yaml}")
+                raise InputError("axis `arm` maps arm names to config files, e.g. {flow: ablations/flow.yaml}")
             for name, cfg in values.items():
                 if isinstance(cfg, dict):  # inline overrides, e.g. {trainer.callbacks: [...]}
                     opts.append((axis, str(name), [], cfg))

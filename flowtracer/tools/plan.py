@@ -1,6 +1,6 @@
 """`flowtracer plan`: predicted peak memory of each phase of a config's RL step, without weights.
 
-    flowtracer plan --config experiments/lora_qwen3_4b_dapo_1k.yaml --memory-gb 80
+    flowtracer plan --config experiments/lora/qwen3_4b_dapo_1k.yaml --memory-gb 80
     flowtracer plan --config experiments/quickstart.yaml              # this machine's GPU (or RAM)
     flowtracer plan --config X --shape qwen3-1.7b --prompt-tokens 300  # another model / prompt length
 

@@ -4,7 +4,7 @@
     flowtracer fit --config experiments/quickstart.yaml --trainer.max_steps 4 --model.seed 1
     flowtracer fit --config experiments/quickstart.yaml --print_config
     flowtracer fit --config experiments/quickstart.yaml --ckpt_path last   # resume the latest run
-    flowtracer sft --config experiments/sft_chains.yaml                   # supervised warm start
+    flowtracer sft --config experiments/sft/chains.yaml                   # supervised warm start
 
 A run writes under lightning_logs/<name>/version_N/: config.yaml (resolved), metrics.csv,
 rollouts.jsonl and checkpoints/. A resumed run (`--ckpt_path last`, or a path inside a run folder)

@@ -1,7 +1,7 @@
 """Supervised fine-tuning (SFT) as a first-class command: a warm start for RL.
 
-    flowtracer sft --config experiments/sft_chains.yaml
-    flowtracer sft --config experiments/sft_chains.yaml --ckpt_path last     # resume
+    flowtracer sft --config experiments/sft/chains.yaml
+    flowtracer sft --config experiments/sft/chains.yaml --ckpt_path last     # resume
     flowtracer fit --config ... --model.model <export_dir>                    # RL from the result
 
 Features: the policy loading and LoRA of `fit` (flowtracer.model.policy.load_policy; LoRA or full

@@ -180,7 +180,7 @@ def test_datamodule_filter_map_and_streamed_fingerprint(tmp_path):
 
 
 def test_eval_math_local_protocol_on_a_synthetic_copy(tmp_path):
-    """experiments/eval_math_local.yaml on a file shaped like ROLL's math_benchmarks.jsonl (made-up
+    """experiments/eval/math_local.yaml on a file shaped like ROLL's math_benchmarks.jsonl (made-up
     problems): one file, three sets by tag, the file's own system prompt, the paper's protocol."""
     from flowtracer.tools.runs import instantiate, merged_configs
 
@@ -189,7 +189,7 @@ def test_eval_math_local_protocol_on_a_synthetic_copy(tmp_path):
                                      {"role": "user", "content": f"Problem {i}: what is {i} + {i}?"}])}
             for i, tag in enumerate(["MATH-500"] * 5 + ["aime2024"] * 3 + ["aime2025"] * 2)]
     local = _write_jsonl(tmp_path / "math_benchmarks.jsonl", rows)
-    cfg = yaml.safe_load((ROOT / "experiments" / "eval_math_local.yaml").read_text())
+    cfg = yaml.safe_load((ROOT / "experiments" / "eval/math_local.yaml").read_text())
     for spec in cfg["data"]["eval_sets"].values():
         assert spec["source"] == "data/local/math_benchmarks.jsonl"
         spec["source"] = str(local)

@@ -58,7 +58,7 @@ def test_phases_follow_the_knobs():
 
 
 def test_plan_tool_prints_every_phase(capsys):
-    main(["plan", "--config", str(ROOT / "experiments/paper_qwen3_4b_dapo_1k.yaml"), "--memory-gb", "80"])
+    main(["plan", "--config", str(ROOT / "experiments/paper/qwen3_4b_dapo_1k.yaml"), "--memory-gb", "80"])
     out = capsys.readouterr().out
     for word in ("weights", "kv_cache/chunk", "activations(update)", "flow_solve(float64)", "generate",
                  "update", "rows per generate call", "generated tokens per step", "80.0 GiB", "fits"):

@@ -35,7 +35,7 @@ def test_autocast_shrinks_activations_and_caches_frozen_weights():
 
 
 def test_plan_tool_reads_trainer_precision_and_sampling_dtype():
-    cfg = yaml.safe_load(open(ROOT / "experiments/lora_qwen3_4b_dapo_1k.yaml"))
+    cfg = yaml.safe_load(open(ROOT / "experiments/lora/qwen3_4b_dapo_1k.yaml"))
     cfg["model"]["model_dtype"] = "float32"
     cfg["trainer"]["precision"] = "bf16-mixed"
     _, run, _ = runspec_from_config(cfg, 256)

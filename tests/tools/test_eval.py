@@ -180,7 +180,7 @@ def test_tensorboard_logger_writes_events_and_metrics_csv(tmp_path, tiny_model_d
 def test_eval_math_config_sets_parse_without_network():
     from flowtracer.tools.runs import instantiate, merged_configs
 
-    _, data = instantiate(merged_configs([str(ROOT / "experiments" / "eval_math.yaml")]))
+    _, data = instantiate(merged_configs([str(ROOT / "experiments" / "eval/math.yaml")]))
     specs = data.eval_specs
     assert set(specs) == {"aime24", "aime25", "amc23", "math500", "olympiadbench", "gsm8k"}
     assert specs["aime24"].k == specs["aime25"].k == 16 and not specs["gsm8k"].math

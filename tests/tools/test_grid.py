@@ -29,8 +29,8 @@ def write_grid(tmp_path: Path, model_dir: str, name: str = "grid", **keys) -> Pa
         "out": str(tmp_path / name),
         "overrides": {"trainer.val_check_interval": 1, "model.log_rollouts": False},
         "axes": {
-            "arm": {"uniform": str(ROOT / "experiments/ablation_uniform.yaml"),
-                    "random": str(ROOT / "experiments/ablation_random.yaml")},
+            "arm": {"uniform": str(ROOT / "experiments/ablations/uniform.yaml"),
+                    "random": str(ROOT / "experiments/ablations/random.yaml")},
             "seed": [0, 1],
         },
         **keys,
@@ -46,12 +46,12 @@ def test_grid_cells_are_the_cross_product(tmp_path, tiny_model_dir):
                                             "arm=random,seed=0", "arm=random,seed=1"]
     cell = grid.cells[3]
     assert cell.overrides["model.seed"] == 1 and cell.overrides["seed_everything"] == 1
-    assert cell.configs[-1].name == "ablation_random.yaml"
+    assert cell.configs[-1].name == "ablations/random.yaml"
 
 
-@pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "experiments").glob("grid_*.yaml")))
+@pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "experiments" / "grids").glob("*.yaml")))
 def test_shipped_grids_load(config):
-    grid = load_grid(ROOT / "experiments" / config)  # checks every base and arm file exists
+    grid = load_grid(ROOT / "experiments" / "grids" / config)  # checks every base and arm file exists
     assert len(grid.cells) == len({c.name for c in grid.cells}) >= 2
     arms = {c.axes.get("arm") for c in grid.cells}
     assert arms >= {"uniform", "random", "entropy", "attention", "flow"} or arms == {None}

@@ -19,7 +19,7 @@ from flowtracer.train.sft import build_batch, response_loss
 
 
 def sft_config(tmp_path: Path, model_dir: str, *, steps: int, lora=None, every: int = 2, **model) -> Path:
-    cfg = yaml.safe_load(open(ROOT / "experiments/sft_chains.yaml"))
+    cfg = yaml.safe_load(open(ROOT / "experiments/sft/chains.yaml"))
     cfg["trainer"].update(max_steps=steps, val_check_interval=steps, limit_val_batches=1, enable_model_summary=False)
     cfg["trainer"]["logger"][0]["init_args"]["save_dir"] = str(tmp_path / "logs")
     cfg["checkpoint"]["every_n_train_steps"] = every
