@@ -52,7 +52,7 @@ def variant_scores(rb, attn: Tensor) -> tuple[dict[str, Tensor], dict[str, Tenso
     saved = rb.attn
     rb.attn = attn
     try:
-        flows = {name: FlowCredit(inject=inj).scores(None, None, rb)
+        flows = {name: FlowCredit(inject=inj).scores(rb, None)
                  for name, inj in (("flow", "uniform"), ("flow_reach", "reachability"))}
     finally:
         rb.attn = saved
