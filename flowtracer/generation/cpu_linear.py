@@ -26,6 +26,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from flowtracer.model.casts import patched_forwards
+
 _CACHE = "_flowtracer_packed"  # layer attribute: (weight tensor, its version, rows, packed weight)
 
 
@@ -74,11 +76,6 @@ def packed_linears(model: torch.nn.Module, rows: int, enabled: bool = True) -> I
     """Inside this block the model's float32 CPU linear layers answer `rows`-row inputs from packed
     weights (see the module docstring). Yields the number of layers switched (0 = nothing to do)."""
     layers = [m for m in model.modules() if _eligible(m)] if enabled and rows > 0 and available() else []
-    for layer in layers:
-        layer.forward = _forward(layer, rows)
-    try:
+    with patched_forwards(layers, lambda layer: _forward(layer, rows)):
         yield len(layers)
-    finally:
-        for layer in layers:
-            layer.__dict__.pop("forward", None)
 

@@ -61,10 +61,18 @@ def autocast_linears(model: torch.nn.Module) -> Iterator[int]:
     dtype = torch.get_autocast_dtype(device) if on else None
     layers = [m for m in model.modules() if on and type(m) is torch.nn.Linear and not m.weight.requires_grad
               and m.weight.dtype == torch.float32]
-    for layer in layers:
-        layer.forward = _linear(layer, dtype)
-    try:
+    with patched_forwards(layers, lambda layer: _linear(layer, dtype)):
         yield len(layers)
+
+
+@contextlib.contextmanager
+def patched_forwards(layers: list[torch.nn.Module], make_forward) -> Iterator[None]:
+    """Give each layer the instance forward `make_forward(layer)` inside the block; the class's own
+    forward is back afterwards, even on an exception (shared by the CPU linear fast paths)."""
+    for layer in layers:
+        layer.forward = make_forward(layer)
+    try:
+        yield
     finally:
         for layer in layers:
             layer.__dict__.pop("forward", None)

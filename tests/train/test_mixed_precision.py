@@ -90,10 +90,11 @@ def test_bf16_mixed_with_a_pre_pass_and_micro_batches(tmp_path, tiny_model_dir, 
     assert all(c["old"].dtype == torch.float32 for c in calls)
 
 
-@pytest.mark.skipif(native_bf16("cpu") is None, reason="this CPU has no native bf16: auto keeps float32 rollouts")
 def test_bf16_rollouts_record_sampler_logprobs_and_apply_tis(tmp_path, tiny_model_dir, monkeypatch):
     """auto on a bf16-capable CPU under bf16-mixed: bf16 rollouts, the sampler's log-probs reach the
     loss, the mismatch is small but real, and the TIS weights are those of the hand formula."""
+    # report AVX512-BF16 on any CPU: auto then picks bf16 rollouts (emulated bf16 gives the same numbers)
+    monkeypatch.setattr(gen_precision, "_cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
     module, calls, moves = fit(tiny_model_dir, tmp_path, monkeypatch, arm=UniformCredit())
     assert_real_finite_update(calls, moves)
     assert module.sampling.dtype == "bfloat16" and module.run_precision.record
