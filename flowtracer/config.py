@@ -85,7 +85,9 @@ class LossConfig:
     """The GRPO objective.
 
     Args:
-        advantage: "grpo" (group z-score) or "dr_grpo" (group mean only).
+        advantage: "grpo" (group z-score), "dr_grpo" (group mean only), "rloo" (leave-one-out mean)
+            or "reinforce_pp" (REINFORCE++: group mean, then normalised over the batch); formulas in
+            docs/rl-step.md.
         eps_low: PPO clip below, ratio >= 1 - eps_low.
         eps_high: PPO clip above, ratio <= 1 + eps_high (DAPO's clip-higher uses 0.28).
         aggregation: "seq-mean-token-mean" (paper), "token-mean" (DAPO), "seq-mean-token-sum-norm" (Dr. GRPO).
@@ -96,6 +98,13 @@ class LossConfig:
             min(pi_old / pi_sampler, tis_cap), as TRL and verl do for vLLM rollouts; 0 = off (the
             mismatch is still logged as mismatch/*). Must be 0 or >= 1. No effect when sampler and
             learner agree (no sampler log-probs are recorded then).
+        importance_sampling_level: what the PPO ratio is: "token" (per token, PPO/GRPO; default),
+            "sequence" (GSPO: one length-normalised ratio per response, clipped as a whole; only
+            with uniform credit, since per-token weights cannot act on it) or "sequence_token"
+            (GSPO-token: the sequence's ratio with per-token advantages; every credit arm applies).
+            GSPO's paper clips far tighter (eps_low 3e-4, eps_high 4e-4): set eps_* with it.
+        entropy_coef: entropy bonus, subtracted as entropy_coef * (the aggregated token entropy of
+            the training forward, with its gradient) from the loss (verl's entropy_coeff); 0 = off.
     """
 
     advantage: str = "grpo"
@@ -105,6 +114,8 @@ class LossConfig:
     beta: float = 0.0
     correct_threshold: float = 1.0
     tis_cap: float = 2.0
+    importance_sampling_level: str = "token"
+    entropy_coef: float = 0.0
 
 
 @dataclass

@@ -75,6 +75,7 @@ def teacher_forced_pass(
     stats_mask: torch.Tensor | None = None,
     token_stats: bool = True,
     stop_early: bool = True,
+    entropy_grad: bool = False,
 ) -> TeacherForcedOutput:
     """One teacher-forced forward over prompt+response: log-probs, entropies and the attention map.
 
@@ -89,8 +90,8 @@ def teacher_forced_pass(
         position_ids: default ``cumsum(attention_mask) - 1`` (what ``generate`` uses), so a padded
             row sees the same positions as its unpadded sequence.
         temperature: logits are divided by it before log-softmax (match the sampling temperature).
-        with_grad: keep the autograd graph for the log-probs (entropies and the map are always
-            detached statistics).
+        with_grad: keep the autograd graph for the log-probs (the map is always a detached
+            statistic, and so are the entropies unless `entropy_grad`).
         attn_chunk_bytes / logits_chunk_bytes: memory budgets of the chunked recompute and of the
             chunked vocabulary projection (full-vocabulary logits are never materialised at once);
             default 1/4 and 1/2 of what (B, T, vocab) logits would take, each at most 256 MiB
@@ -106,6 +107,8 @@ def teacher_forced_pass(
         stop_early: with token_stats=False, stop after the last captured layer (an exception raised
             by a hook); False runs every layer (same map), for wrappers that must see each forward
             end (DeepSpeed ZeRO-3, FSDP).
+        entropy_grad: with `with_grad`, the entropies keep their graph too (an entropy bonus in the
+            loss, `loss.entropy_coef`); the backward then also differentiates -sum p log p.
 
     Returns:
         TeacherForcedOutput with ``logprobs[b, t] = log p(input_ids[b, t] | tokens < t)`` and
@@ -137,7 +140,8 @@ def teacher_forced_pass(
         stats_backend = "torch" if with_grad else backend  # the kernel has no backward
         wanted = valid if stats_mask is None else valid & stats_mask.bool()
         logprobs, entropy = _token_stats(
-            lm, head, h, input_ids, valid, temperature, logits_chunk_bytes, stats_backend, wanted=wanted)
+            lm, head, h, input_ids, valid, temperature, logits_chunk_bytes, stats_backend, wanted=wanted,
+            entropy_grad=with_grad and entropy_grad)
         _check_head(lm, head, h[:, -1], last_logits)
     if captured is None:
         return TeacherForcedOutput(logprobs=logprobs, entropy=entropy, attn=None)
@@ -212,11 +216,12 @@ def _project(lm, head, h: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def _token_stats(lm, head, h, input_ids, valid, temperature, chunk_bytes, backend="torch", wanted=None):
+def _token_stats(lm, head, h, input_ids, valid, temperature, chunk_bytes, backend="torch", wanted=None,
+                 entropy_grad=False):
     """Log-prob of each realised token and entropy of its predictive distribution, chunked over positions.
 
     Only positions in `wanted` (default `valid`) are projected. Under autograd (h requires grad) the
-    log-probs keep their graph and the entropies do not; when the positions span more than one
+    log-probs keep their graph and the entropies do not (unless `entropy_grad`); when the positions span more than one
     chunk, every chunk runs under activation checkpointing, so no more than one chunk of logits
     (and of saved log-softmax output) is alive at a time, in the forward and in the backward.
     """
@@ -260,9 +265,9 @@ def _token_stats(lm, head, h, input_ids, valid, temperature, chunk_bytes, backen
         if checkpointed:
             # The backward recomputes this chunk's logits instead of keeping them (the memory budget).
             lp, ent = torch.utils.checkpoint.checkpoint(
-                _chunk_stats, lm, head, hb, tok, temperature, use_reentrant=False)
+                _chunk_stats, lm, head, hb, tok, temperature, entropy_grad, use_reentrant=False)
         else:
-            lp, ent = _chunk_stats(lm, head, hb, tok, temperature)
+            lp, ent = _chunk_stats(lm, head, hb, tok, temperature, entropy_grad)
         lp_parts.append(lp)
         ent_parts.append(ent)
     logprobs = logprobs.index_put((b_idx, t_idx), torch.cat(lp_parts))
@@ -270,13 +275,17 @@ def _token_stats(lm, head, h, input_ids, valid, temperature, chunk_bytes, backen
     return logprobs, entropy
 
 
-def _chunk_stats(lm, head, hb, tokens, temperature):
-    """(log p(token), entropy) for one chunk of hidden states; only the log-probs carry a graph."""
+def _chunk_stats(lm, head, hb, tokens, temperature, entropy_grad=False):
+    """(log p(token), entropy) for one chunk of hidden states; only the log-probs carry a graph
+    (and the entropies with `entropy_grad`)."""
     logits = _project(lm, head, hb).float()  # a no-op in float32; under autocast the bf16 logits upcast
     if temperature != 1.0:
         logits = logits / temperature
     logp = torch.log_softmax(logits, dim=-1)
     lp = logp.gather(-1, tokens[:, None]).squeeze(-1)
+    if entropy_grad and logp.requires_grad:
+        with torch.autocast(hb.device.type, enabled=False):
+            return lp, -(logp.exp() * logp).sum(-1)
     with torch.no_grad(), torch.autocast(hb.device.type, enabled=False):
         reuse = logits.dtype == torch.float32 and not (logits.requires_grad or logp.requires_grad)
         logp = logp.detach()

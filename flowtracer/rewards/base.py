@@ -52,6 +52,13 @@ def safe_score(verifier: Any, response: str, reference: Any,
         out = verifier(response, reference)
     except Exception as exc:  # a verifier bug must cost one reward, not the run
         return Score(0.0), f"{type(exc).__name__}: {exc}"
+    return as_score(out, response, locate)
+
+
+def as_score(out: Any, response: str, locate: tuple[str, ...] | None = None) -> tuple[Score, str | None]:
+    """A reward function's value for `response` (a Score, a number, a 0-dim tensor) as a Score, with the
+    span located by the extractors `locate` when it is a bare number; ``(Score(0.0), error)`` when
+    it is not a finite number (`safe_score` above)."""
     reward = out.reward if isinstance(out, Score) else out
     if hasattr(reward, "item") and getattr(reward, "ndim", 1) == 0:
         reward = reward.item()  # 0-dim tensor / numpy scalar

@@ -1,5 +1,6 @@
-"""The token-weighted PPO-clip policy loss of GRPO (docs/method.md step 5), with optional k3 KL and
-truncated importance sampling (TIS) for rollouts sampled at another precision than the learner's."""
+"""The token-weighted PPO-clip policy loss of GRPO (docs/method.md step 5), with optional k3 KL,
+truncated importance sampling (TIS) for rollouts sampled at another precision than the learner's,
+sequence-level ratios (GSPO, GSPO-token) and an entropy bonus."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import torch
 from torch import Tensor
 
 AGGREGATIONS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm")
+IS_LEVELS = ("token", "sequence", "sequence_token")
 
 
 def policy_loss(
@@ -24,6 +26,9 @@ def policy_loss(
     max_len: int | None = None,
     sampler_logprobs: Tensor | None = None,
     tis_cap: float = 0.0,
+    importance_sampling_level: str = "token",
+    entropy: Tensor | None = None,
+    entropy_coef: float = 0.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped surrogate loss with per-token credit weights.
 
@@ -55,15 +60,35 @@ def policy_loss(
       `max_len`, then mean over responses. Pass the generation budget (``max_new_tokens``) as
       `max_len`; None uses T, which over (B, T) prompt+response tensors includes the prompt width.
 
+    `importance_sampling_level` (what ``rho`` is; docs/rl-step.md):
+    - ``"token"`` (default, PPO/GRPO): ``rho_t = pi(y_t) / pi_old(y_t)`` per token.
+    - ``"sequence"`` (GSPO, Zheng et al. 2025): one ratio per response,
+      ``s_i = exp(mean_t log(pi(y_t) / pi_old(y_t)))`` (the length-normalised sequence ratio), clipped
+      as a whole and given to every token of the response. The per-token weights cannot change
+      anything the ratio or the advantage sees, so non-uniform `token_weights` are refused
+      (ValueError); `advantages` must be (B,).
+    - ``"sequence_token"`` (GSPO-token): ``s_{i,t} = sg[s_i] * pi(y_t) / sg[pi(y_t)]``, whose value is
+      ``s_i`` and whose gradient is ``s_i * grad log pi(y_t)``: the sequence's ratio and clip with
+      per-token advantages, so the credit weights apply as under ``"token"``.
+
+    `entropy` (B, T) with `entropy_coef` > 0: the bonus ``- entropy_coef * H_t`` is added to every
+    response token's loss and aggregated with it (verl's ``entropy_coeff``); `entropy` must carry
+    its graph (flowtracer.model.forward with ``entropy_grad=True``), or the bonus is a constant.
+
     A response with no tokens contributes 0 (denominators are clamped to >= 1), never NaN.
 
     Returns ``(loss, metrics)``; metrics are detached 0-dim tensors: ``clip_frac`` (response tokens
     where the clipped branch is active = no gradient), ``clip_frac_low``, ``clip_frac_high``,
     ``ratio_mean``, ``policy_kl`` (mean of old - new log-prob, the k1 estimate of KL(old || new)),
-    ``ref_kl`` (mean k3 KL to the reference; 0 when no `ref_logprobs`).
+    ``ref_kl`` (mean k3 KL to the reference; 0 when no `ref_logprobs`), and with an entropy bonus
+    ``entropy`` (the token mean of `entropy`).
     """
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation {aggregation!r}; valid: {', '.join(AGGREGATIONS)}")
+    if importance_sampling_level not in IS_LEVELS:
+        raise ValueError(f"unknown importance_sampling_level {importance_sampling_level!r}; valid: {', '.join(IS_LEVELS)}")
+    if entropy_coef != 0 and entropy is None:
+        raise ValueError("entropy_coef != 0 needs `entropy` (the token entropies of this forward, with their graph)")
     if beta > 0 and ref_logprobs is None:
         raise ValueError(
             "beta > 0 needs ref_logprobs (the reference model's log-probs); set beta: 0.0 to disable KL"
@@ -74,14 +99,20 @@ def policy_loss(
     adv = advantages.detach().to(logprobs.dtype)
     if adv.dim() == 1:
         adv = adv.unsqueeze(-1)
+    elif importance_sampling_level == "sequence":
+        raise ValueError("importance_sampling_level='sequence' takes one advantage per response: pass (B,)")
     if token_weights is not None:
+        if importance_sampling_level == "sequence" and bool(((token_weights != 1) & mask).any()):
+            raise ValueError("importance_sampling_level='sequence' (GSPO) applies one ratio and one advantage per "
+                             "response, so per-token weights cannot act; use 'sequence_token' (GSPO-token)")
         adv = adv * token_weights.detach().to(logprobs.dtype)
     adv = adv.expand_as(logprobs)
 
     # Zero the log-ratio off the response so garbage there (-inf, large values) cannot overflow
     # exp() and turn into NaN through 0 * inf.
     log_ratio = torch.where(mask, logprobs - old_logprobs.detach(), torch.zeros_like(logprobs))
-    ratio = torch.exp(log_ratio)
+    n_tokens = maskf.sum(-1)
+    ratio = torch.exp(_level_log_ratio(log_ratio, logprobs, maskf, n_tokens, importance_sampling_level))
     clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
     per_token = -torch.minimum(ratio * adv, clipped * adv)
     tis_metrics: dict[str, Tensor] = {}
@@ -97,12 +128,28 @@ def policy_loss(
         if beta > 0:
             per_token = per_token + beta * ref_kl
 
+    if entropy_coef != 0:
+        per_token = per_token - entropy_coef * torch.where(mask, entropy, torch.zeros_like(entropy)).to(per_token.dtype)
+
     per_token = per_token * maskf
-    n_tokens = maskf.sum(-1)
     loss = _aggregate(per_token, n_tokens, aggregation, max_len)
     with torch.no_grad():
         metrics = _diagnostics(ratio, log_ratio, adv, maskf, n_tokens, eps_low, eps_high, ref_kl)
+        if entropy is not None:
+            metrics["entropy"] = (entropy.detach() * maskf).sum() / n_tokens.sum().clamp(min=1.0)
     return loss, {k: v.detach() for k, v in {**metrics, **tis_metrics}.items()}
+
+
+def _level_log_ratio(log_ratio: Tensor, logprobs: Tensor, maskf: Tensor, n_tokens: Tensor, level: str) -> Tensor:
+    """log rho per token for each importance-sampling level (see `policy_loss`)."""
+    if level == "token":
+        return log_ratio
+    seq = ((log_ratio * maskf).sum(-1) / n_tokens.clamp(min=1.0)).unsqueeze(-1)  # log s_i, with its graph
+    if level == "sequence":
+        return seq.expand_as(log_ratio)
+    # GSPO-token: value log s_i, gradient d log pi(y_t) for each token t (0 off the response)
+    lp = torch.where(maskf.bool(), logprobs, torch.zeros_like(logprobs))
+    return seq.detach() + lp - lp.detach()
 
 
 def truncated_is(old_logprobs: Tensor, sampler_logprobs: Tensor, response_mask: Tensor,

@@ -194,7 +194,7 @@ class GRPOModule(GuardedUpdates, LightningModule):
             refill_rows=lambda key: dist.shard(self.trainer.datamodule.train_batch(key), rank, world),
             any_process=lambda flag: self.trainer.strategy.reduce_boolean_decision(flag, all=False),
             dapo=self.dapo, max_new_tokens=self.sampling.max_new_tokens, advantage=self.loss_cfg.advantage,
-            pad_id=self.tokenizer.pad_token_id)
+            pad_id=self.tokenizer.pad_token_id, reduce_sum=self._sum_over_processes)
 
     def _generate(self, rows, positions: list[int], step: int) -> Generated:
         formatted = [self.trainer.datamodule.format_prompt(self.tokenizer, row["question"]) for row in rows]
@@ -209,7 +209,10 @@ class GRPOModule(GuardedUpdates, LightningModule):
         scored = score_responses(self.tokenizer, self.verifiers, [r for r in rows for _ in range(g)], gen)
         return rollout_batch(gen, scored, prompts=gen.prompts,
                              answers=[str(r["answer"]) for r in rows for _ in range(g)], group_size=g,
-                             advantage=self.loss_cfg.advantage)
+                             advantage=self.loss_cfg.advantage, reduce_sum=self._sum_over_processes)
+
+    def _sum_over_processes(self, t: torch.Tensor) -> torch.Tensor:
+        return dist.all_sum(self, t)
 
     def _rollout_callbacks(self) -> list[RolloutCallback]:
         return [cb for cb in self.trainer.callbacks if isinstance(cb, RolloutCallback)]
@@ -294,12 +297,13 @@ class GRPOModule(GuardedUpdates, LightningModule):
         if ref is None and self.loss_cfg.beta > 0:
             with timer("reference"):
                 ref = micro.reference_logprobs(self.policy, mb, temperature=temp, logits_bytes=budget)
+        bonus = self.loss_cfg.entropy_coef != 0
         with timer("forward"):
             fwd = micro.forward(self.policy, mb, temperature=temp, capture_layers=plan.forward_layers,
-                                capture_heads=plan.heads, with_grad=True, logits_bytes=budget)
+                                capture_heads=plan.heads, with_grad=True, logits_bytes=budget, entropy_grad=bonus)
         timer.move("forward", "credit", fwd.attn_seconds)  # the map's recompute is credit cost
         old = mb.take(pre.old_logprobs) if pre is not None else fwd.logprobs.detach()
-        entropy = mb.take(pre.entropies) if pre is not None else fwd.entropy
+        entropy = mb.take(pre.entropies) if pre is not None else fwd.entropy.detach()  # arms and logs: no graph
         weights = self._micro_weights(rollouts, mb, plan, fwd, old, entropy, timer, credit_metrics)
         if weights is None:
             return None
@@ -310,7 +314,9 @@ class GRPOModule(GuardedUpdates, LightningModule):
             fwd.logprobs, old, mb.view.advantages, mb.view.response_mask, token_weights=weights,
             eps_low=self.loss_cfg.eps_low, eps_high=self.loss_cfg.eps_high, aggregation=self.loss_cfg.aggregation,
             beta=self.loss_cfg.beta, max_len=self.sampling.max_new_tokens, ref_logprobs=ref,
-            sampler_logprobs=mb.view.sampler_logprobs, tis_cap=self.loss_cfg.tis_cap)
+            sampler_logprobs=mb.view.sampler_logprobs, tis_cap=self.loss_cfg.tis_cap,
+            importance_sampling_level=self.loss_cfg.importance_sampling_level,
+            entropy=fwd.entropy if bonus else None, entropy_coef=self.loss_cfg.entropy_coef)
 
     def _micro_weights(self, rollouts, mb, plan, fwd, old, entropy, timer, credit_metrics):
         """This micro-batch's token weights: from the arms placed in its forward, else the step's."""

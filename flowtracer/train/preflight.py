@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from flowtracer.credit.base import UniformCredit
 from flowtracer.data.sources import DataError
 from flowtracer.errors import InputError
 from flowtracer.generation import ENGINES
@@ -25,7 +26,7 @@ from flowtracer.memory.planner import RunSpec
 from flowtracer.model.layers import resolve_layers
 from flowtracer.rl.advantages import ADVANTAGE_MODES
 from flowtracer.rl.dapo import OVERLONG_MODES
-from flowtracer.rl.loss import AGGREGATIONS
+from flowtracer.rl.loss import AGGREGATIONS, IS_LEVELS
 from flowtracer.runs.checkpoints import UnsafeCheckpointError, load_checkpoint_file
 from flowtracer.train import precision as run_precision
 from flowtracer.train.step.placement import check_callbacks
@@ -68,6 +69,11 @@ def check_settings(module, datamodule, world_size: int = 1) -> None:
     _require(loss.eps_low >= 0 and loss.eps_high >= 0,
              f"model.loss.eps_low / eps_high = {loss.eps_low} / {loss.eps_high}: clip ranges must be >= 0")
     _require(loss.beta >= 0, f"model.loss.beta = {loss.beta}: the KL coefficient must be >= 0 (0 = off)")
+    _require(loss.importance_sampling_level in IS_LEVELS,
+             f"model.loss.importance_sampling_level = {loss.importance_sampling_level!r}: use one of "
+             f"{', '.join(IS_LEVELS)}")
+    _require(loss.entropy_coef >= 0,
+             f"model.loss.entropy_coef = {loss.entropy_coef}: the entropy bonus must be >= 0 (0 = off)")
     _require(loss.tis_cap == 0 or loss.tis_cap >= 1,
              f"model.loss.tis_cap = {loss.tis_cap}: the importance-weight cap must be >= 1 (TRL, verl: 2-3), "
              "or 0 for no correction")
@@ -223,13 +229,19 @@ def check_writable(places: list[tuple[str, str]]) -> None:
             raise ConfigError(f"{key} = {path}: {problem}; point it at a folder this user can write")
 
 
-def check_credit_callbacks(callbacks) -> None:
-    """At most one arm sets token weights; the callbacks agree on one attention layer selection."""
+def check_credit_callbacks(callbacks, loss=None) -> None:
+    """At most one arm sets token weights; the callbacks agree on one attention layer selection;
+    the arm composes with `loss.importance_sampling_level` (plain GSPO takes uniform credit only)."""
 
     try:
         check_callbacks(callbacks)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
+    if loss is not None and loss.importance_sampling_level == "sequence":
+        arms = [type(cb).__name__ for cb in callbacks if cb.sets_weights and not isinstance(cb, UniformCredit)]
+        _require(not arms, f"model.loss.importance_sampling_level = sequence (GSPO) gives each response one ratio and "
+                           f"one advantage, so the per-token weights of {arms[0] if arms else ''} cannot act: use "
+                           "importance_sampling_level: sequence_token (GSPO-token), or the UniformCredit arm")
 
 
 def preflight(module, datamodule, world_size: int = 1, callbacks=(), device=None, precision=None) -> None:
@@ -238,7 +250,7 @@ def preflight(module, datamodule, world_size: int = 1, callbacks=(), device=None
     `precision` is the trainer's (e.g. "bf16-mixed"): with it the rollouts' `sampling.dtype` is
     resolved (flowtracer.train.precision) and kept as `module.run_precision`."""
     check_settings(module, datamodule, world_size)
-    check_credit_callbacks(callbacks)
+    check_credit_callbacks(callbacks, module.loss_cfg)
     datamodule.setup("fit")
     module.configure_model()
     check_precision(module, precision, device)

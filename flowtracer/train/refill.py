@@ -45,6 +45,7 @@ class RolloutSource:
     max_new_tokens: int
     advantage: str
     pad_id: int
+    reduce_sum: Callable[[Tensor], Tensor] | None = None  # sums over processes (reinforce_pp's batch statistics)
 
 
 def sample_rollouts(source: RolloutSource, rows, positions, step: int, timer):
@@ -55,7 +56,7 @@ def sample_rollouts(source: RolloutSource, rows, positions, step: int, timer):
         gen, batch = _refill(source, rows, gen, batch, step, timer)
     if cfg.dynamic_sampling or cfg.overlong != "off":
         shaped, keep = _shaped(source, gen, batch)
-        adv, stats = group_advantages(shaped, batch.group_ids, mode=source.advantage)
+        adv, stats = group_advantages(shaped, batch.group_ids, mode=source.advantage, reduce_sum=source.reduce_sum)
         batch.advantages = (adv * keep).float()
         batch.metrics.update({f"adv/{k}": float(v) for k, v in stats.items()})
         batch.metrics["dapo/overlong_masked"] = float((~keep).sum())

@@ -38,13 +38,15 @@ class MicroBatch:
 
 
 def forward(policy, mb: MicroBatch, *, temperature: float, capture_layers=None, with_grad: bool = False,
-            logits_bytes: int | None = None, capture_heads: str = "mean") -> TeacherForcedOutput:
-    """The teacher-forced forward of one micro-batch, stats on its response tokens only."""
+            logits_bytes: int | None = None, capture_heads: str = "mean",
+            entropy_grad: bool = False) -> TeacherForcedOutput:
+    """The teacher-forced forward of one micro-batch, stats on its response tokens only
+    (`entropy_grad`: the entropies keep their graph, for an entropy bonus)."""
     v = mb.view
     return teacher_forced_pass(policy, v.input_ids, v.attention_mask, capture_layers=capture_layers,
                                capture_heads=capture_heads,
                                with_grad=with_grad, stats_mask=v.response_mask, temperature=temperature,
-                               logits_chunk_bytes=logits_bytes)
+                               logits_chunk_bytes=logits_bytes, entropy_grad=entropy_grad)
 
 
 @torch.no_grad()
