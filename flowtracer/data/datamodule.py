@@ -16,6 +16,7 @@ from flowtracer.config import LEGACY_SET, EvalSet
 from flowtracer.data import prompts
 from flowtracer.data.rows import Rows, RowsChain
 from flowtracer.data.sources import DataError, is_generated, load_rows
+from flowtracer.rewards.combine import RewardSet
 from flowtracer.rewards.extract import check_extraction
 
 DEFAULT_INSTRUCTION = "Answer with just the final answer inside <answer></answer>."
@@ -53,6 +54,12 @@ class PromptDataModule(L.LightningDataModule):
             files: the row's "verifier" field, else "math").
         verifier_kwargs (dict | None, default None): init args of the verifier, stored in every
             row as "verifier_kwargs", e.g. ``{extraction: [answer_tag, last_number]}`` for "math".
+        rewards (list[dict] | None, default None): several weighted reward functions for training,
+            each ``{fn: <verifier name> | package.module:function, weight: 1.0}`` (also ``name``,
+            ``answer``, ``kwargs``; flowtracer.rewards.combine): the reward is the weighted sum,
+            each function's mean is logged as ``reward/<name>``, and one function (``answer: true``,
+            or inferred) supplies the answer span. None = each row's verifier. Validation grades with
+            data.verifier (when unset: the answer function if it is a verifier name, else the row's).
         answer_extraction (list[str] | None, default None): extractors (flowtracer.rewards.extract)
             that locate the answer span when the reward is a function returning a bare number
             (``verifier: module:function``), in order, first match wins; None = answer_tag, boxed,
@@ -95,6 +102,7 @@ class PromptDataModule(L.LightningDataModule):
         answer_field: str = "answer",
         verifier: str | None = None,
         verifier_kwargs: dict[str, Any] | None = None,
+        rewards: list[dict[str, Any]] | None = None,
         answer_extraction: list[str] | None = None,
         task_kwargs: dict[str, Any] | None = None,
         instruction: str | None = DEFAULT_INSTRUCTION,
@@ -115,6 +123,10 @@ class PromptDataModule(L.LightningDataModule):
         self.train_size, self.val_size = train_size, val_size
         self.seed, self.prompts_per_step, self.val_batch_size = seed, prompts_per_step, val_batch_size
         self.question_field, self.answer_field = question_field, answer_field
+        self.reward_set = RewardSet(rewards) if rewards is not None else None  # data.rewards, built (or refused) now
+        answer = self.reward_set.answer if self.reward_set is not None else None
+        if verifier is None and answer is not None and answer.builtin:  # validation grades as training does
+            verifier, verifier_kwargs = answer.spec, verifier_kwargs or answer.kwargs
         self.verifier, self.task_kwargs = verifier, dict(task_kwargs or {})
         self.verifier_kwargs = dict(verifier_kwargs or {})
         self.answer_extraction = list(check_extraction(answer_extraction)) if answer_extraction else None

@@ -166,7 +166,8 @@ def _build(i: int, entry: Any) -> RewardFn:
         call, default = VERIFIERS[spec](**kwargs), spec
     else:
         call = _import(i, spec, kwargs)
-        default = getattr(call, "__name__", None) or getattr(getattr(call, "func", None), "__name__", spec)
+        default = (getattr(call, "__name__", None) or getattr(getattr(call, "func", None), "__name__", None)
+                   or type(call).__name__)  # a function, a partial of one, or an instance of a class
     name = str(entry.get("name") or default)
     if name in RESERVED:
         raise InputError(f"data.rewards[{i}]: the name {name!r} clashes with reward/{name}; give it another `name`")

@@ -86,7 +86,8 @@ def policy_loss(
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation {aggregation!r}; valid: {', '.join(AGGREGATIONS)}")
     if importance_sampling_level not in IS_LEVELS:
-        raise ValueError(f"unknown importance_sampling_level {importance_sampling_level!r}; valid: {', '.join(IS_LEVELS)}")
+        raise ValueError(f"unknown importance_sampling_level {importance_sampling_level!r}; "
+                         f"valid: {', '.join(IS_LEVELS)}")
     if entropy_coef != 0 and entropy is None:
         raise ValueError("entropy_coef != 0 needs `entropy` (the token entropies of this forward, with their graph)")
     if beta > 0 and ref_logprobs is None:

@@ -146,6 +146,9 @@ class GRPOModule(GuardedUpdates, LightningModule):
         rank_zero_info(self.optim.describe(self.trainer.datamodule.prompts_per_step, self.sampling.num_generations,
                                            self._rollout_callbacks()))
         rank_zero_info(self.run_precision.describe(self.loss_cfg.tis_cap))
+        reward_set = getattr(self.trainer.datamodule, "reward_set", None)
+        if reward_set is not None:
+            rank_zero_info(reward_set.describe())
         if self._resumed_steps is not None:
             log_dir = self.trainer.log_dir  # a broadcast under DDP: every rank asks
             if self.trainer.global_rank == 0:
@@ -206,7 +209,8 @@ class GRPOModule(GuardedUpdates, LightningModule):
 
     def _score(self, rows, gen: Generated) -> RolloutBatch:
         g = len(gen.responses) // len(rows)
-        scored = score_responses(self.tokenizer, self.verifiers, [r for r in rows for _ in range(g)], gen)
+        scored = score_responses(self.tokenizer, self.verifiers, [r for r in rows for _ in range(g)], gen,
+                                 rewards=getattr(self.trainer.datamodule, "reward_set", None))
         return rollout_batch(gen, scored, prompts=gen.prompts,
                              answers=[str(r["answer"]) for r in rows for _ in range(g)], group_size=g,
                              advantage=self.loss_cfg.advantage, reduce_sum=self._sum_over_processes)
