@@ -83,30 +83,10 @@ def policy_loss(
     ``ref_kl`` (mean k3 KL to the reference; 0 when no `ref_logprobs`), and with an entropy bonus
     ``entropy`` (the token mean of `entropy`).
     """
-    if aggregation not in AGGREGATIONS:
-        raise ValueError(f"unknown aggregation {aggregation!r}; valid: {', '.join(AGGREGATIONS)}")
-    if importance_sampling_level not in IS_LEVELS:
-        raise ValueError(f"unknown importance_sampling_level {importance_sampling_level!r}; "
-                         f"valid: {', '.join(IS_LEVELS)}")
-    if entropy_coef != 0 and entropy is None:
-        raise ValueError("entropy_coef != 0 needs `entropy` (the token entropies of this forward, with their graph)")
-    if beta > 0 and ref_logprobs is None:
-        raise ValueError(
-            "beta > 0 needs ref_logprobs (the reference model's log-probs); set beta: 0.0 to disable KL"
-        )
+    _check_options(aggregation, importance_sampling_level, entropy_coef, entropy, beta, ref_logprobs)
     mask = response_mask.bool()
     maskf = mask.to(logprobs.dtype)
-
-    adv = advantages.detach().to(logprobs.dtype)
-    if adv.dim() == 1:
-        adv = adv.unsqueeze(-1)
-    elif importance_sampling_level == "sequence":
-        raise ValueError("importance_sampling_level='sequence' takes one advantage per response: pass (B,)")
-    if token_weights is not None:
-        if importance_sampling_level == "sequence" and bool(((token_weights != 1) & mask).any()):
-            raise ValueError("importance_sampling_level='sequence' (GSPO) applies one ratio and one advantage per "
-                             "response, so per-token weights cannot act; use 'sequence_token' (GSPO-token)")
-        adv = adv * token_weights.detach().to(logprobs.dtype)
+    adv = _token_advantages(advantages, token_weights, mask, importance_sampling_level).to(logprobs.dtype)
     adv = adv.expand_as(logprobs)
 
     # Zero the log-ratio off the response so garbage there (-inf, large values) cannot overflow
@@ -139,6 +119,32 @@ def policy_loss(
         if entropy is not None:
             metrics["entropy"] = (entropy.detach() * maskf).sum() / n_tokens.sum().clamp(min=1.0)
     return loss, {k: v.detach() for k, v in {**metrics, **tis_metrics}.items()}
+
+
+def _check_options(aggregation, level, entropy_coef, entropy, beta, ref_logprobs) -> None:
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {aggregation!r}; valid: {', '.join(AGGREGATIONS)}")
+    if level not in IS_LEVELS:
+        raise ValueError(f"unknown importance_sampling_level {level!r}; valid: {', '.join(IS_LEVELS)}")
+    if entropy_coef != 0 and entropy is None:
+        raise ValueError("entropy_coef != 0 needs `entropy` (the token entropies of this forward, with their graph)")
+    if beta > 0 and ref_logprobs is None:
+        raise ValueError("beta > 0 needs ref_logprobs (the reference model's log-probs); set beta: 0.0 to disable KL")
+
+
+def _token_advantages(advantages: Tensor, token_weights: Tensor | None, mask: Tensor, level: str) -> Tensor:
+    """The detached advantage of each token, (B, 1) or (B, T): A_i (or A_i,t) times its weight."""
+    adv = advantages.detach()
+    if adv.dim() == 1:
+        adv = adv.unsqueeze(-1)
+    elif level == "sequence":
+        raise ValueError("importance_sampling_level='sequence' takes one advantage per response: pass (B,)")
+    if token_weights is None:
+        return adv
+    if level == "sequence" and bool(((token_weights != 1) & mask).any()):
+        raise ValueError("importance_sampling_level='sequence' (GSPO) applies one ratio and one advantage per "
+                         "response, so per-token weights cannot act; use 'sequence_token' (GSPO-token)")
+    return adv * token_weights.detach().to(adv.dtype)
 
 
 def _level_log_ratio(log_ratio: Tensor, logprobs: Tensor, maskf: Tensor, n_tokens: Tensor, level: str) -> Tensor:
