@@ -61,3 +61,30 @@ def test_map_only_needs_layers_and_no_grad():
         teacher_forced_pass(tiny_model("llama"), ids, mask, capture_layers=None, token_stats=False)
     with pytest.raises(ValueError, match="with_grad=False"):
         teacher_forced_pass(tiny_model("llama"), ids, mask, with_grad=True, token_stats=False)
+
+
+@pytest.mark.parametrize("chunk_bytes", [None, 4096], ids=["one_chunk", "checkpointed_chunks"])
+def test_entropy_grad_keeps_the_entropies_graph_and_their_values(chunk_bytes):
+    """entropy_grad=True (an entropy bonus): the same entropies, now differentiable, with the gradient of
+    a plain full-vocabulary reference, also when the projection runs in recomputed chunks."""
+    torch.manual_seed(0)
+    model = tiny_model("llama")
+    ids, mask = _batch()
+    plain = teacher_forced_pass(model, ids, mask, capture_layers=None, with_grad=True, temperature=0.7,
+                                logits_chunk_bytes=chunk_bytes)
+    assert not plain.entropy.requires_grad
+    out = teacher_forced_pass(model, ids, mask, capture_layers=None, with_grad=True, temperature=0.7,
+                              logits_chunk_bytes=chunk_bytes, entropy_grad=True)
+    torch.testing.assert_close(out.entropy.detach(), plain.entropy, atol=1e-5, rtol=1e-5)
+    out.entropy.sum().backward()
+    ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask, position_ids=pos).logits.float() / 0.7, -1)
+    ent = -(logp.exp() * logp).sum(-1)[:, :-1]  # position t-1 predicts token t
+    valid = (mask[:, 1:] & mask[:, :-1]).bool()
+    ent[valid].sum().backward()
+    ref = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert ours.keys() == ref.keys() and ours
+    for n in ref:
+        torch.testing.assert_close(ours[n], ref[n], atol=1e-4, rtol=1e-3, msg=n)
