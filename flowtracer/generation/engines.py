@@ -18,6 +18,7 @@ from torch import Tensor
 from transformers import GenerationConfig, LogitsProcessorList
 
 from flowtracer.generation.cpu_linear import packed_linears
+from flowtracer.generation.fast import decode, unsupported_reason
 from flowtracer.generation.precision import LogprobRecorder
 from flowtracer.generation.sampler import RowSeededSampler
 
@@ -88,6 +89,17 @@ def hf_engine(model, tokenizer, ids, g, sampling, row_seeds=None, record_logprob
     """`model.generate` with `sampling.cache_implementation` (None = dynamic cache)."""
     return _hf_generate(model, tokenizer, ids, g, sampling, row_seeds, sampling.cache_implementation,
                         sampling.share_prompt_prefill, record_logprobs)
+
+
+@register_engine("fast")
+def fast_engine(model, tokenizer, ids, g, sampling, row_seeds=None, record_logprobs=False):
+    """Our own decode loop over a static KV cache (flowtracer.generation.fast), Llama-shaped models."""
+    reason = unsupported_reason(model)
+    if reason is not None:
+        raise ValueError(f"sampling.engine = fast cannot run this model: {reason}; use engine auto or hf")
+    p_ids, p_attn = left_pad(ids, tokenizer.pad_token_id, next(model.parameters()).device)
+    return decode(model, p_ids, p_attn, g, sampling, eos_ids(tokenizer, model), tokenizer.pad_token_id,
+                  row_seeds, record_logprobs)
 
 
 @register_engine("hf_static")

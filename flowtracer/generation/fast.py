@@ -1,0 +1,295 @@
+"""The "fast" engine: a decode loop of our own over a static KV cache, for Llama-shaped models.
+
+Why: at decode time a step multiplies a handful of rows by every weight once, so its floor is one
+read of the weights at memory bandwidth. `model.generate` spends most of a step elsewhere: cache
+bookkeeping, mask building, logits processors, and the vocabulary projection taken with a GEMM
+layout that is slow for skinny inputs on some CPUs. Here one step is, per layer: RMSNorm, one
+fused QKV product, rotary, attention over the filled part of a preallocated cache, one output
+product, one fused gate/up product, one down product; then the final norm, the vocabulary
+product and the sampler. Measured per CPU kind in results/decode_*.md (benchmarks/decode.py).
+
+What it keeps from the "hf" engine (tests/test_fast_decode.py compares the two):
+  * the same numerics up to float rounding: RMSNorm in float32, rotary from the model's own
+    rotary module (so its scaling variants hold), softmax in float32;
+  * sampling: greedy; HF's sampler (temperature, top-k, top-p, then one `torch.multinomial` per
+    step on the global RNG, as `generate` draws); per-row seeded Gumbel-max
+    (flowtracer.generation.sampler); the sampler's log-probs for TIS;
+  * EOS and padding: a finished row emits pad; the loop ends when every row has finished;
+  * LoRA: the weights are read from the modules at each call (adapters merged by `sample`, or
+    added here when they are live), so adapters that change every step need no recompile.
+Layout: each product runs as `x @ W^T` through `torch.mm` on a transposed contiguous copy of the
+weight, made once per weight tensor and kept while that tensor is unchanged (frozen base layers:
+once per run; merged LoRA layers: once per call). Cost: one extra copy of the linear weights.
+Supported: model_type llama, mistral, qwen2, qwen3 with SiLU MLPs and no sliding window in reach;
+`unsupported_reason(model)` says why not otherwise ("auto" then picks "hf").
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.lora import Linear as LoraLinear
+from torch import Tensor
+
+from flowtracer.generation.sampler import filter_logits, hashed_uniform
+
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+_CACHE = "_flowtracer_fast"  # module attribute: (source tensors, their versions, derived tensor)
+
+
+def _base(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def unsupported_reason(model) -> str | None:
+    """Why the fast engine cannot run `model` (None = it can)."""
+    base = _base(model)
+    cfg = getattr(base, "config", None)
+    kind = getattr(cfg, "model_type", None)
+    if kind not in SUPPORTED_TYPES:
+        return f"model_type {kind!r} is not one of {', '.join(SUPPORTED_TYPES)}"
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        return f"hidden_act {cfg.hidden_act!r} (only silu)"
+    inner = getattr(base, "model", None)
+    if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "rotary_emb"):
+        return "no decoder layers / rotary module where a Llama-shaped model has them"
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    if isinstance(rope, dict) and "dynamic" in str(rope.get("rope_type", rope.get("type", ""))):
+        return "dynamic rope scaling (the frequencies change with the length)"
+    if getattr(cfg, "use_sliding_window", kind == "mistral") and getattr(cfg, "sliding_window", None):
+        return "sliding-window attention"
+    for layer in inner.layers:
+        for mod in (*_attn_modules(layer), layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+            lin = mod.get_base_layer() if isinstance(mod, LoraLinear) else mod
+            if type(lin) is not torch.nn.Linear:
+                return f"a {type(lin).__name__} layer (quantised or custom linears)"
+    return None
+
+
+def _attn_modules(layer):
+    a = layer.self_attn
+    return a.q_proj, a.k_proj, a.v_proj, a.o_proj
+
+
+def _effective(mod) -> tuple[Tensor, Tensor | None]:
+    """(weight, bias) a linear layer applies: a live LoRA adapter's delta added, a merged one as is."""
+    if not isinstance(mod, LoraLinear):
+        return mod.weight, mod.bias
+    base = mod.get_base_layer()
+    active = [a for a in mod.active_adapters if a in mod.lora_A]
+    if mod.disable_adapters or mod.merged or mod.merged_adapters or not active:
+        return base.weight, base.bias
+    w = base.weight.detach().clone()
+    for name in active:
+        w += mod.get_delta_weight(name).to(w.dtype)
+    return w, base.bias
+
+
+def _derived(owner, key: str, sources: list[Tensor | None], make):
+    """`make(*sources)`, kept on `owner` while every source is the same unchanged tensor."""
+    versions = [(-1 if s is None or s.is_inference() else s._version) for s in sources]
+    store = owner.__dict__.setdefault(_CACHE, {})
+    hit = store.get(key)
+    if hit is not None and len(hit[0]) == len(sources) and all(a is b for a, b in zip(hit[0], sources)) \
+            and hit[1] == versions:
+        return hit[2]
+    with torch.inference_mode(False), torch.no_grad():
+        value = make(*sources)
+    store[key] = (list(sources), versions, value)
+    return value
+
+
+def _t_cat(*ws: Tensor) -> Tensor:
+    """(in, sum of outs) contiguous: the weights side by side, transposed for `x @ W^T`."""
+    return torch.cat([w.detach() for w in ws], 0).t().contiguous()
+
+
+def _cat_bias(*bs: Tensor | None) -> Tensor | None:
+    return None if all(b is None for b in bs) else torch.cat([b.detach() for b in bs], 0)
+
+
+class DecodeModel:
+    """One call's view of the model's weights in decode layout, and its forward for new tokens."""
+
+    def __init__(self, model):
+        base = _base(model)
+        cfg, inner = base.config, base.model
+        self.cfg, self.inner = cfg, inner
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.eps = cfg.rms_norm_eps
+        self.embed = inner.embed_tokens.weight
+        self.dtype, self.device = self.embed.dtype, self.embed.device
+        self.layers = [self._layer(layer, i) for i, layer in enumerate(inner.layers)]
+        self.norm = inner.norm.weight
+        head = base.get_output_embeddings()
+        self.head = _derived(head, "head", [head.weight], _t_cat)
+
+    def _layer(self, layer, i: int) -> dict:
+        q, k, v, o = (_effective(m) for m in _attn_modules(layer))
+        a, mlp = layer.self_attn, layer.mlp
+        gate, up, down = _effective(mlp.gate_proj), _effective(mlp.up_proj), _effective(mlp.down_proj)
+        return {
+            "ln1": layer.input_layernorm.weight, "ln2": layer.post_attention_layernorm.weight,
+            "qkv": _derived(a, "qkv", [q[0], k[0], v[0]], _t_cat),
+            "qkv_bias": _cat_bias(q[1], k[1], v[1]),
+            "q_norm": getattr(getattr(a, "q_norm", None), "weight", None),
+            "k_norm": getattr(getattr(a, "k_norm", None), "weight", None),
+            "o": _derived(a, "o", [o[0]], _t_cat), "o_bias": o[1],
+            "gate_up": _derived(mlp, "gate_up", [gate[0], up[0]], _t_cat), "gate_up_bias": _cat_bias(gate[1], up[1]),
+            "down": _derived(mlp, "down", [down[0]], _t_cat), "down_bias": down[1],
+        }
+
+    def rotary(self, max_pos: int) -> tuple[Tensor, Tensor]:
+        """(max_pos, head_dim) cos and sin tables from the model's rotary module."""
+        pos = torch.arange(max_pos, device=self.device).unsqueeze(0)
+        probe = torch.zeros(1, max_pos, self.head_dim, dtype=self.dtype, device=self.device)
+        cos, sin = self.inner.rotary_emb(probe, pos)
+        return cos[0], sin[0]
+
+    def _rms(self, x: Tensor, w: Tensor) -> Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return w * h.to(x.dtype)
+
+    @staticmethod
+    def _mm(x: Tensor, w_t: Tensor, bias: Tensor | None = None) -> Tensor:
+        out = torch.mm(x.reshape(-1, x.shape[-1]), w_t).view(*x.shape[:-1], w_t.shape[1])
+        return out if bias is None else out + bias
+
+    @staticmethod
+    def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        half = x.shape[-1] // 2
+        rot = torch.cat((-x[..., half:], x[..., :half]), -1)
+        return x * cos + rot * sin
+
+    def forward(self, ids: Tensor, pos: Tensor, cache: KVCache, start: int, keys: Tensor,
+                rows_per_input: int = 1) -> Tensor:
+        """Run tokens `ids` (N, T) at positions `pos` (N, T) into cache slots [start, start+T); each
+        query attends to the slots [0, start+T) its `keys` (N, T, start+T) bool allows. With
+        `rows_per_input` g > 1 each input row's keys/values are written to g consecutive cache rows
+        (a prompt prefilled once for its G samples). Returns (N, hidden) of the last position."""
+        n, t = ids.shape
+        h = F.embedding(ids, self.embed)
+        cos, sin = cache.cos[pos].unsqueeze(2), cache.sin[pos].unsqueeze(2)  # (N, T, 1, d)
+        hq, hk, d = self.n_heads, self.n_kv, self.head_dim
+        end = start + t
+        mask = keys.unsqueeze(1)  # (N, 1, T, S)
+        for i, p in enumerate(self.layers):
+            x = self._rms(h, p["ln1"])
+            qkv = self._mm(x, p["qkv"], p["qkv_bias"])
+            q, k, v = qkv.split([hq * d, hk * d, hk * d], -1)
+            q, k, v = q.view(n, t, hq, d), k.view(n, t, hk, d), v.view(n, t, hk, d)
+            if p["q_norm"] is not None:
+                q, k = self._rms(q, p["q_norm"]), self._rms(k, p["k_norm"])
+            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+            kc, vc = cache.write(i, k.transpose(1, 2), v.transpose(1, 2), start, rows_per_input)
+            if rows_per_input > 1:  # attend within the prompt's own keys (one copy per prompt)
+                kc, vc = kc[::rows_per_input], vc[::rows_per_input]
+            att = self._attend(q.transpose(1, 2), kc[:, :, :end], vc[:, :, :end], mask)
+            h = h + self._mm(att.transpose(1, 2).reshape(n, t, hq * d), p["o"], p["o_bias"])
+            x = self._rms(h, p["ln2"])
+            gate, up = self._mm(x, p["gate_up"], p["gate_up_bias"]).chunk(2, -1)
+            h = h + self._mm(F.silu(gate) * up, p["down"], p["down_bias"])
+        return self._rms(h[:, -1], self.norm)
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+        """softmax(q k^T / sqrt(d)) v with grouped query heads; q (N, Hq, T, d), k/v (N, Hkv, S, d),
+        mask (N, 1, T, S) bool. Scores and softmax in float32."""
+        n, hq, t, d = q.shape
+        g = hq // k.shape[1]
+        qg = q.reshape(n, k.shape[1], g * t, d).float()
+        scores = torch.matmul(qg, k.float().transpose(-1, -2)) * (d ** -0.5)  # (N, Hkv, g*T, S)
+        scores = scores.view(n, k.shape[1], g, t, -1).masked_fill(~mask.unsqueeze(1), float("-inf"))
+        probs = scores.softmax(-1).view(n, k.shape[1], g * t, -1)
+        out = torch.matmul(probs, v.float()).view(n, hq, t, d)
+        return out.to(q.dtype)
+
+    def logits(self, h: Tensor) -> Tensor:
+        return self._mm(h, self.head)
+
+
+class KVCache:
+    """Preallocated keys and values (layers, rows, kv heads, slots, head_dim) and the rotary tables."""
+
+    def __init__(self, dm: DecodeModel, rows: int, slots: int, max_pos: int):
+        shape = (len(dm.layers), rows, dm.n_kv, slots, dm.head_dim)
+        self.k = torch.zeros(shape, dtype=dm.dtype, device=dm.device)
+        self.v = torch.zeros(shape, dtype=dm.dtype, device=dm.device)
+        self.cos, self.sin = dm.rotary(max_pos)
+
+    def write(self, layer: int, k: Tensor, v: Tensor, start: int, g: int) -> tuple[Tensor, Tensor]:
+        end = start + k.shape[2]
+        if g > 1:
+            k, v = k.repeat_interleave(g, 0), v.repeat_interleave(g, 0)
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer], self.v[layer]
+
+
+class Sampler:
+    """Picks each step's tokens as the "hf" engine would (greedy, HF's sampler, or per-row seeds)."""
+
+    def __init__(self, sampling, row_seeds: Tensor | None):
+        self.t = sampling.temperature
+        self.top_k, self.top_p = sampling.top_k, sampling.top_p
+        self.seeds = row_seeds if self.t > 0 else None
+        self.greedy = self.t <= 0
+
+    def __call__(self, logits: Tensor, step: int) -> Tensor:
+        if self.greedy:
+            return logits.argmax(-1)
+        scores = filter_logits(logits / self.t, self.top_k, self.top_p)
+        if self.seeds is not None:
+            u = hashed_uniform(self.seeds.to(logits.device), step, logits.shape[-1])
+            return (scores.double() - torch.log(-torch.log(u))).argmax(-1)
+        return torch.multinomial(scores.softmax(-1), num_samples=1).squeeze(1)
+
+
+@torch.no_grad()
+def decode(model, prompt_ids: Tensor, prompt_attn: Tensor, g: int, sampling, eos: list[int], pad: int,
+           row_seeds: Tensor | None = None, record_logprobs: bool = False):
+    """Sample G continuations of each left-padded prompt (P, Tp): rows [i*G, (i+1)*G) answer prompt i.
+
+    Returns (new tokens (R, W) long, pad after EOS; stopped (R,) bool[, log-probs (R, W) float32]).
+    """
+    dm = DecodeModel(model)
+    n_prompts, width = prompt_ids.shape
+    rows, steps = n_prompts * g, int(sampling.max_new_tokens)
+    valid = prompt_attn.bool()
+    lengths = valid.long().sum(1)
+    cache = KVCache(dm, rows, width + steps, int(lengths.max()) + steps + 1)
+    # prefill: each real token sees the real tokens up to it; a padding token sees itself only
+    # (its values are never read, but must stay finite)
+    pos = (valid.long().cumsum(1) - 1).clamp(min=0)
+    causal = torch.ones(width, width, dtype=torch.bool, device=valid.device).tril()
+    keys = (causal & valid.unsqueeze(1)) | torch.eye(width, dtype=torch.bool, device=valid.device)
+    h = dm.forward(prompt_ids, pos, cache, 0, keys, rows_per_input=g)
+    logits = dm.logits(h).float().repeat_interleave(g, 0)
+    sampler = Sampler(sampling, row_seeds)
+    key_valid = torch.cat([valid.repeat_interleave(g, 0),
+                           torch.ones(rows, steps, dtype=torch.bool, device=valid.device)], 1)
+    next_pos = lengths.repeat_interleave(g, 0)
+    eos_t = torch.tensor(eos, device=prompt_ids.device)
+    done = torch.zeros(rows, dtype=torch.bool, device=prompt_ids.device)
+    inv_t = 1.0 / sampling.temperature if sampling.temperature > 0 else 1.0  # greedy: T = 1, as the learner
+    tokens, lps = [], []
+    for t in range(steps):
+        nxt = sampler(logits, t)
+        if record_logprobs:
+            lps.append(torch.log_softmax(logits * inv_t, -1).gather(-1, nxt[:, None]).squeeze(-1))
+        nxt = nxt.masked_fill(done, pad)
+        tokens.append(nxt)
+        done = done | torch.isin(nxt, eos_t)
+        if t + 1 == steps or bool(done.all()):
+            break
+        slot = width + t
+        h = dm.forward(nxt[:, None], (next_pos + t)[:, None], cache, slot,
+                       key_valid[:, None, :slot + 1])
+        logits = dm.logits(h).float()
+    new = torch.stack(tokens, 1) if tokens else torch.zeros(rows, 0, dtype=torch.long, device=prompt_ids.device)
+    stopped = torch.isin(new, eos_t).any(1)
+    if not record_logprobs:
+        return new, stopped
+    return new, stopped, (torch.stack(lps, 1) if lps else torch.zeros(new.shape)).float()
