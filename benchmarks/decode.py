@@ -101,7 +101,7 @@ def main() -> None:
     results: dict[tuple[str, int], float] = {}
     with torch.no_grad(), merged_lora(model), rollout_dtype(model, dtype), torch.inference_mode():
         for rows in rows_list:
-            def call(engine, n):
+            def call(engine, n, rows=rows):
                 s = SamplingConfig(num_generations=rows, max_new_tokens=n, temperature=1.0, engine=engine)
                 new = ENGINES[engine](model, tok, ids, rows, s)[0]
                 assert new.shape == (rows, n), f"{engine} made {tuple(new.shape)}, expected {(rows, n)}"
@@ -116,14 +116,19 @@ def main() -> None:
                         call(engine, n)
                         times[engine, n].append(time.perf_counter() - start)
             for engine in engines:
-                long_s, short_s = statistics.median(times[engine, args.tokens]), statistics.median(times[engine, args.short])
+                long_s = statistics.median(times[engine, args.tokens])
+                short_s = statistics.median(times[engine, args.short])
                 results[engine, rows] = (long_s - short_s) / (args.tokens - args.short) * 1e3
             print(f"rows {rows}: " + ", ".join(f"{e} {results[e, rows]:.1f} ms" for e in engines), flush=True)
         head = base.get_output_embeddings().weight.detach()
         levers = {rows: lever_rows(head, rows, max(5, args.reps * 3)) for rows in rows_list}
 
+    def row(label, fmt):
+        return f"| {label} | " + " | ".join(fmt(r) for r in rows_list) + " |"
+
     lines = [f"# Decode step per engine: {describe_cpu()}", "",
-             f"torch {torch.__version__}, {args.threads} threads, {args.dtype}; SmolLM2-135M-Instruct, LoRA r=16 merged.",
+             f"torch {torch.__version__}, {args.threads} threads, {args.dtype}; "
+             "SmolLM2-135M-Instruct, LoRA r=16 merged.",
              f"Command: `python benchmarks/decode.py {' '.join(sys.argv[1:])}`", "",
              f"- read bandwidth: **{bandwidth / 1e9:.1f} GB/s** (sum over 1 GiB)",
              f"- weight bytes read per step: **{weight_bytes / 1e6:.0f} MB**",
@@ -131,15 +136,16 @@ def main() -> None:
              "| engine | " + " | ".join(f"{r} rows" for r in rows_list) + " |",
              "| --- |" + " --- |" * len(rows_list)]
     for engine in engines:
-        lines.append(f"| {engine} ms/step | " + " | ".join(f"{results[engine, r]:.1f}" for r in rows_list) + " |")
-        lines.append(f"| {engine} x floor | " + " | ".join(f"{results[engine, r] / floor_ms:.2f}" for r in rows_list) + " |")
+        lines.append(row(f"{engine} ms/step", lambda r, e=engine: f"{results[e, r]:.1f}"))
+        lines.append(row(f"{engine} x floor", lambda r, e=engine: f"{results[e, r] / floor_ms:.2f}"))
     if len(engines) > 1:
         a, b = engines[0], engines[-1]
-        lines.append(f"| {b} / {a} | " + " | ".join(f"{results[b, r] / results[a, r]:.2f}" for r in rows_list) + " |")
-    lines += ["", f"Levers: the vocabulary product ({head.shape[0]} x {head.shape[1]}, {args.dtype}) per GEMM layout, ms", "",
+        lines.append(row(f"{b} / {a}", lambda r: f"{results[b, r] / results[a, r]:.2f}"))
+    lines += ["", f"Levers: the vocabulary product ({head.shape[0]} x {head.shape[1]}, {args.dtype}) "
+              "per GEMM layout, ms", "",
               "| layout | " + " | ".join(f"{r} rows" for r in rows_list) + " |", "| --- |" + " --- |" * len(rows_list)]
     for name in levers[rows_list[0]]:
-        lines.append(f"| {name} | " + " | ".join(f"{levers[r][name]:.2f}" for r in rows_list) + " |")
+        lines.append(row(name, lambda r, n=name: f"{levers[r][n]:.2f}"))
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

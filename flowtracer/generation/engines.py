@@ -3,7 +3,8 @@
 Each engine samples G responses for each prompt of one chunk and returns (new tokens (R, W) long,
 padded with pad after EOS; stopped (R,) bool). To add one (e.g. an inference server), write a
 function with the same signature, decorate it with `@register_engine("name")` and select it with
-`sampling.engine: name`. An engine that can report the sampler's log-prob of each token it drew
+`sampling.engine: name`. `sampling.engine: auto` (the default) picks one per model and device
+(`resolve_engine`). An engine that can report the sampler's log-prob of each token it drew
 (for truncated importance sampling, flowtracer.generation.precision) accepts `record_logprobs=True`
 and then returns a third item, (R, W) float32; it is only asked when a run needs them.
 """
@@ -33,6 +34,34 @@ def register_engine(name: str):
         return fn
 
     return deco
+
+
+AUTO = "auto"
+
+
+def resolve_engine(name: str, model) -> tuple[str, str]:
+    """(the engine `sampling.engine` = `name` runs on `model`, why). "auto": "fast" on a CPU for a
+    model it supports (measured faster there, results/decode_*.md); "hf" otherwise, including CUDA,
+    where the fast engine's gain is not measured yet."""
+    if name != AUTO:
+        return name, "set"
+    device = next(model.parameters()).device.type
+    reason = unsupported_reason(model)
+    if reason is not None:
+        return "hf", f"auto: the fast engine does not support this model ({reason})"
+    if device != "cpu":
+        return "hf", f"auto: on {device} the fast engine is not measured yet"
+    return "fast", "auto: CPU and a model the fast engine supports"
+
+
+def engine_line(model, sampling, val_sampling=None) -> str:
+    """The start-up line that names the engines a run's rollouts and validation use, and why."""
+    name, why = resolve_engine(sampling.engine, model)
+    line = f"[flowtracer] generation: engine {name} ({why})"
+    if val_sampling is not None and val_sampling.engine != sampling.engine:
+        vname, vwhy = resolve_engine(val_sampling.engine, model)
+        line += f"; validation engine {vname} ({vwhy})"
+    return line
 
 
 def eos_ids(tokenizer, model) -> list[int]:
