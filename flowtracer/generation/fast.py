@@ -17,20 +17,26 @@ What it keeps from the "hf" engine (tests/test_fast_decode.py compares the two):
   * EOS and padding: a finished row emits pad; the loop ends when every row has finished;
   * LoRA: the weights are read from the modules at each call (adapters merged by `sample`, or
     added here when they are live), so adapters that change every step need no recompile.
-Layout: each product runs as `x @ W^T` through `torch.mm` on a transposed contiguous copy of the
-weight, made once per weight tensor and kept while that tensor is unchanged (frozen base layers:
-once per run; merged LoRA layers: once per call). Cost: one extra copy of the linear weights.
+Layout: which GEMM form is fastest for a skinny product differs by CPU kind (MKL's packed sgemm on
+Intel; `(W @ x^T)^T` where MKL's plain path is slow, as on AMD Zen 2). `pick_layout` times the
+candidates once per weight shape and row count in a process and keeps the fastest. Fused and
+packed weights are kept while their source tensors are unchanged (frozen base layers: once per
+run; merged LoRA layers: once per call). Cost: the fused QKV and gate/up copies, and with
+"packed" one packed copy of each weight. Prefill (other row counts) uses `F.linear`.
 Supported: model_type llama, mistral, qwen2, qwen3 with SiLU MLPs and no sliding window in reach;
 `unsupported_reason(model)` says why not otherwise ("auto" then picks "hf").
 """
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn.functional as F
 from peft.tuners.lora import Linear as LoraLinear
 from torch import Tensor
 
+from flowtracer.generation.cpu_linear import available as packed_available
 from flowtracer.generation.sampler import filter_logits, hashed_uniform
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -85,33 +91,112 @@ def _effective(mod) -> tuple[Tensor, Tensor | None]:
     return w, base.bias
 
 
-def _derived(owner, key: str, sources: list[Tensor | None], make):
-    """`make(*sources)`, kept on `owner` while every source is the same unchanged tensor."""
+def _derived(owner, key: str, tag, sources: list[Tensor | None], make):
+    """`make(*sources)`, kept on `owner` under `key` while every source is the same unchanged tensor
+    and `tag` (layout, rows) is the same; one entry per key, so a new tag replaces the old one."""
     versions = [(-1 if s is None or s.is_inference() else s._version) for s in sources]
     store = owner.__dict__.setdefault(_CACHE, {})
     hit = store.get(key)
-    if hit is not None and len(hit[0]) == len(sources) and all(a is b for a, b in zip(hit[0], sources)) \
-            and hit[1] == versions:
+    if hit is not None and hit[3] == tag and all(a is b for a, b in zip(hit[0], sources)) and hit[1] == versions:
         return hit[2]
+    store.pop(key, None)  # free the old copy before making the new one
     with torch.inference_mode(False), torch.no_grad():
         value = make(*sources)
-    store[key] = (list(sources), versions, value)
+    store[key] = (list(sources), versions, value, tag)
     return value
 
 
-def _t_cat(*ws: Tensor) -> Tensor:
-    """(in, sum of outs) contiguous: the weights side by side, transposed for `x @ W^T`."""
-    return torch.cat([w.detach() for w in ws], 0).t().contiguous()
+# (device, out, in, rows, dtype) -> the layout measured fastest for that product (this process)
+_LAYOUTS: dict[tuple, str] = {}
+
+
+def _candidates(w: Tensor, rows: int) -> list[str]:
+    out = ["linear", "wx"]
+    if w.device.type == "cpu" and w.dtype == torch.float32 and packed_available():
+        out.append("packed")
+    return out
+
+
+def pick_layout(w: Tensor, rows: int) -> str:
+    """The fastest way to multiply `rows` rows by `w` here, measured once per shape and process.
+
+    "linear" = `F.linear(x, W)`; "wx" = `(W @ x^T)^T` (no copy: another GEMM operand order, several
+    times faster for skinny x on some CPUs); "packed" = MKL's packed sgemm for exactly `rows` rows
+    (Intel's fast path; one packed copy of the weight). Which one wins differs by CPU kind
+    (results/decode_*.md); off the CPU it is always "linear"."""
+    if w.device.type != "cpu":
+        return "linear"
+    key = (w.device.type, *w.shape, rows, w.dtype)
+    if key not in _LAYOUTS:
+        # a private generator: the global RNG stream is the sampler's (HF's sampler draws from it)
+        x = torch.randn(rows, w.shape[1], generator=torch.Generator().manual_seed(0)).to(w.dtype)
+        best = None
+        for layout in _candidates(w, rows):
+            fn = _product(_prepare(layout, w, rows), layout, rows)
+            fn(x)
+            times = []
+            for _ in range(5):
+                start = time.perf_counter()
+                fn(x)
+                times.append(time.perf_counter() - start)
+            if best is None or min(times) < best[0]:
+                best = (min(times), layout)
+        _LAYOUTS[key] = best[1]
+    return _LAYOUTS[key]
+
+
+def _prepare(layout: str, w: Tensor, rows: int):
+    if layout == "packed":
+        return w, torch.ops.mkl._mkl_reorder_linear_weight(w, rows)
+    return w
+
+
+def _product(prepared, layout: str, rows: int):
+    """x (rows, in) -> x W^T in `layout`; any other row count (a prefill) takes `F.linear`."""
+    if layout == "packed":
+        w, packed = prepared
+
+        def fn(x):
+            if x.shape[0] != rows:
+                return F.linear(x, w)
+            return torch.ops.mkl._mkl_linear(x, packed, w, None, rows)
+        return fn
+    w = prepared
+    if layout == "wx":
+        return lambda x: torch.mm(w, x.t()).t() if x.shape[0] == rows else F.linear(x, w)
+    return lambda x: F.linear(x, w)
+
+
+def _fuse(*ws: Tensor) -> Tensor:
+    """The weights stacked along their outputs (one product instead of several); one alone as is."""
+    return ws[0].detach() if len(ws) == 1 else torch.cat([w.detach() for w in ws], 0)
 
 
 def _cat_bias(*bs: Tensor | None) -> Tensor | None:
     return None if all(b is None for b in bs) else torch.cat([b.detach() for b in bs], 0)
 
 
+class _Linear:
+    """y = x W^T + b for one (fused) weight, in the layout picked for the decode row count."""
+
+    def __init__(self, owner, key: str, weights: list[Tensor], bias: Tensor | None, rows: int):
+        fused_shape = (sum(w.shape[0] for w in weights), weights[0].shape[1])
+        probe = weights[0] if len(weights) == 1 else torch.zeros(fused_shape, dtype=weights[0].dtype)
+        layout = pick_layout(probe, rows)
+        prepared = _derived(owner, key, (layout, rows), weights,
+                            lambda *ws: _prepare(layout, _fuse(*ws), rows))
+        self.fn, self.bias, self.out = _product(prepared, layout, rows), bias, fused_shape[0]
+
+    def __call__(self, x: Tensor) -> Tensor:
+        y = self.fn(x.reshape(-1, x.shape[-1]))
+        y = y.reshape(*x.shape[:-1], self.out)
+        return y if self.bias is None else y + self.bias
+
+
 class DecodeModel:
     """One call's view of the model's weights in decode layout, and its forward for new tokens."""
 
-    def __init__(self, model):
+    def __init__(self, model, rows: int):
         base = _base(model)
         cfg, inner = base.config, base.model
         self.cfg, self.inner = cfg, inner
@@ -121,24 +206,23 @@ class DecodeModel:
         self.eps = cfg.rms_norm_eps
         self.embed = inner.embed_tokens.weight
         self.dtype, self.device = self.embed.dtype, self.embed.device
-        self.layers = [self._layer(layer, i) for i, layer in enumerate(inner.layers)]
+        self.layers = [self._layer(layer, rows) for layer in inner.layers]
         self.norm = inner.norm.weight
         head = base.get_output_embeddings()
-        self.head = _derived(head, "head", [head.weight], _t_cat)
+        self.head = _Linear(head, "head", [head.weight], head.bias, rows)
 
-    def _layer(self, layer, i: int) -> dict:
-        q, k, v, o = (_effective(m) for m in _attn_modules(layer))
+    def _layer(self, layer, rows: int) -> dict:
         a, mlp = layer.self_attn, layer.mlp
+        q, k, v, o = (_effective(m) for m in _attn_modules(layer))
         gate, up, down = _effective(mlp.gate_proj), _effective(mlp.up_proj), _effective(mlp.down_proj)
         return {
             "ln1": layer.input_layernorm.weight, "ln2": layer.post_attention_layernorm.weight,
-            "qkv": _derived(a, "qkv", [q[0], k[0], v[0]], _t_cat),
-            "qkv_bias": _cat_bias(q[1], k[1], v[1]),
+            "qkv": _Linear(a, "qkv", [q[0], k[0], v[0]], _cat_bias(q[1], k[1], v[1]), rows),
             "q_norm": getattr(getattr(a, "q_norm", None), "weight", None),
             "k_norm": getattr(getattr(a, "k_norm", None), "weight", None),
-            "o": _derived(a, "o", [o[0]], _t_cat), "o_bias": o[1],
-            "gate_up": _derived(mlp, "gate_up", [gate[0], up[0]], _t_cat), "gate_up_bias": _cat_bias(gate[1], up[1]),
-            "down": _derived(mlp, "down", [down[0]], _t_cat), "down_bias": down[1],
+            "o": _Linear(a, "o", [o[0]], o[1], rows),
+            "gate_up": _Linear(mlp, "gate_up", [gate[0], up[0]], _cat_bias(gate[1], up[1]), rows),
+            "down": _Linear(mlp, "down", [down[0]], down[1], rows),
         }
 
     def rotary(self, max_pos: int) -> tuple[Tensor, Tensor]:
@@ -152,11 +236,6 @@ class DecodeModel:
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return w * h.to(x.dtype)
-
-    @staticmethod
-    def _mm(x: Tensor, w_t: Tensor, bias: Tensor | None = None) -> Tensor:
-        out = torch.mm(x.reshape(-1, x.shape[-1]), w_t).view(*x.shape[:-1], w_t.shape[1])
-        return out if bias is None else out + bias
 
     @staticmethod
     def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -178,9 +257,8 @@ class DecodeModel:
         mask = keys.unsqueeze(1)  # (N, 1, T, S)
         for i, p in enumerate(self.layers):
             x = self._rms(h, p["ln1"])
-            qkv = self._mm(x, p["qkv"], p["qkv_bias"])
-            q, k, v = qkv.split([hq * d, hk * d, hk * d], -1)
-            q, k, v = q.view(n, t, hq, d), k.view(n, t, hk, d), v.view(n, t, hk, d)
+            q, k, v = p["qkv"](x).split([hq * d, hk * d, hk * d], -1)
+            q, k, v = q.reshape(n, t, hq, d), k.reshape(n, t, hk, d), v.reshape(n, t, hk, d)
             if p["q_norm"] is not None:
                 q, k = self._rms(q, p["q_norm"]), self._rms(k, p["k_norm"])
             q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
@@ -188,10 +266,10 @@ class DecodeModel:
             if rows_per_input > 1:  # attend within the prompt's own keys (one copy per prompt)
                 kc, vc = kc[::rows_per_input], vc[::rows_per_input]
             att = self._attend(q.transpose(1, 2), kc[:, :, :end], vc[:, :, :end], mask)
-            h = h + self._mm(att.transpose(1, 2).reshape(n, t, hq * d), p["o"], p["o_bias"])
+            h = h + p["o"](att.transpose(1, 2).reshape(n, t, hq * d))
             x = self._rms(h, p["ln2"])
-            gate, up = self._mm(x, p["gate_up"], p["gate_up_bias"]).chunk(2, -1)
-            h = h + self._mm(F.silu(gate) * up, p["down"], p["down_bias"])
+            gate, up = p["gate_up"](x).chunk(2, -1)
+            h = h + p["down"](F.silu(gate) * up)
         return self._rms(h[:, -1], self.norm)
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
@@ -207,7 +285,7 @@ class DecodeModel:
         return out.to(q.dtype)
 
     def logits(self, h: Tensor) -> Tensor:
-        return self._mm(h, self.head)
+        return self.head(h)
 
 
 class KVCache:
@@ -254,9 +332,9 @@ def decode(model, prompt_ids: Tensor, prompt_attn: Tensor, g: int, sampling, eos
 
     Returns (new tokens (R, W) long, pad after EOS; stopped (R,) bool[, log-probs (R, W) float32]).
     """
-    dm = DecodeModel(model)
     n_prompts, width = prompt_ids.shape
     rows, steps = n_prompts * g, int(sampling.max_new_tokens)
+    dm = DecodeModel(model, rows)
     valid = prompt_attn.bool()
     lengths = valid.long().sum(1)
     cache = KVCache(dm, rows, width + steps, int(lengths.max()) + steps + 1)
