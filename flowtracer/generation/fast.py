@@ -325,6 +325,42 @@ class Sampler:
         return torch.multinomial(scores.softmax(-1), num_samples=1).squeeze(1)
 
 
+def _prefill(dm: DecodeModel, prompt_ids: Tensor, valid: Tensor, cache: KVCache, copies: int) -> tuple[Tensor, Tensor]:
+    """Run the left-padded prompts once into the cache (each to `copies` rows); (last hidden, positions).
+    Each real token sees the real tokens up to it; a padding token sees itself only (its values are
+    never read, but must stay finite)."""
+    width = prompt_ids.shape[1]
+    pos = (valid.long().cumsum(1) - 1).clamp(min=0)
+    causal = torch.ones(width, width, dtype=torch.bool, device=valid.device).tril()
+    keys = (causal & valid.unsqueeze(1)) | torch.eye(width, dtype=torch.bool, device=valid.device)
+    return dm.forward(prompt_ids, pos, cache, 0, keys, rows_per_input=copies), pos
+
+
+def _run(dm: DecodeModel, cache: KVCache, logits: Tensor, key_valid: Tensor, next_pos: Tensor, slot0: int,
+         steps: int, pick, eos: list[int], pad: int, inv_t: float | None):
+    """The decode loop: pick a token per row from `logits`, pad rows that have finished, feed the
+    tokens at positions next_pos + t into slot slot0 + t, until `steps` tokens or every row has hit EOS.
+    Returns (tokens (R, W), stopped (R,), the picked tokens' log-probs (R, W) when `inv_t` is set)."""
+    eos_t = torch.tensor(eos, device=logits.device)
+    done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+    tokens, lps = [], []
+    for t in range(steps):
+        nxt = pick(logits, t)
+        if inv_t is not None:
+            lps.append(torch.log_softmax(logits * inv_t, -1).gather(-1, nxt[:, None]).squeeze(-1))
+        nxt = nxt.masked_fill(done, pad)
+        tokens.append(nxt)
+        done = done | torch.isin(nxt, eos_t)
+        if t + 1 == steps or bool(done.all()):
+            break
+        slot = slot0 + t
+        h = dm.forward(nxt[:, None], (next_pos + t)[:, None], cache, slot, key_valid[:, None, :slot + 1])
+        logits = dm.logits(h).float()
+    new = torch.stack(tokens, 1) if tokens else torch.zeros(logits.shape[0], 0, dtype=torch.long)
+    lp = (torch.stack(lps, 1) if lps else torch.zeros(new.shape)).float() if inv_t is not None else None
+    return new, torch.isin(new, eos_t).any(1), lp
+
+
 @torch.no_grad()
 def decode(model, prompt_ids: Tensor, prompt_attn: Tensor, g: int, sampling, eos: list[int], pad: int,
            row_seeds: Tensor | None = None, record_logprobs: bool = False):
@@ -338,36 +374,40 @@ def decode(model, prompt_ids: Tensor, prompt_attn: Tensor, g: int, sampling, eos
     valid = prompt_attn.bool()
     lengths = valid.long().sum(1)
     cache = KVCache(dm, rows, width + steps, int(lengths.max()) + steps + 1)
-    # prefill: each real token sees the real tokens up to it; a padding token sees itself only
-    # (its values are never read, but must stay finite)
-    pos = (valid.long().cumsum(1) - 1).clamp(min=0)
-    causal = torch.ones(width, width, dtype=torch.bool, device=valid.device).tril()
-    keys = (causal & valid.unsqueeze(1)) | torch.eye(width, dtype=torch.bool, device=valid.device)
-    h = dm.forward(prompt_ids, pos, cache, 0, keys, rows_per_input=g)
+    h, _ = _prefill(dm, prompt_ids, valid, cache, g)
     logits = dm.logits(h).float().repeat_interleave(g, 0)
-    sampler = Sampler(sampling, row_seeds)
     key_valid = torch.cat([valid.repeat_interleave(g, 0),
                            torch.ones(rows, steps, dtype=torch.bool, device=valid.device)], 1)
-    next_pos = lengths.repeat_interleave(g, 0)
-    eos_t = torch.tensor(eos, device=prompt_ids.device)
-    done = torch.zeros(rows, dtype=torch.bool, device=prompt_ids.device)
     inv_t = 1.0 / sampling.temperature if sampling.temperature > 0 else 1.0  # greedy: T = 1, as the learner
-    tokens, lps = [], []
-    for t in range(steps):
-        nxt = sampler(logits, t)
-        if record_logprobs:
-            lps.append(torch.log_softmax(logits * inv_t, -1).gather(-1, nxt[:, None]).squeeze(-1))
-        nxt = nxt.masked_fill(done, pad)
-        tokens.append(nxt)
-        done = done | torch.isin(nxt, eos_t)
-        if t + 1 == steps or bool(done.all()):
-            break
-        slot = width + t
-        h = dm.forward(nxt[:, None], (next_pos + t)[:, None], cache, slot,
-                       key_valid[:, None, :slot + 1])
-        logits = dm.logits(h).float()
-    new = torch.stack(tokens, 1) if tokens else torch.zeros(rows, 0, dtype=torch.long, device=prompt_ids.device)
-    stopped = torch.isin(new, eos_t).any(1)
-    if not record_logprobs:
-        return new, stopped
-    return new, stopped, (torch.stack(lps, 1) if lps else torch.zeros(new.shape)).float()
+    new, stopped, lp = _run(dm, cache, logits, key_valid, lengths.repeat_interleave(g, 0), width, steps,
+                            Sampler(sampling, row_seeds), eos, pad, inv_t if record_logprobs else None)
+    return (new, stopped) if not record_logprobs else (new, stopped, lp)
+
+
+@torch.no_grad()
+def greedy_after_segment(model, prompt_ids: Tensor, prompt_valid: Tensor, seg_ids: Tensor, seg_valid: Tensor,
+                         blocked: Tensor, max_new_tokens: int, eos: list[int], pad: int) -> Tensor:
+    """Greedy continuations of prompt + segment, one per (row, arm), no token attending to `blocked`
+    (the causal probe's regeneration, flowtracer.tools.probe.regenerate, on this engine).
+
+    prompt_* (B, P) and seg_* (B, W) are shared by the A arms; blocked is (A, B, W). Returns
+    (B * A, <= max_new_tokens), row b * A + a = arm a of problem b. The prompt is prefilled once for
+    its A rows. A segment or new token attends to the valid prompt tokens and to the segment tokens
+    before it that are valid and not blocked; positions come from `valid` alone."""
+    arms, (b, width), w = blocked.shape[0], prompt_ids.shape, seg_ids.shape[1]
+    rows = b * arms
+    dm = DecodeModel(model, rows)
+    valid = prompt_valid.bool()
+    cache = KVCache(dm, rows, width + w + max_new_tokens, width + w + max_new_tokens + 1)
+    _, pos = _prefill(dm, prompt_ids, valid, cache, arms)
+    seg_keys = seg_valid.bool().repeat_interleave(arms, 0) & ~blocked.transpose(0, 1).flatten(0, 1)
+    key_valid = torch.cat([valid.repeat_interleave(arms, 0), seg_keys,
+                           torch.ones(rows, max_new_tokens, dtype=torch.bool, device=valid.device)], 1)
+    seg_pos = (pos[:, -1:] + seg_valid.long().cumsum(-1)).repeat_interleave(arms, 0)
+    causal = torch.ones(w, w, dtype=torch.bool, device=valid.device).tril()
+    keys = torch.cat([key_valid[:, None, :width].expand(rows, w, width), causal & seg_keys[:, None, :]], 2)
+    h = dm.forward(seg_ids.repeat_interleave(arms, 0), seg_pos, cache, width, keys)
+    logits = dm.logits(h).float()
+    new, _, _ = _run(dm, cache, logits, key_valid, seg_pos[:, -1] + 1, width + w, max_new_tokens,
+                     lambda x, t: x.argmax(-1), eos, pad, None)
+    return new
