@@ -106,32 +106,31 @@ def _derived(owner, key: str, tag, sources: list[Tensor | None], make):
     return value
 
 
-# (device, out, in, rows, dtype) -> the layout measured fastest for that product (this process)
+# (out, in, rows, dtype) -> the layout measured fastest for that product (this process)
 _LAYOUTS: dict[tuple, str] = {}
 
 
-def _candidates(w: Tensor, rows: int) -> list[str]:
-    out = ["linear", "wx"]
-    if w.device.type == "cpu" and w.dtype == torch.float32 and packed_available():
-        out.append("packed")
-    return out
+def _candidates(dtype: torch.dtype) -> list[str]:
+    return ["linear", "wx"] + (["packed"] if dtype == torch.float32 and packed_available() else [])
 
 
-def pick_layout(w: Tensor, rows: int) -> str:
+def pick_layout(shape: tuple[int, int], dtype: torch.dtype, device: torch.device, rows: int) -> str:
     """The fastest way to multiply `rows` rows by `w` here, measured once per shape and process.
 
     "linear" = `F.linear(x, W)`; "wx" = `(W @ x^T)^T` (no copy: another GEMM operand order, several
     times faster for skinny x on some CPUs); "packed" = MKL's packed sgemm for exactly `rows` rows
     (Intel's fast path; one packed copy of the weight). Which one wins differs by CPU kind
     (results/decode_*.md); off the CPU it is always "linear"."""
-    if w.device.type != "cpu":
+    if torch.device(device).type != "cpu":
         return "linear"
-    key = (w.device.type, *w.shape, rows, w.dtype)
+    key = (*shape, rows, dtype)
     if key not in _LAYOUTS:
         # a private generator: the global RNG stream is the sampler's (HF's sampler draws from it)
-        x = torch.randn(rows, w.shape[1], generator=torch.Generator().manual_seed(0)).to(w.dtype)
+        gen = torch.Generator().manual_seed(0)
+        w = torch.randn(shape, generator=gen).to(dtype)
+        x = torch.randn(rows, shape[1], generator=gen).to(dtype)
         best = None
-        for layout in _candidates(w, rows):
+        for layout in _candidates(dtype):
             fn = _product(_prepare(layout, w, rows), layout, rows)
             fn(x)
             times = []
@@ -181,8 +180,7 @@ class _Linear:
 
     def __init__(self, owner, key: str, weights: list[Tensor], bias: Tensor | None, rows: int):
         fused_shape = (sum(w.shape[0] for w in weights), weights[0].shape[1])
-        probe = weights[0] if len(weights) == 1 else torch.zeros(fused_shape, dtype=weights[0].dtype)
-        layout = pick_layout(probe, rows)
+        layout = pick_layout(fused_shape, weights[0].dtype, weights[0].device, rows)
         prepared = _derived(owner, key, (layout, rows), weights,
                             lambda *ws: _prepare(layout, _fuse(*ws), rows))
         self.fn, self.bias, self.out = _product(prepared, layout, rows), bias, fused_shape[0]
