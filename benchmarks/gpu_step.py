@@ -14,7 +14,8 @@ answer span = its last 12 characters), so random responses get rewards with spre
      LoRA r=16 on the attention projections, gradient checkpointing, generation_batch_size: auto.
      Prints per-phase seconds of the last step, generated tokens/s, the credit share of the step,
      and the peak allocated GPU memory next to the planner's prediction (flowtracer.memory.planner).
-  2. Generation paths on `--paths-shape`: `generate` with engine hf (dynamic cache), hf_static
+  2. Generation paths on `--paths-shape`: `generate` with engine hf (dynamic cache), fast (our
+     own decode loop, flowtracer.generation.fast: `auto` keeps hf on CUDA until this says otherwise), hf_static
      (static cache; transformers compiles the decoding step: first call = compile) and hf_paged
      (continuous batching), `--path-tokens` new tokens: seconds and generated tokens/s.
 It imports neither datasets, jsonargparse, reasoning-gym nor math-verify (the GPU image has torch
@@ -216,8 +217,8 @@ def shape_seconds(sh: ModelShape, args) -> float:
 
 
 def paths_seconds(args) -> float:
-    """Generation paths: 3 engines x 2 calls, plus ~60 s for the static-cache compile."""
-    return 60 + 3 * 2 * args.path_tokens * DECODE_S_PER_LAYER * CLI_SHAPES[args.paths_shape].layers
+    """Generation paths: each engine x 2 calls, plus ~60 s for the static-cache compile."""
+    return 60 + len(args.paths.split(",")) * 2 * args.path_tokens * DECODE_S_PER_LAYER * CLI_SHAPES[args.paths_shape].layers
 
 
 def estimate_seconds(shapes: list[ModelShape], args, device: str) -> float:
@@ -236,7 +237,7 @@ def main(argv=None) -> int:
     ap.add_argument("--G", type=int, default=None, help="responses per prompt (default 8; 4 on cpu)")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="response cap (default 1024; 16 on cpu)")
     ap.add_argument("--micro", type=int, default=None, help="micro-batch size (default 8; 4 on cpu)")
-    ap.add_argument("--paths", default="hf,hf_static,hf_paged", help="generation engines to time")
+    ap.add_argument("--paths", default="hf,fast,hf_static,hf_paged", help="generation engines to time")
     ap.add_argument("--paths-shape", default=None, help="shape for the generation paths (default 1.7b; tiny on cpu)")
     ap.add_argument("--path-tokens", type=int, default=None, help="new tokens per path call (default 256; 8 on cpu)")
     ap.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"],

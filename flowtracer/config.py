@@ -48,13 +48,16 @@ class SamplingConfig:
             results come back in the original order, identical for greedy and seed_per_prompt sampling.
         generation_token_budget: also cap rows x (prompt + max_new_tokens) tokens per call
             (0 = off); bounds the KV cache when prompt lengths vary.
-        cpu_packed_linear: on CPU in float32, decode with MKL-packed weights
+        cpu_packed_linear: engine "hf" on CPU in float32: decode with MKL-packed weights
             (flowtracer.generation.cpu_linear): the same linear layers through a faster GEMM for the
             decode batch's row count, equal up to float rounding; the packed copies take about twice
             the linear weights' memory. No effect on GPU or without MKL.
-        engine: the generation engine (flowtracer.generation.ENGINES): "hf" (model.generate,
-            default), "hf_static" (static cache + compiled decoding, CUDA), "hf_paged" (continuous
-            batching with paged attention, CUDA; no seed_per_prompt).
+        engine: the generation engine (flowtracer.generation.ENGINES): "auto" (default: "fast" on
+            a CPU for the models it supports, else "hf"; the start-up line names the pick), "fast"
+            (our own decode loop over a static KV cache, Llama / Mistral / Qwen2 / Qwen3; the same
+            samples as "hf" up to float rounding, results/decode_*.md), "hf" (model.generate),
+            "hf_static" (static cache + compiled decoding, CUDA), "hf_paged" (continuous batching
+            with paged attention, CUDA; no seed_per_prompt).
         dtype: precision of the rollouts (flowtracer.generation.precision): "auto" (default),
             "float32" or "bfloat16". The weights are cast to it for the generate call (frozen ones
             once per run) and autocast is off there, so this alone decides the sampler's numerics.
@@ -76,7 +79,7 @@ class SamplingConfig:
     generation_batch_size: int | str = 0
     generation_token_budget: int = 0
     cpu_packed_linear: bool = True
-    engine: str = "hf"
+    engine: str = "auto"
     dtype: str = "auto"
 
 

@@ -16,7 +16,11 @@ logits, and a token drawn within float rounding of a tie, may differ between chu
 The engine seam: an engine is `fn(model, tokenizer, prompt_ids: list[list[int]], g, sampling,
 row_seeds) -> (new_tokens (R, W) long, stopped (R,) bool)` for the R = len(prompt_ids) * g rows of
 one chunk (rows [i*g, (i+1)*g) answer prompt i), registered with `@register_engine("name")`.
-Everything else (masks, EOS handling, text, re-padding) is shared. Engines here:
+Everything else (masks, EOS handling, text, re-padding) is shared. `sampling.engine: auto` (the
+default) resolves to "fast" on a CPU for the models it supports, else "hf" (engines.resolve_engine).
+Engines here:
+  * "fast": our own decode loop over a static KV cache (flowtracer.generation.fast): fused
+    products in a layout fast for skinny inputs, no `generate` machinery; Llama-shaped models.
   * "hf": `model.generate` with the cache `sampling.cache_implementation` (dynamic by default);
     prefill shared across a prompt's G rows (`share_prompt_prefill`).
   * "hf_static": static KV cache; on CUDA transformers compiles the decoding step (one compile
@@ -32,7 +36,7 @@ import torch
 from torch import Tensor
 
 from flowtracer.batch import Generated
-from flowtracer.generation.engines import ENGINES, eos_ids
+from flowtracer.generation.engines import AUTO, ENGINES, eos_ids, resolve_engine
 from flowtracer.memory.planner import auto_generation_rows
 
 
@@ -77,9 +81,9 @@ def generate(model, tokenizer, prompts: list[str], question_spans: list[tuple[in
     `record_logprobs`: also return the sampler's log-prob of each response token
     (`Generated.sampler_logprobs`; flowtracer.generation.precision).
     """
-    engine = ENGINES.get(sampling.engine)
+    engine = ENGINES.get(resolve_engine(sampling.engine, model)[0])
     if engine is None:
-        raise ValueError(f"sampling.engine = {sampling.engine!r}: use one of {', '.join(ENGINES)}")
+        raise ValueError(f"sampling.engine = {sampling.engine!r}: use one of {AUTO}, {', '.join(ENGINES)}")
     g = sampling.num_generations
     enc = tokenizer(prompts, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]

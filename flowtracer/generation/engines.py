@@ -3,7 +3,8 @@
 Each engine samples G responses for each prompt of one chunk and returns (new tokens (R, W) long,
 padded with pad after EOS; stopped (R,) bool). To add one (e.g. an inference server), write a
 function with the same signature, decorate it with `@register_engine("name")` and select it with
-`sampling.engine: name`. An engine that can report the sampler's log-prob of each token it drew
+`sampling.engine: name`. `sampling.engine: auto` (the default) picks one per model and device
+(`resolve_engine`). An engine that can report the sampler's log-prob of each token it drew
 (for truncated importance sampling, flowtracer.generation.precision) accepts `record_logprobs=True`
 and then returns a third item, (R, W) float32; it is only asked when a run needs them.
 """
@@ -18,6 +19,7 @@ from torch import Tensor
 from transformers import GenerationConfig, LogitsProcessorList
 
 from flowtracer.generation.cpu_linear import packed_linears
+from flowtracer.generation.fast import decode, unsupported_reason
 from flowtracer.generation.precision import LogprobRecorder
 from flowtracer.generation.sampler import RowSeededSampler
 
@@ -32,6 +34,34 @@ def register_engine(name: str):
         return fn
 
     return deco
+
+
+AUTO = "auto"
+
+
+def resolve_engine(name: str, model) -> tuple[str, str]:
+    """(the engine `sampling.engine` = `name` runs on `model`, why). "auto": "fast" on a CPU for a
+    model it supports (measured faster there, results/decode_*.md); "hf" otherwise, including CUDA,
+    where the fast engine's gain is not measured yet."""
+    if name != AUTO:
+        return name, "set"
+    device = next(model.parameters()).device.type
+    reason = unsupported_reason(model)
+    if reason is not None:
+        return "hf", f"auto: the fast engine does not support this model ({reason})"
+    if device != "cpu":
+        return "hf", f"auto: on {device} the fast engine is not measured yet"
+    return "fast", "auto: CPU and a model the fast engine supports"
+
+
+def engine_line(model, sampling, val_sampling=None) -> str:
+    """The start-up line that names the engines a run's rollouts and validation use, and why."""
+    name, why = resolve_engine(sampling.engine, model)
+    line = f"[flowtracer] generation: engine {name} ({why})"
+    if val_sampling is not None and val_sampling.engine != sampling.engine:
+        vname, vwhy = resolve_engine(val_sampling.engine, model)
+        line += f"; validation engine {vname} ({vwhy})"
+    return line
 
 
 def eos_ids(tokenizer, model) -> list[int]:
@@ -88,6 +118,17 @@ def hf_engine(model, tokenizer, ids, g, sampling, row_seeds=None, record_logprob
     """`model.generate` with `sampling.cache_implementation` (None = dynamic cache)."""
     return _hf_generate(model, tokenizer, ids, g, sampling, row_seeds, sampling.cache_implementation,
                         sampling.share_prompt_prefill, record_logprobs)
+
+
+@register_engine("fast")
+def fast_engine(model, tokenizer, ids, g, sampling, row_seeds=None, record_logprobs=False):
+    """Our own decode loop over a static KV cache (flowtracer.generation.fast), Llama-shaped models."""
+    reason = unsupported_reason(model)
+    if reason is not None:
+        raise ValueError(f"sampling.engine = fast cannot run this model: {reason}; use engine auto or hf")
+    p_ids, p_attn = left_pad(ids, tokenizer.pad_token_id, next(model.parameters()).device)
+    return decode(model, p_ids, p_attn, g, sampling, eos_ids(tokenizer, model), tokenizer.pad_token_id,
+                  row_seeds, record_logprobs)
 
 
 @register_engine("hf_static")

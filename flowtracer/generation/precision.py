@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from collections.abc import Iterator
 
 import torch
@@ -47,6 +48,38 @@ def _cpu_flags() -> frozenset[str]:
     except OSError:
         pass
     return frozenset()
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+def describe_cpu() -> str:
+    """The CPU's model name and the vector features that decide matmul speed, for results files."""
+    flags = _cpu_flags()
+    avx512 = [f.removeprefix("avx512").removeprefix("_").upper() for f in sorted(flags)
+              if f.startswith("avx512") and f != "avx512_bf16"]
+    parts = [f"AVX512 {'/'.join(avx512)}" if avx512 else ("AVX2, no AVX512" if "avx2" in flags else "no AVX2")]
+    parts.append("AVX512-BF16" if "avx512_bf16" in flags else "no AVX512-BF16")
+    parts.append("AMX" if any(f.startswith("amx") for f in flags) else "no AMX")
+    return f"{_cpu_model()} ({os.cpu_count()} cores; {', '.join(parts)})"
+
+
+def cpu_kind() -> str:
+    """A short name for the CPU kind in results file names: vendor and widest vector unit."""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        vendor = next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
+        name = {"GenuineIntel": "intel", "AuthenticAMD": "amd"}.get(vendor, vendor.lower() or "cpu")
+        flags = _cpu_flags()
+        return f"{name}-{'avx512' if 'avx512f' in flags else 'avx2' if 'avx2' in flags else 'sse'}"
+    return "cpu"
 
 
 def native_bf16(device) -> str | None:

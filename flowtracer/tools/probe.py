@@ -53,6 +53,7 @@ from flowtracer.credit.stats import FINE_CLASSES, fine_class_ids
 from flowtracer.errors import InputError
 from flowtracer.evaluation.stats import fmt_ci, wilson_ci
 from flowtracer.generation import eos_ids, generate
+from flowtracer.generation.fast import greedy_after_segment, unsupported_reason
 from flowtracer.model.policy import load_policy
 from flowtracer.tools.analysis import (
     QUICKSTART_SOURCES,
@@ -209,7 +210,16 @@ def regenerate(model, prompt_ids: Tensor, prompt_valid: Tensor, seg_ids: Tensor,
     (B * A, <= max_new_tokens), row b * A + a = arm a of problem b. The prompt is prefilled once and
     its cache repeated per arm (the masks only touch response tokens). The key mask is
     `valid & ~blocked` (2D, so every layer and head drops those columns); position ids come from
-    `valid` alone, so the remaining tokens keep their original positions."""
+    `valid` alone, so the remaining tokens keep their original positions. Runs on the fast decode
+    path (flowtracer.generation.fast) where it supports the model, else on the model's own forward."""
+    run = greedy_after_segment if unsupported_reason(model) is None else regenerate_hf
+    return run(model, prompt_ids, prompt_valid, seg_ids, seg_valid, blocked, max_new_tokens, eos_ids, pad_id)
+
+
+@torch.no_grad()
+def regenerate_hf(model, prompt_ids: Tensor, prompt_valid: Tensor, seg_ids: Tensor, seg_valid: Tensor,
+                  blocked: Tensor, max_new_tokens: int, eos_ids: list[int], pad_id: int) -> Tensor:
+    """`regenerate` on the model's own forward and KV cache (any architecture)."""
     A = blocked.shape[0]
     # logits_to_keep=1: only the last position's logits are used (the vocabulary projection of the
     # whole context would dominate the cost).

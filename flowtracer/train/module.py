@@ -37,7 +37,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from flowtracer.batch import Generated, RolloutBatch
 from flowtracer.config import DapoConfig, LoraSpec, LossConfig, OptimConfig, SamplingConfig
 from flowtracer.credit.base import RolloutCallback
-from flowtracer.generation import sample
+from flowtracer.generation import engine_line, sample
 from flowtracer.generation.sampler import row_seeds
 from flowtracer.model.policy import load_policy
 from flowtracer.rewards import VerifierCache
@@ -146,6 +146,7 @@ class GRPOModule(GuardedUpdates, LightningModule):
         rank_zero_info(self.optim.describe(self.trainer.datamodule.prompts_per_step, self.sampling.num_generations,
                                            self._rollout_callbacks()))
         rank_zero_info(self.run_precision.describe(self.loss_cfg.tis_cap))
+        rank_zero_info(engine_line(self.policy, self.sampling, self.val_sampling))
         reward_set = getattr(self.trainer.datamodule, "reward_set", None)
         if reward_set is not None:
             rank_zero_info(reward_set.describe())

@@ -19,7 +19,8 @@ import torch
 from flowtracer.credit.base import UniformCredit
 from flowtracer.data.sources import DataError
 from flowtracer.errors import InputError
-from flowtracer.generation import ENGINES
+from flowtracer.generation import AUTO, ENGINES
+from flowtracer.generation.fast import unsupported_reason
 from flowtracer.generation.precision import SAMPLER_DTYPES, native_bf16
 from flowtracer.memory import planner
 from flowtracer.memory.planner import RunSpec
@@ -113,7 +114,8 @@ def check_generation(name: str, cfg) -> None:
              f"model.{name}.generation_batch_size = {size!r}: use a row count >= 0 (0 = all rows) or auto")
     _require(cfg.generation_token_budget >= 0,
              f"model.{name}.generation_token_budget = {cfg.generation_token_budget}: must be >= 0 (0 = off)")
-    _require(cfg.engine in ENGINES, f"model.{name}.engine = {cfg.engine!r}: use one of {', '.join(ENGINES)}")
+    _require(cfg.engine == AUTO or cfg.engine in ENGINES,
+             f"model.{name}.engine = {cfg.engine!r}: use one of {AUTO}, {', '.join(ENGINES)}")
     _require(cfg.dtype in SAMPLER_DTYPES,
              f"model.{name}.dtype = {cfg.dtype!r}: use one of {', '.join(SAMPLER_DTYPES)} (the rollouts' precision)")
     _require(not (cfg.engine == "hf_paged" and cfg.seed_per_prompt),
@@ -274,6 +276,10 @@ def check_precision(module, precision, device) -> None:
     if run.mixed and device.type == "cpu" and native_bf16(device) is None:
         warnings.warn(f"trainer.precision {precision} on a CPU without AVX512-BF16 or AMX: bf16 is emulated here "
                       "and slower than float32; set trainer.precision: 32-true", stacklevel=2)
+    for name, cfg in (("sampling", module.sampling), ("val_sampling", module.val_sampling)):
+        reason = unsupported_reason(module.policy) if cfg.engine == "fast" else None
+        _require(reason is None, f"model.{name}.engine = fast cannot run this model: {reason}; "
+                                 f"set model.{name}.engine: auto (or hf)")
     _require(not (run.record and module.sampling.engine == "hf_paged"),
              f"model.sampling.engine = hf_paged cannot report the sampler's log-probs, which {run.learner} with "
              f"{module.sampling.dtype} rollouts needs (truncated importance sampling); set model.sampling.dtype "

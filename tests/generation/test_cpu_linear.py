@@ -79,7 +79,7 @@ def test_disabled_or_not_float32_is_a_no_op():
 def test_greedy_generation_matches_with_and_without_packing():
     model, tok = tiny_model("qwen3"), tiny_tokenizer()
     prompts = ["What is 2 + 3?", "1+1", "Add 17 and 5."]
-    on = SamplingConfig(num_generations=2, max_new_tokens=8, temperature=0.0)
+    on = SamplingConfig(num_generations=2, max_new_tokens=8, temperature=0.0, engine="hf")  # packing is hf's
     off = dataclasses.replace(on, cpu_packed_linear=False)
     a = generate(model, tok, prompts, [None] * 3, on)
     assert all(cpu_linear._CACHE in m.__dict__ for m in _linears(model))  # 6 decode rows went through packing

@@ -21,7 +21,7 @@ PROMPTS = ["What is 2 + 3?", "Add 17 and 5, then tell me the sum please.", "1+1"
 def test_shared_prefill_gives_the_same_rollouts(arch, sampled):
     model, tok = tiny_model(arch), tiny_tokenizer()
     model.eval()
-    base = SamplingConfig(num_generations=3, max_new_tokens=8, temperature=1.0 if sampled else 0.0)
+    base = SamplingConfig(num_generations=3, max_new_tokens=8, temperature=1.0 if sampled else 0.0, engine="hf")
     seeds = row_seeds(0, 0, list(range(len(PROMPTS))), 3) if sampled else None  # same draws both ways
     out = {}
     for share in (False, True):
@@ -40,7 +40,7 @@ def test_shared_prefill_calls_the_model_once_per_prompt_for_the_prompt():
     hook = model.model.embed_tokens.register_forward_hook(lambda m, i, o: rows_seen.append(tuple(i[0].shape)))
     try:
         generate(model, tok, PROMPTS[:2], [None, None],
-                 SamplingConfig(num_generations=4, max_new_tokens=2, temperature=0))
+                 SamplingConfig(num_generations=4, max_new_tokens=2, temperature=0, engine="hf"))
     finally:
         hook.remove()
     prefill, first = rows_seen[0], rows_seen[1]

@@ -19,6 +19,7 @@ from flowtracer.tools.probe import (
     probe_batch,
     probe_masks,
     regenerate,
+    regenerate_hf,
     relative_positions,
     run_probe,
 )
@@ -172,17 +173,18 @@ def test_regenerate_matches_generate_and_masking_changes_logits(tiny_model_dir):
     W = max(map(len, S))
     seg_ids = torch.tensor([[tok.pad_token_id] * (W - len(s)) + s for s in S])
     seg_valid = torch.tensor([[False] * (W - len(s)) + [True] * len(s) for s in S])
-    blocked = torch.zeros(2, 2, W, dtype=torch.bool)
+    blocked = torch.zeros(3, 2, W, dtype=torch.bool)
     blocked[1, :, -2] = True  # arm 1 blocks the second-to-last segment token
+    blocked[2, :, :-1] = True  # arm 2 all but the last
     new = regenerate(model, P["input_ids"], P["attention_mask"].bool(), seg_ids, seg_valid, blocked, 8,
                      [tok.eos_token_id], tok.pad_token_id)
     for b in range(2):
         ctx = tok(prompts[b] + segs[b], return_tensors="pt")
         ref = model.generate(**ctx, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id,
                              eos_token_id=tok.eos_token_id)[0, ctx["input_ids"].shape[1]:]
-        got = new[b * 2][: len(ref)]
+        got = new[b * 3][: len(ref)]
         assert got.tolist() == ref.tolist()
-    assert new.shape[0] == 4
+    assert new.shape[0] == 6
     ids = tok(prompts[0] + segs[0], return_tensors="pt")["input_ids"]
     hole = torch.ones_like(ids)
     hole[0, -2] = 0
@@ -190,6 +192,11 @@ def test_regenerate_matches_generate_and_masking_changes_logits(tiny_model_dir):
     full = model(input_ids=ids, position_ids=pos).logits[0, -1]
     masked = model(input_ids=ids, attention_mask=hole, position_ids=pos).logits[0, -1]
     assert not torch.allclose(full, masked)
+    # the fast decode path (what regenerate runs for this Llama) equals the model's own forward in
+    # every arm, the blocked one included
+    slow = regenerate_hf(model, P["input_ids"], P["attention_mask"].bool(), seg_ids, seg_valid, blocked, 8,
+                         [tok.eos_token_id], tok.pad_token_id)
+    assert torch.equal(new, slow)
 
 
 def test_probe_cli_batches(tiny_model_dir, tmp_path, capsys):
