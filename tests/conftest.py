@@ -27,6 +27,17 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 from tiny import tiny_model, tiny_tokenizer  # noqa: E402
 
 
+def pytest_collection_modifyitems(session, config, items):
+    """Under xdist (`make test`: -n 2 --dist loadgroup) the files that hold a `slow` test come first,
+    so the long tests start early and the two workers finish together instead of one waiting on a
+    late 60 s test. Whole files move, in their own order, so module fixtures are built once. A plain
+    serial run keeps pytest's order."""
+    if not hasattr(config, "workerinput"):
+        return
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: the order within a file stays
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A tiny random Llama + char tokenizer written with save_pretrained (a local model folder)."""

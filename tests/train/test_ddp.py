@@ -14,6 +14,8 @@ import torch
 import yaml
 from conftest import ROOT, read_metrics, write_config
 
+pytestmark = pytest.mark.slow  # each test launches 3-4 Python processes
+
 # Timings differ between runs; everything else a step logs must match.
 VOLATILE = ("time/", "throughput/", "credit/flow_seconds")
 FIX = ROOT / "tests" / "fixtures" / "eval"

@@ -101,6 +101,7 @@ def _steps_logged(run) -> int:
     return len({json.loads(line)["step"] for line in open(path) if line.endswith("\n")})
 
 
+@pytest.mark.slow
 def test_sigkill_at_a_random_step_then_resume_logs_the_uninterrupted_metrics(tmp_path, tiny_model_dir):
     steps = 5
     full = write_config(tmp_path / "full", tiny_model_dir, steps=steps, verifier="toy_rewards:digits")
