@@ -1,5 +1,10 @@
 """Shared fixtures and helpers: a tiny random model saved as a local HF folder, a tiny run config
-(`write_config`), a run's metrics (`read_metrics`), the brute-force pass@k reference."""
+(`write_config`), a run's metrics (`read_metrics`), the brute-force pass@k reference.
+
+`make test` runs 2 xdist workers (-n 2 --dist loadgroup). Mark a test that launches a Python subprocess
+or runs over ~5 s `@pytest.mark.slow` (its file is then started first); tests that share a module
+fixture worth keeping once also get `pytest.mark.xdist_group("<name>")`. Prefer the CLI's `main([...])`
+in this process to a subprocess: each `python -m flowtracer.cli` pays ~10 s of imports."""
 
 from __future__ import annotations
 
