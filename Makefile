@@ -4,6 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
+# 2 xdist workers: most tests are one single-threaded process, so 2 cores run two at once. loadgroup keeps
+# an xdist_group's tests (module fixtures they share) on one worker; --durations shows what got slow.
+PYTEST_FAST := -n 2 --dist loadgroup --durations=25
+
 .PHONY: setup test demo bench check-install clean
 
 setup: $(STAMP)
@@ -20,7 +24,7 @@ $(STAMP): requirements.txt pyproject.toml
 
 test: setup
 	$(BIN)/ruff check .
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest tests
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest tests $(PYTEST_FAST)
 
 demo: setup
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/flowtracer fit --config experiments/quickstart.yaml

@@ -1,5 +1,10 @@
 """Shared fixtures and helpers: a tiny random model saved as a local HF folder, a tiny run config
-(`write_config`), a run's metrics (`read_metrics`), the brute-force pass@k reference."""
+(`write_config`), a run's metrics (`read_metrics`), the brute-force pass@k reference.
+
+`make test` runs 2 xdist workers (-n 2 --dist loadgroup). Mark a test that launches a Python subprocess
+or runs over ~5 s `@pytest.mark.slow` (its file is then started first); tests that share a module
+fixture worth keeping once also get `pytest.mark.xdist_group("<name>")`. Prefer the CLI's `main([...])`
+in this process to a subprocess: each `python -m flowtracer.cli` pays ~10 s of imports."""
 
 from __future__ import annotations
 
@@ -25,6 +30,17 @@ import torch  # noqa: E402
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 from tiny import tiny_model, tiny_tokenizer  # noqa: E402
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Under xdist (`make test`: -n 2 --dist loadgroup) the files that hold a `slow` test come first,
+    so the long tests start early and the two workers finish together instead of one waiting on a
+    late 60 s test. Whole files move, in their own order, so module fixtures are built once. A plain
+    serial run keeps pytest's order."""
+    if not hasattr(config, "workerinput"):
+        return
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: the order within a file stays
 
 
 @pytest.fixture(scope="session")

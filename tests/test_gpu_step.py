@@ -8,6 +8,8 @@ import sys
 import pytest
 from conftest import ROOT
 
+pytestmark = pytest.mark.slow  # a subprocess runs the benchmark
+
 # the GPU image lacks these packages: importing any of them is an error in this run
 BLOCKER = """
 import importlib.abc, runpy, sys

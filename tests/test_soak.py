@@ -7,9 +7,11 @@ only if large; the benchmark's slope is the fine measurement), so allocator nois
 
 from __future__ import annotations
 
+import pytest
 from soaking import soak
 
 
+@pytest.mark.slow
 def test_short_soak_memory_is_flat(tmp_path):
     r = soak(40, str(tmp_path))
     assert r["steps"] == 40

@@ -441,6 +441,7 @@ def test_arms_parse_from_config():
     assert ent.variant == "80/20"
 
 
+@pytest.mark.slow
 def test_pure_parts_import_without_lightning():
     code = ("import sys; sys.modules['lightning'] = None; sys.modules['lightning.pytorch'] = None\n"
             "import flowtracer.credit.select, flowtracer.credit.stats, flowtracer.flow, flowtracer.model.capture\n"

@@ -141,6 +141,7 @@ def test_non_finite_map_gives_ones_and_is_counted(monkeypatch):
     assert (credit.weights[:4] == 1.5).any()
 
 
+@pytest.mark.slow
 def test_arms_and_weights_need_no_lightning(tmp_path):
     """With Lightning unimportable, the arms are plain objects and give the same weights."""
     tok, model = tiny_tokenizer(), tiny_model("llama")

@@ -65,6 +65,7 @@ def _peak_bytes(model, tok, sampling) -> int:
     return peak.bytes
 
 
+@pytest.mark.slow
 def test_small_generation_batch_lowers_the_peak():
     # 30 prompts x 4 rows: the KV cache and logits of 120 rows dominate (measured ~145 MB vs ~17 MB)
     model = tiny_model("llama", hidden_size=256, intermediate_size=512, num_hidden_layers=4,

@@ -131,6 +131,7 @@ def suite_weights(tok, model, out, inputs, arm) -> torch.Tensor:
     return pre.token_weights[:, P:]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["tiny", "bundled"])
 def test_advantages_are_group_advantage_times_the_suites_flow_weights(tmp_path, name):
     """The separate capture pass, right after TRL scored the batch."""
@@ -151,6 +152,7 @@ def test_advantages_are_group_advantage_times_the_suites_flow_weights(tmp_path, 
     assert m["credit/reached_frac"][-1] == 1.0 and m["credit/seconds"][-1] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["tiny", "bundled"])
 def test_fused_weights_come_from_the_loss_forward_and_reach_the_loss(tmp_path, name):
     """Fused (the default for FlowCredit with one iteration): the map of TRL's own loss forward gives the

@@ -12,7 +12,10 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT
+
+pytestmark = pytest.mark.slow  # a subprocess under the Triton interpreter
 
 SCRIPT = r"""
 import sys, torch

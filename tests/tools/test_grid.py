@@ -60,6 +60,7 @@ def test_shipped_grids_load(config):
         assert arms == every or arms == {None}
 
 
+@pytest.mark.slow
 def test_grid_killed_midway_resumes_and_reports(tmp_path, tiny_model_dir):
     cfg = write_grid(tmp_path, tiny_model_dir)
     cells = tmp_path / "grid" / "cells"
@@ -97,6 +98,7 @@ def test_grid_killed_midway_resumes_and_reports(tmp_path, tiny_model_dir):
     assert "data:image/png;base64," in (out / "report.html").read_text()
 
 
+@pytest.mark.slow
 def test_committed_cell_summaries_rebuild_the_report(tmp_path, tiny_model_dir):
     """A finished cell writes <results>/<cell>.csv/.json; with the run folders gone (a fresh clone),
     --report-only rebuilds the same table from those files alone."""

@@ -22,6 +22,9 @@ from test_grid import write_grid
 from flowtracer.cli import main
 from flowtracer.tools.grid import load_grid, run_grid
 
+# One xdist group: local_ref and ray_cluster are module fixtures the tests share (built once).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("launchers")]
+
 ENV = {"OMP_NUM_THREADS": 1}
 METRICS = ("cell", "state", "steps", "init_val", "final_val", "best_val", "auc_val", "mean_reward")
 

@@ -101,6 +101,7 @@ def _steps_logged(run) -> int:
     return len({json.loads(line)["step"] for line in open(path) if line.endswith("\n")})
 
 
+@pytest.mark.slow
 def test_sigkill_at_a_random_step_then_resume_logs_the_uninterrupted_metrics(tmp_path, tiny_model_dir):
     steps = 5
     full = write_config(tmp_path / "full", tiny_model_dir, steps=steps, verifier="toy_rewards:digits")
@@ -132,9 +133,8 @@ def test_sigkill_at_a_random_step_then_resume_logs_the_uninterrupted_metrics(tmp
     assert proc.returncode == -signal.SIGKILL, f"the run ended before the kill (seed {seed})"
     ckpt = run / "checkpoints" / "last.ckpt"
     at_kill = torch.load(ckpt, weights_only=True)["state_dict"] if ckpt.exists() else None
-    res = subprocess.run([sys.executable, "-m", "flowtracer.cli", "fit", "--config", str(cfg), "--ckpt_path", "last"],
-                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=400)
-    assert res.returncode == 0, res.stderr[-2000:]
+    # the resume is a fresh Trainer from what is on disk; in this process it saves ~10 s of imports
+    assert main(["fit", "--config", str(cfg), "--ckpt_path", "last"]) == 0, f"seed {seed}"
     got = read_metrics(run)
     assert sorted(got) == sorted(expected), f"seed {seed}"
     for step, row in expected.items():

@@ -74,6 +74,7 @@ def test_loss_ignores_prompt_tokens():
     torch.testing.assert_close(base, ref, rtol=1e-5, atol=1e-6)  # logits_to_keep path = full-logits path
 
 
+@pytest.mark.slow
 def test_sft_learns_resumes_and_exports(tmp_path, tiny_model_dir):
     straight = sft_config(tmp_path / "a", tiny_model_dir, steps=6)
     main(["sft", "--config", str(straight)])
