@@ -115,7 +115,9 @@ class MathVerifier:
         try:
             from math_verify import parse, verify  # heavy (sympy): imported on first use
 
-            ok = verify(parse(_PROBE[0]), parse(_PROBE[1]))
+            # generous time limits: on a loaded machine the first parse (sympy, antlr warming up)
+            # can pass math-verify's default 5 s, which is slowness, not a broken install
+            ok = verify(parse(_PROBE[0], parsing_timeout=60), parse(_PROBE[1], parsing_timeout=60), timeout_seconds=60)
         except Exception as exc:  # ImportError, or a broken install (antlr runtime mismatch, ...)
             return f"math-verify is missing or broken ({type(exc).__name__}: {exc}); install it with `{INSTALL}`"
         if not ok:
