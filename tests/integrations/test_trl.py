@@ -151,7 +151,8 @@ def test_advantages_are_group_advantage_times_the_suites_flow_weights(tmp_path, 
         for h in hooks:
             h.remove()
     assert packs == [list(range(G)), list(range(G, 2 * G))]
-    assert mlps == list(range(resolve_layers("middle", len(layers))[-1]))  # no MLP from the last captured layer on
+    last = resolve_layers("middle", len(layers))[-1]
+    assert mlps == list(range(last)) * 2  # one forward per prompt, no MLP from the last captured layer on
     expected = plain[:, None] * suite_weights(trainer.processing_class, trainer.model, out, inputs, FlowCredit())
     assert plain.shape == (2 * G,) and out["advantages"].shape == out["completion_ids"].shape
     torch.testing.assert_close(out["advantages"], expected, atol=1e-6, rtol=0)
