@@ -74,7 +74,7 @@ def plan_packs(input_ids: torch.Tensor, attention_mask: torch.Tensor, position_i
                 last.prefix = shared
                 continue
         packs.append(Pack([b], [len(seq)], len(seq), [seq]))
-    if sum(p.size for p in packs) > MAX_PACKED * B * T:
+    if not packs or sum(p.size for p in packs) > MAX_PACKED * B * T:
         return None
     return packs
 
