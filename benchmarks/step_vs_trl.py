@@ -18,7 +18,9 @@ warm-up and is not counted. The table shows median seconds per phase and side / 
 FlowTracer sides, "credit" is the adapter's whole cost (question and answer masks, the capture, the
 flow), from its own clock (credit/seconds): "TRL + FlowTracer" takes the map from TRL's loss
 forward (fused, the default where it applies), "TRL + FT, pass" from a separate no-grad capture pass
-(fuse=False; --sides trl,trlpass). Its share of that side's step is the target.
+(fuse=False; --sides trl,trlpass). Its share of that side's step is the target. "TRL + FT, entropy"
+(EntropyCredit, --sides trl,trlent) pays the separate pass with every layer and the vocabulary head
+(the entropies need the logits).
 
 Needs TRL, the `trl` extra (`make setup` installs it; requirements-bench.txt for a separate venv):
 
@@ -42,7 +44,7 @@ MODEL = "smollm2-135m-instruct"
 G, MAX_NEW, LR, TEMPERATURE, SEED, LORA_R, LORA_ALPHA = 8, 48, 1e-6, 1.0, 0, 8, 16
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 SIDES = {"trl": "TRL GRPOTrainer", "uniform": "ours, uniform", "flow": "ours, FlowCredit",
-         "trlflow": "TRL + FlowTracer", "trlpass": "TRL + FT, pass"}
+         "trlflow": "TRL + FlowTracer", "trlpass": "TRL + FT, pass", "trlent": "TRL + FT, entropy"}
 PHASES = ("generate", "score", "credit", "forward", "backward", "other")
 
 
@@ -110,13 +112,13 @@ def worker_ours(arm: str, steps: int, precision: str = "32") -> None:
 
 
 def worker_trl(steps: int, checkpointing: bool = True, flow: bool = False, fuse: bool = True,
-               precision: str = "32") -> None:
+               precision: str = "32", entropy: bool = False) -> None:
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from flowtracer.credit import FlowCredit
+    from flowtracer.credit import EntropyCredit, FlowCredit
     from flowtracer.data.datamodule import DEFAULT_INSTRUCTION
     from flowtracer.data.prompts import user_message
     from flowtracer.integrations.trl import FlowGRPOTrainer
@@ -191,7 +193,7 @@ def worker_trl(steps: int, checkpointing: bool = True, flow: bool = False, fuse:
         model_init_kwargs={"dtype": "float32"}, disable_tqdm=True, gradient_checkpointing=checkpointing)
     lora = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=list(TARGETS),
                       task_type="CAUSAL_LM")
-    extra = {"credit": FlowCredit(), "fuse": None if fuse else False} if flow else {}
+    extra = {"credit": EntropyCredit() if entropy else FlowCredit(), "fuse": None if fuse else False} if flow else {}
     stepper = Stepper()
     trainer = Timed(model=str(bundled_model_dir(MODEL)), reward_funcs=reward, args=args, train_dataset=data,
                     peft_config=lora, callbacks=[stepper], **extra)
@@ -240,9 +242,9 @@ def main() -> None:
             import torch
 
             torch.set_num_threads(args.threads)
-        if args.worker in ("trl", "trlflow", "trlpass"):
+        if args.worker in ("trl", "trlflow", "trlpass", "trlent"):
             return worker_trl(args.steps, args.trl_checkpointing == "true", flow=args.worker != "trl",
-                              fuse=args.worker == "trlflow", precision=args.precision)
+                              fuse=args.worker == "trlflow", precision=args.precision, entropy=args.worker == "trlent")
         return worker_ours(args.worker, args.steps, args.precision)
 
     sides = args.sides.split(",")
@@ -299,7 +301,7 @@ def report(results: dict[str, list[dict]], steps: int, precision: str = "32") ->
         checks.append(("uniform step <= 0.75 x TRL", med["uniform"]["step"] / base, 0.75))
     if "flow" in med:
         checks.append(("credit <= 2% of our FlowCredit step", med["flow"]["credit"] / med["flow"]["step"], 0.02))
-    for side in ("trlflow", "trlpass"):  # the adapter's whole cost, the capture included
+    for side in ("trlflow", "trlpass"):  # the adapter's whole cost, the capture included (trlent: stated, no target)
         if side in med:
             checks.append((f"credit <= 5% of the {SIDES[side]} step", med[side]["credit"] / med[side]["step"], 0.05))
     for name, value, limit in checks:

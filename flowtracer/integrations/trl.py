@@ -15,7 +15,9 @@ After TRL has generated and scored a batch (`_generate_and_score_completions`: T
      fused, from TRL's own loss forward of each micro-batch (no extra pass; where the arm reads only
      the map and that forward runs the policy that sampled, as in the suite's default), or from a
      separate no-grad capture pass right away (eval mode, TRL's autocast, the sampling temperature;
-     flowtracer.credit.weights.compute_credit);
+     flowtracer.credit.weights.compute_credit: for a map-only arm each prompt runs once for its G
+     completions and the forward stops at the attention of the arm's last layer; an entropy arm
+     runs every layer and the vocabulary head);
   3. runs the arm and hands TRL `advantages[:, None] * weights` over the completion tokens, (B, C)
      instead of (B,): TRL's `_compute_loss` takes per-token advantages from subclasses, for every
      loss type.

@@ -22,8 +22,9 @@ Frozen linear layers multiply with cached autocast-dtype copies of their weights
 (flowtracer.model.casts.autocast_linears: the same numbers, without a cast per call).
 
 An arm that reads only the map (FlowCredit, AttentionCredit) asks for `token_stats=False`: then no
-log-prob or entropy is projected, and the forward stops right after the last captured layer (the
-layers above it and the vocabulary head cannot change the map).
+log-prob or entropy is projected, the forward stops right after the attention of the last captured
+layer (its MLP, the layers above it and the vocabulary head cannot change the map), and rows that
+share a prompt run it once (flowtracer.model.prefix).
 
 Lightning-free (floor 2): the GRPO module, the credit weights API and the TRL adapter share it.
 """
@@ -37,7 +38,7 @@ from dataclasses import dataclass
 import torch
 import torch.utils.checkpoint
 
-from flowtracer.model import kernels
+from flowtracer.model import kernels, prefix
 from flowtracer.model.capture import BACKENDS, MAX_CHUNK_BYTES, auto_budget, capture_attention, unwrap
 from flowtracer.model.casts import autocast_linears
 from flowtracer.model.layers import resolve_layers
@@ -76,6 +77,7 @@ def teacher_forced_pass(
     token_stats: bool = True,
     stop_early: bool = True,
     entropy_grad: bool = False,
+    share_prefix: bool = True,
 ) -> TeacherForcedOutput:
     """One teacher-forced forward over prompt+response: log-probs, entropies and the attention map.
 
@@ -109,6 +111,8 @@ def teacher_forced_pass(
             end (DeepSpeed ZeRO-3, FSDP).
         entropy_grad: with `with_grad`, the entropies keep their graph too (an entropy bonus in the
             loss, `loss.entropy_coef`); the backward then also differentiates -sum p log p.
+        share_prefix: with token_stats=False, consecutive rows that share a prefix (a prompt's G
+            completions) run it once, packed into one row (flowtracer.model.prefix); same map.
 
     Returns:
         TeacherForcedOutput with ``logprobs[b, t] = log p(input_ids[b, t] | tokens < t)`` and
@@ -127,7 +131,7 @@ def teacher_forced_pass(
     lm = unwrap(model)
     if not token_stats:
         return _map_only(model, lm, input_ids, attention_mask, position_ids, capture_layers, attn_chunk_bytes, backend,
-                         stop_early)
+                         capture_heads, stop_early, share_prefix)
     head = lm.get_output_embeddings()
     if head is None:
         raise ValueError(f"{type(lm).__name__} has no output embeddings (lm_head); a causal LM is required")
@@ -154,31 +158,53 @@ class _StopForward(Exception):
 
 
 @torch.no_grad()
-def _map_only(model, lm, input_ids, attention_mask, position_ids, layers, chunk_bytes, backend,
-              stop_early: bool) -> TeacherForcedOutput:
-    """The attention map alone: the decoder runs up to the last captured layer, then stops.
+def _map_only(model, lm, input_ids, attention_mask, position_ids, layers, chunk_bytes, backend, heads,
+              stop_early: bool, share_prefix: bool) -> TeacherForcedOutput:
+    """The attention map alone: the decoder runs up to the attention of the last captured layer, then
+    stops (no later layer, no MLP of that one, no vocabulary head). With `share_prefix`, rows that
+    share a prompt run it once (flowtracer.model.prefix); the map is the same.
 
     Decoders without a `layers` list (no place to stop) run to the end; the map is the same.
     """
-    with capture_attention(model, layers, attention_mask=attention_mask, chunk_bytes=chunk_bytes,
-                           backend=backend) as captured:
-        stack = getattr(_decoder(lm), "layers", None)
-        last = resolve_layers(layers, len(stack))[-1] if stop_early and isinstance(stack, torch.nn.ModuleList) else None
+    stack = getattr(_decoder(lm), "layers", None)
+    stop_at = None
+    if stop_early and isinstance(stack, torch.nn.ModuleList):
+        last = resolve_layers(layers, len(stack))[-1]
+        # the attention module of that layer (what the capture reads), else the layer itself
+        stop_at = next((m for m in stack[last].modules()
+                        if getattr(m, "layer_idx", None) == last and hasattr(m, "config")), stack[last])
 
-        def stop(_module, _args, _output):
-            raise _StopForward
+    def stop(_module, _args, _output):
+        raise _StopForward
 
-        handle = stack[last].register_forward_hook(stop) if last is not None and last < len(stack) - 1 else None
-        try:
-            model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
-                  logits_to_keep=1)
-        except _StopForward:
-            pass
-        finally:
-            if handle is not None:
-                handle.remove()
-    return TeacherForcedOutput(logprobs=None, entropy=None, attn=captured.attn, layers=captured.layers,
-                               attn_seconds=captured.seconds)
+    def run(ids, mask, pos, valid):
+        with capture_attention(model, layers, attention_mask=valid, chunk_bytes=chunk_bytes, backend=backend,
+                               heads=heads) as captured:
+            try:
+                model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, logits_to_keep=1)
+            except _StopForward:
+                pass
+        return captured
+
+    packs = prefix.plan_packs(input_ids, attention_mask, position_ids) if share_prefix and prefix.packable(lm) else None
+    handle = stop_at.register_forward_hook(stop) if stop_at is not None else None
+    try:
+        if packs is None:
+            captured = run(input_ids, attention_mask, position_ids, attention_mask)
+            return TeacherForcedOutput(logprobs=None, entropy=None, attn=captured.attn, layers=captured.layers,
+                                       attn_seconds=captured.seconds)
+        B, T = input_ids.shape
+        attn = torch.zeros(B, T, T, dtype=torch.float32, device=input_ids.device)
+        seconds, captured_layers = 0.0, None
+        for pack in packs:
+            ids, mask4d, pos, index = prefix.pack_inputs(pack, input_ids.device)
+            captured = run(ids, mask4d, pos, None)
+            prefix.unpack_map(pack, captured.attn, index, attention_mask, attn)
+            seconds, captured_layers = seconds + captured.seconds, captured.layers
+    finally:
+        if handle is not None:
+            handle.remove()
+    return TeacherForcedOutput(logprobs=None, entropy=None, attn=attn, layers=captured_layers, attn_seconds=seconds)
 
 
 def _decoder(lm):

@@ -28,6 +28,8 @@ from flowtracer.data.prompts import format_prompt, user_message
 from flowtracer.errors import InputError
 from flowtracer.generation import question_mask as suite_question_mask
 from flowtracer.integrations.trl import FlowGRPOTrainer, check_trl_version, with_flowtracer
+from flowtracer.model import prefix
+from flowtracer.model.layers import resolve_layers
 from flowtracer.model.policy import bundled_model_dir
 from flowtracer.rewards import MathVerifier, VerifierCache
 from flowtracer.train.step import micro
@@ -133,12 +135,25 @@ def suite_weights(tok, model, out, inputs, arm) -> torch.Tensor:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["tiny", "bundled"])
-def test_advantages_are_group_advantage_times_the_suites_flow_weights(tmp_path, name):
-    """The separate capture pass, right after TRL scored the batch."""
+def test_advantages_are_group_advantage_times_the_suites_flow_weights(tmp_path, name, monkeypatch):
+    """The separate capture pass, right after TRL scored the batch: each prompt runs once for its G
+    completions, the forward stops at the attention of the last captured layer, and the weights are
+    those of the suite's full forward."""
     trainer = make(FlowGRPOTrainer, tmp_path, name, credit=FlowCredit(layers="middle"), fuse=False)
     inputs = step_inputs()
     plain = GRPOTrainer._generate_and_score_completions(trainer, inputs)["advantages"]  # TRL's own, (B,)
-    out = trainer._generate_and_score_completions(inputs)
+    packs, real = [], prefix.pack_inputs
+    monkeypatch.setattr(prefix, "pack_inputs", lambda pack, device: packs.append(pack.rows) or real(pack, device))
+    layers, mlps = trainer.model.model.layers, []
+    hooks = [layer.mlp.register_forward_pre_hook(lambda *_a, i=i: mlps.append(i)) for i, layer in enumerate(layers)]
+    try:
+        out = trainer._generate_and_score_completions(inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert packs == [list(range(G)), list(range(G, 2 * G))]
+    last = resolve_layers("middle", len(layers))[-1]
+    assert mlps == list(range(last)) * 2  # one forward per prompt, no MLP from the last captured layer on
     expected = plain[:, None] * suite_weights(trainer.processing_class, trainer.model, out, inputs, FlowCredit())
     assert plain.shape == (2 * G,) and out["advantages"].shape == out["completion_ids"].shape
     torch.testing.assert_close(out["advantages"], expected, atol=1e-6, rtol=0)

@@ -1,5 +1,5 @@
-"""flowtracer.model.forward: the map-only pass (token_stats=False) stops after the last captured layer
-and gives the very map of the full pass."""
+"""flowtracer.model.forward: the map-only pass (token_stats=False) stops at the attention of the last captured
+layer, runs a prompt shared by several rows once, and gives the map of the full pass."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from tiny import tiny_model
 
+from flowtracer.model import prefix
 from flowtracer.model.forward import teacher_forced_pass
 
 
@@ -23,7 +24,7 @@ def _batch(B: int = 3, T: int = 24):
 def _layer_calls(model) -> tuple[list[int], list]:
     calls: list[int] = []
     layers = model.get_base_model().model.layers if hasattr(model, "get_base_model") else model.model.layers
-    handles = [layer.register_forward_hook(lambda *_a, i=i: calls.append(i)) for i, layer in enumerate(layers)]
+    handles = [layer.register_forward_pre_hook(lambda *_a, i=i: calls.append(i)) for i, layer in enumerate(layers)]
     return calls, handles
 
 
@@ -43,7 +44,7 @@ def test_map_only_equals_the_full_pass_and_stops_early(arch, layers):
             h.remove()
     assert torch.equal(only.attn, full.attn) and torch.equal(whole.attn, full.attn)
     assert only.layers == full.layers and only.logprobs is None and only.entropy is None
-    assert ran == list(range(max(full.layers) + 1))  # nothing above the last captured layer ran
+    assert ran == list(range(max(full.layers) + 1))  # no layer above the last captured one started
     assert calls == list(range(model.config.num_hidden_layers))
 
 
@@ -88,3 +89,82 @@ def test_entropy_grad_keeps_the_entropies_graph_and_their_values(chunk_bytes):
     assert ours.keys() == ref.keys() and ours
     for n in ref:
         torch.testing.assert_close(ours[n], ref[n], atol=1e-4, rtol=1e-3, msg=n)
+
+
+def _grouped_batch():
+    """Two prompts x three completions, TRL's layout: prompts left-padded, completions right-padded."""
+    g = torch.Generator().manual_seed(1)
+    B, P, C = 6, 10, 8
+    ids = torch.randint(3, 100, (B, P + C), generator=g)
+    ids[:3, :P], ids[3:, :P] = ids[0, :P], ids[3, :P]
+    mask = torch.ones(B, P + C, dtype=torch.long)
+    mask[3:, :2] = 0  # the second prompt is shorter
+    mask[1, -3:], mask[4, -5:], mask[5, -1:] = 0, 0, 0
+    ids[5, P:P + 2] = ids[4, P:P + 2]  # two completions that start alike share that too
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def _spy_packs(monkeypatch) -> list:
+    packs = []
+    real = prefix.pack_inputs
+
+    def spy(pack, device):
+        packs.append(pack)
+        return real(pack, device)
+
+    monkeypatch.setattr(prefix, "pack_inputs", spy)
+    return packs
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("heads", ["mean", "max"])
+def test_a_prompts_rows_run_it_once_and_give_the_padded_pass_map(arch, heads, monkeypatch):
+    model = tiny_model(arch)
+    ids, mask = _grouped_batch()
+    full = teacher_forced_pass(model, ids, mask, capture_layers="middle", capture_heads=heads)
+    padded = teacher_forced_pass(model, ids, mask, capture_layers="middle", capture_heads=heads, token_stats=False,
+                                 share_prefix=False)
+    packs = _spy_packs(monkeypatch)
+    seen: list[tuple[int, ...]] = []
+    embed = model.get_input_embeddings().register_forward_pre_hook(lambda _m, a: seen.append(tuple(a[0].shape)))
+    try:
+        packed = teacher_forced_pass(model, ids, mask, capture_layers="middle", capture_heads=heads,
+                                     token_stats=False)
+    finally:
+        embed.remove()
+    assert [p.rows for p in packs] == [[0, 1, 2], [3, 4, 5]] and [p.prefix for p in packs] == [10, 8]
+    assert seen == [(1, 10 + 8 + 5 + 8), (1, 8 + 8 + 3 + 7)]  # each prompt once, each completion's own tokens
+    assert torch.equal(padded.attn, full.attn)
+    torch.testing.assert_close(packed.attn, full.attn, atol=1e-6, rtol=0)
+    assert (packed.attn[mask == 0] == 0).all() and (packed.attn.transpose(1, 2)[mask == 0] == 0).all()
+    assert packed.layers == full.layers and packed.attn_seconds > 0
+
+
+def test_the_pass_stops_at_the_attention_of_the_last_captured_layer():
+    model = tiny_model("llama")
+    ids, mask = _grouped_batch()
+    layers, mlps = model.model.layers, []
+    hooks = [layer.mlp.register_forward_pre_hook(lambda *_a, i=i: mlps.append(i)) for i, layer in enumerate(layers)]
+    try:
+        teacher_forced_pass(model, ids, mask, capture_layers=[1, 3], token_stats=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert mlps == [0, 1, 2] * 2  # one forward per prompt; each ran layer 3's attention (captured), not its MLP
+
+
+def test_no_packing_where_one_mask_does_not_fit_every_layer_or_rows_share_little(monkeypatch):
+    packs = _spy_packs(monkeypatch)
+    ids, mask = _grouped_batch()
+    model = tiny_model("mistral")  # sliding-window layers: the window is the model's to apply
+    assert not prefix.packable(model)
+    out = teacher_forced_pass(model, ids, mask, capture_layers="middle", token_stats=False)
+    assert torch.equal(out.attn, teacher_forced_pass(model, ids, mask, capture_layers="middle").attn)
+    llama = tiny_model("llama")
+    assert prefix.packable(llama)
+    g = torch.Generator().manual_seed(2)
+    distinct = torch.randint(3, 100, ids.shape, generator=g)  # no two rows share a first token
+    distinct[:, 0] = torch.arange(3, 3 + len(distinct))
+    assert prefix.plan_packs(distinct, mask, (mask.cumsum(-1) - 1).clamp(min=0)) is None
+    teacher_forced_pass(llama, distinct.masked_fill(mask == 0, 0), mask, capture_layers="middle", token_stats=False)
+    assert packs == []
