@@ -5,7 +5,7 @@ question in the decoded prompt; all prompt tokens when it is not found), as the 
 formatting and `flowtracer.generation.question_mask` mark them. `answer_mask`: the tokens of the
 final answer that the extractors (flowtracer.rewards.extract.final_answer, the math verifier's
 rules) find in the decoded completion; a truncated completion (no EOS) whose answer only a fallback
-extractor (last number, last line) finds has none, as in flowtracer.train.step.score. A response
+extractor (last number, last line) finds has none (flowtracer.rewards.graded, as in training and eval). A response
 without an answer span gets uniform weights from every arm, and is counted.
 """
 
@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from flowtracer.generation import response_token_offsets
+from flowtracer.rewards.base import Score, gradable
 from flowtracer.rewards.extract import DEFAULT_EXTRACTION, FALLBACK_EXTRACTORS, check_extraction, final_answer
 from flowtracer.rewards.spans import char_span_to_token_mask, locate_question_span
 
@@ -77,9 +78,11 @@ def answer_finder(extraction: Sequence[str] | AnswerSpan) -> AnswerSpan:
 
     def find(text: str, truncated: bool):
         name, found = final_answer(text, names)
-        if found is None or (truncated and name in FALLBACK_EXTRACTORS):
-            return None  # a cut-off derivation's last number is not its answer
-        return found[1]
+        if found is None:
+            return None
+        # the one rule of fit, validation and eval: a cut-off derivation's last number is not its answer
+        score = Score(0.0, found[1], found[0], fallback=name in FALLBACK_EXTRACTORS)
+        return found[1] if gradable(score, truncated) else None
 
     return find
 

@@ -26,7 +26,7 @@ from flowtracer.config import LEGACY_SET, EvalSet
 from flowtracer.evaluation.metrics import BenchmarkAccuracy, answer_key
 from flowtracer.generation import sample
 from flowtracer.generation.sampler import row_seeds
-from flowtracer.rewards import VerifierCache, safe_score
+from flowtracer.rewards import VerifierCache, graded, safe_score
 from flowtracer.rewards.extract import row_extraction
 
 
@@ -46,7 +46,10 @@ def eval_batch(policy, tokenizer, rows: list[dict], sampling, format_prompt: Cal
     """k answers for each row (all rows of one set), scored: one record per row.
 
     A record is ``{"set", "index", "question", "responses": [k texts], "correct": [k bool],
-    "keys": [k normalised answers or None]}``.
+    "keys": [k normalised answers or None], "truncated": [k bool], "refused": [k bool]}``.
+    Graded as training grades (flowtracer.rewards.graded): a fallback answer (last number, no
+    answer marker) of a response cut off at max_new_tokens is refused (not correct, no vote), and
+    counted in "refused"; "truncated" marks the responses that hit max_new_tokens.
     `format_prompt(row) -> (text, question span)`; `verifiers(row)` -> the row's verifier;
     `batch_index`: the batch's position within its set (seeds HF's sampler, see `batch_seed`).
     """
@@ -66,14 +69,19 @@ def eval_batch(policy, tokenizer, rows: list[dict], sampling, format_prompt: Cal
         gen = sample(policy, tokenizer, list(prompts), list(spans), sampling, row_seeds=seeds)
     records = []
     for i, row in enumerate(rows):
-        correct, keys = [], []
+        correct, keys, cut, refused = [], [], [], []
         texts = gen.responses[i * k:(i + 1) * k]
-        for text in texts:
+        for j, text in enumerate(texts):
+            truncated = bool(gen.truncated[i * k + j])
             score, _ = safe_score(verifiers(row), text, row["answer"], locate=row_extraction(row))
+            score, was_refused = graded(score, truncated)  # training's rule (flowtracer.rewards.graded)
             correct.append(bool(score.reward >= threshold))
             keys.append(answer_key(score.parsed))
+            cut.append(truncated)
+            refused.append(was_refused)
         records.append({"set": name, "index": int(row["eval_index"]), "question": row["question"],
-                        "responses": list(texts), "correct": correct, "keys": keys})
+                        "responses": list(texts), "correct": correct, "keys": keys,
+                        "truncated": cut, "refused": refused})
     return records
 
 

@@ -101,9 +101,11 @@ class BenchmarkAccuracy(Metric):
         **kwargs: torchmetrics options (``sync_on_compute=False`` for a single process).
 
     `update(records)` takes the engine's records (``{"set", "index", "correct": [k bool],
-    "keys": [k answer keys]}``, flowtracer.evaluation.engine.eval_batch); `compute()` returns
-    ``{"sets": {name: {"n", "k", "avg@k", "pass@k'", ..., "maj@k"}}, "math_avg", "math_sets"}``
-    over every process's problems (sets without problems are left out).
+    "keys": [k answer keys], "refused": [k bool] (optional)}``,
+    flowtracer.evaluation.engine.eval_batch); `compute()` returns ``{"sets": {name: {"n", "k",
+    "avg@k", "pass@k'", ..., "maj@k", "truncated_fallback"}}, "math_avg", "math_sets"}`` over every
+    process's problems (sets without problems are left out); "truncated_fallback" counts the
+    answers refused as a truncated response's fallback answer (flowtracer.rewards.graded).
     """
 
     full_state_update = False
@@ -115,7 +117,7 @@ class BenchmarkAccuracy(Metric):
         self.names = list(sets)
         self.pass_ks = {name: (sorted(set(ks)) if ks else None) for name, (ks, _) in sets.items()}
         self.math = {name: bool(m) for name, (_, m) in sets.items()}
-        for state in ("set_id", "index", "n", "correct", "majority"):
+        for state in ("set_id", "index", "n", "correct", "majority", "refused"):
             self.add_state(state, default=[], dist_reduce_fx="cat")
 
     def update(self, records: Sequence[dict]) -> None:
@@ -128,14 +130,15 @@ class BenchmarkAccuracy(Metric):
         self.correct.append(torch.tensor([sum(map(bool, r["correct"])) for r in records], **long))
         votes = majority_correct([r["keys"] for r in records], [r["correct"] for r in records])
         self.majority.append(torch.tensor(votes, **long))
+        self.refused.append(torch.tensor([sum(map(bool, r.get("refused", ()))) for r in records], **long))
 
-    def _problems(self) -> dict[int, dict[int, tuple[int, int, int]]]:
-        """set id -> index -> (n, c, majority), one entry per problem (the last one seen)."""
+    def _problems(self) -> dict[int, dict[int, tuple[int, int, int, int]]]:
+        """set id -> index -> (n, c, majority, refused), one entry per problem (the last one seen)."""
         states = [dim_zero_cat(s).long().tolist() if (not isinstance(s, list) or s) else []
-                  for s in (self.set_id, self.index, self.n, self.correct, self.majority)]
-        out: dict[int, dict[int, tuple[int, int, int]]] = {}
-        for sid, idx, n, c, m in zip(*states):
-            out.setdefault(sid, {})[idx] = (n, c, m)
+                  for s in (self.set_id, self.index, self.n, self.correct, self.majority, self.refused)]
+        out: dict[int, dict[int, tuple[int, int, int, int]]] = {}
+        for sid, idx, n, c, m, r in zip(*states):
+            out.setdefault(sid, {})[idx] = (n, c, m, r)
         return out
 
     def compute(self) -> dict[str, Any]:
@@ -147,7 +150,7 @@ class BenchmarkAccuracy(Metric):
         math_sets = [name for name in sets if self.math[name]]
         return {"sets": sets, "math_avg": macro_average(sets, math_sets), "math_sets": math_sets}
 
-    def _set_metrics(self, name: str, rows: list[tuple[int, int, int]]) -> dict[str, Any]:
+    def _set_metrics(self, name: str, rows: list[tuple[int, int, int, int]]) -> dict[str, Any]:
         n = torch.tensor([r[0] for r in rows], dtype=torch.int64)
         c = torch.tensor([r[1] for r in rows], dtype=torch.int64)
         k, p = int(n.max()), len(rows)
@@ -160,4 +163,5 @@ class BenchmarkAccuracy(Metric):
         for kk in ks:  # numpy's pairwise mean: the same last bit as the numbers committed before torch
             out[f"pass@{kk}"] = float(pass_at_k(n, c, kk).numpy().mean())
         out[f"maj@{k}"] = sum(r[2] for r in rows) / p
+        out["truncated_fallback"] = sum(r[3] for r in rows)  # answers refused (flowtracer.rewards.graded)
         return out

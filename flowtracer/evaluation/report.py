@@ -50,6 +50,19 @@ def print_table(result: dict[str, Any], title: str = "evaluation", console=None)
     if result.get("math_avg") is not None:
         console.print(f"[bold]math average[/bold] (mean avg@k over {', '.join(result['math_sets'])}): "
                       f"{100 * result['math_avg']:.1f}")
+    if refused_note(result):
+        console.print(refused_note(result))
+
+
+def refused_note(result: dict[str, Any]) -> str:
+    """One sentence on the answers graded wrong because a truncated response had no answer marker
+    (flowtracer.rewards.graded), or "" when there were none."""
+    counts = {name: m.get("truncated_fallback", 0) for name, m in result["sets"].items()}
+    if not any(counts.values()):
+        return ""
+    per_set = ", ".join(f"{name} {c}" for name, c in counts.items() if c)
+    return (f"Refused as in training: {sum(counts.values())} answers ({per_set}) taken from a response cut "
+            "off at max_new_tokens with no answer marker (a last number), graded wrong.")
 
 
 def markdown(result: dict[str, Any], title: str = "evaluation") -> str:
@@ -57,6 +70,8 @@ def markdown(result: dict[str, Any], title: str = "evaluation") -> str:
     lines = [f"# {title}", "", "Accuracy in percent; math average = mean avg@k over the math sets.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in body]
+    if refused_note(result):
+        lines += ["", refused_note(result)]
     return "\n".join(lines) + "\n"
 
 
@@ -65,9 +80,10 @@ def to_json(result: dict[str, Any], **meta: Any) -> str:
 
 
 def log_metrics(result: dict[str, Any], prefix: str = "val") -> dict[str, float]:
-    """Flat metric names: <prefix>/<set>/<metric> and <prefix>/math_avg."""
+    """Flat metric names: <prefix>/<set>/<metric>, <prefix>/<set>/truncated_fallback (answers
+    refused, flowtracer.rewards.graded) and <prefix>/math_avg."""
     out = {f"{prefix}/{name}/{m}": float(v) for name, s in result["sets"].items()
-           for m, v in s.items() if "@" in m}
+           for m, v in s.items() if "@" in m or m == "truncated_fallback"}
     if result.get("math_avg") is not None:
         out[f"{prefix}/math_avg"] = float(result["math_avg"])
     return out

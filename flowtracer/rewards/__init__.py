@@ -1,6 +1,6 @@
 """Verifiers that score a response against a reference and locate its final answer span."""
 
-from flowtracer.rewards.base import Score, Verifier, safe_score
+from flowtracer.rewards.base import Score, Verifier, gradable, graded, safe_score
 from flowtracer.rewards.countdown import CountdownVerifier
 from flowtracer.rewards.extract import EXTRACTORS, extract_answer
 from flowtracer.rewards.math_verifier import MathVerifier
@@ -20,6 +20,8 @@ __all__ = [
     "char_span_to_token_mask",
     "extract_answer",
     "get_verifier",
+    "gradable",
+    "graded",
     "locate_question_span",
     "safe_score",
 ]

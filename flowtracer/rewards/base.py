@@ -19,8 +19,8 @@ class Score:
         flow sink), or None when no answer was found (truncated or unparsable response).
     parsed: the answer text that was checked; ``response[start:end] == parsed`` whenever both are set.
     fallback: the answer was found by a fallback extractor (``last_number``, ``last_line``), not by
-        an explicit answer marker; the trainer does not accept such an answer from a truncated
-        response (flowtracer.train.step.score).
+        an explicit answer marker; fit, validation and eval do not accept such an answer from a
+        truncated response (`graded`).
     located: the span was located by extractors for a reward function that returned a bare number
         (`safe_score`), not named by the verifier; the reward is the function's own either way.
     """
@@ -72,3 +72,28 @@ def as_score(out: Any, response: str, locate: tuple[str, ...] | None = None) -> 
     if found is None:
         return Score(float(reward)), None
     return Score(float(reward), found[1], found[0], fallback=name in FALLBACK_EXTRACTORS, located=True), None
+
+
+def gradable(score: Score, truncated: bool) -> bool:
+    """Whether `score`'s answer may be graded: THE rule of fit, validation and eval.
+
+    Not gradable: an answer found only by a fallback extractor (last number, last line: no answer
+    marker) in a TRUNCATED response (cut off at max_new_tokens): the model never finished its
+    answer, and the last number of a cut-off derivation is an arbitrary intermediate value, right
+    only by coincidence. A closed ``\\boxed{}``, ``<answer>`` or ``####`` answer still counts, cut
+    off or not: the answer was written. A response with no answer has nothing to refuse.
+    """
+    return not (score.answer_span is not None and score.fallback and truncated)
+
+
+def graded(score: Score, truncated: bool) -> tuple[Score, bool]:
+    """`score` as fit, validation and eval use it, and whether its answer was refused (`gradable`).
+
+    A refused answer loses its span and parsed text (no flow sink, no vote in maj@k) and its
+    reward becomes 0, except where the span was only located for a reward function that returned
+    a bare number (`located`): that reward is the function's own decision and stays.
+    Callers count the refusals (``answer/truncated_fallback``, eval's ``truncated_fallback``).
+    """
+    if gradable(score, truncated):
+        return score, False
+    return Score(score.reward if score.located else 0.0), True

@@ -18,11 +18,9 @@ from __future__ import annotations
 import glob
 import os
 import re
-import warnings
 
 from jsonargparse import ArgumentError
 from lightning.pytorch import Callback, LightningDataModule, LightningModule
-from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -32,6 +30,7 @@ from flowtracer.credit.base import RolloutCallback
 from flowtracer.data import PromptDataModule
 from flowtracer.errors import fail, run_or_fail
 from flowtracer.runs.checkpoints import StepCheckpoint
+from flowtracer.train.console import StepProgressBar, quiet_warnings
 from flowtracer.train.module import GRPOModule
 from flowtracer.train.preflight import ConfigError, check_checkpoint, check_writable, preflight
 from flowtracer.train.sft import SFTDataModule, SFTModule
@@ -58,7 +57,7 @@ def _default_loggers(name: str = "run") -> list[dict]:
 
 
 class FlowtracerCLI(LightningCLI):
-    """LightningCLI with flowtracer's defaults: CSV (+TensorBoard) logs, last.ckpt, rich progress."""
+    """LightningCLI with flowtracer's defaults: CSV (+TensorBoard) logs, last.ckpt, a step progress bar."""
 
     manual_optimization = True  # the GRPO module: Trainer options are mapped or refused accordingly
 
@@ -76,7 +75,7 @@ class FlowtracerCLI(LightningCLI):
         parser.add_lightning_class_args(StepCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 1,
                              "checkpoint.save_top_k": 0})
-        parser.add_lightning_class_args(RichProgressBar, "progress_bar")
+        parser.add_lightning_class_args(StepProgressBar, "progress_bar")  # step k of max_steps, s/step, time left
 
     def parse_arguments(self, parser, args) -> None:
         super().parse_arguments(parser, args)
@@ -278,6 +277,9 @@ def run_lightning_cli(cli_cls, module_cls, datamodule_cls, args: list[str] | Non
         "log_every_n_steps": 1,
         "num_sanity_val_steps": 0,
         "check_val_every_n_epoch": None,
+        # its FLOPs (0: nothing traced) and train-mode module counts say nothing here; the progress
+        # bar prints the parameter counts instead (flowtracer.train.console)
+        "enable_model_summary": False,
     }
     # exit_on_error=False: a bad key or type raises, and is reported below in one line instead of
     # jsonargparse's full usage text; allow_abbrev=False: `--trainer.max_step` is an unknown key,
@@ -293,15 +295,6 @@ def run_lightning_cli(cli_cls, module_cls, datamodule_cls, args: list[str] | Non
     return 0
 
 
-def _quiet_warnings() -> None:
-    # The module saves only after its optimizer steps; Lightning's generic manual-optimisation
-    # advice about pre-step state does not apply.
-    warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")
-    # The data position is a function of the step (PromptDataModule.train_batch,
-    # SFTDataModule.train_batch), not of the pacing dataloader, so resuming mid-epoch is exact.
-    warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
-
-
 class SFTCLI(FlowtracerCLI):
     manual_optimization = False  # automatic optimisation: Lightning's clipping and accumulation apply
 
@@ -311,11 +304,11 @@ class SFTCLI(FlowtracerCLI):
 
 def main(argv: list[str]) -> int:
     """`flowtracer fit|validate ...` (argv starts with the subcommand)."""
-    _quiet_warnings()
+    quiet_warnings()
     return run_lightning_cli(FlowtracerCLI, GRPOModule, PromptDataModule, argv)
 
 
 def sft_main(argv: list[str]) -> int:
     """`flowtracer sft ...`: LightningCLI's fit over SFTModule / SFTDataModule (same flags as fit)."""
-    _quiet_warnings()
+    quiet_warnings()
     return run_lightning_cli(SFTCLI, SFTModule, SFTDataModule, ["fit", *argv], name="sft")

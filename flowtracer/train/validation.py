@@ -7,7 +7,9 @@ kept, and torchmetrics gathers them across processes when the epoch's metrics ar
 record or response text crosses processes). Logged: ``val/<set>/avg@k``, ``val/<set>/pass@k'``,
 ``val/<set>/maj@k``, ``val/math_avg`` (mean avg@k over the math sets), and for continuity
 ``val/pass@1`` = the mean avg@k over all sets (the one set's avg@k for an old config), plus
-``val/pass@k`` of the old single validation set.
+``val/pass@k`` of the old single validation set. Answers are graded as training grades them
+(flowtracer.rewards.graded: a truncated response's last-number answer is refused), and the
+refusals are logged as ``val/<set>/truncated_fallback``.
 """
 
 from __future__ import annotations
@@ -63,6 +65,9 @@ def epoch_metrics(module) -> dict[str, float]:
 
 def _announce(step_label: str, metrics: dict[str, float]) -> None:
     parts = [f"{k[4:]} = {v:.3f}" for k, v in metrics.items() if k.count("/") == 1]
+    refused = int(sum(v for k, v in metrics.items() if k.endswith("/truncated_fallback")))
+    if refused:  # counted, and said: these answers were graded wrong although their last number may match
+        parts.append(f"{refused} answers refused (cut off at max_new_tokens with no answer marker)")
     rank_zero_info(f"[flowtracer] {step_label}: validation {', '.join(parts)}")
 
 

@@ -102,12 +102,15 @@ def test_benchmark_metric_counts_a_repeated_problem_once_and_keeps_set_order():
     metric = BenchmarkAccuracy({"b": ([1, 2], False), "a": (None, True), "empty": (None, True)},
                                sync_on_compute=False)
     a = records("a", [[1, 0, 0, 1], [0, 0, 0, 0], [1, 1, 1, 1]], [["5", "6", "7", "5"], ["1"] * 4, ["9"] * 4])
+    a[1]["refused"] = [True, False, True, False]  # two truncated fallback answers, counted once
     b = records("b", [[1, 1], [0, 1]])
     metric.update(a[:2] + b)
     metric.update(a[1:])  # a[1] again
     out = metric.compute()
     assert list(out["sets"]) == ["b", "a"] and out["math_sets"] == ["a"]  # "empty" saw no problem
-    assert out["sets"]["a"] == {"n": 3, "k": 4, **set_metrics([r["correct"] for r in a], [r["keys"] for r in a])}
+    assert out["sets"]["a"] == {"n": 3, "k": 4, **set_metrics([r["correct"] for r in a], [r["keys"] for r in a]),
+                                "truncated_fallback": 2}
+    assert out["sets"]["b"]["truncated_fallback"] == 0  # records without "refused" (old callers) refuse nothing
     assert out["sets"]["b"]["pass@2"] == 1.0 and out["sets"]["b"]["avg@2"] == 0.75 and "pass@1" in out["sets"]["b"]
     assert out["math_avg"] == out["sets"]["a"]["avg@4"]
     metric.reset()

@@ -10,7 +10,8 @@ fallback extractor (last number, last line: no explicit answer marker) is treate
 model never finished its answer, and the last number of a cut-off derivation is an arbitrary
 intermediate value, not a flow sink (counted in `answer/truncated_fallback`; for a span located for a
 bare-number reward only the span is dropped, the reward stays the function's). A closed
-`\\boxed{}` or `<answer>` in a truncated response still counts: the answer was written.
+`\\boxed{}` or `<answer>` in a truncated response still counts: the answer was written. The rule is
+flowtracer.rewards.graded, the one validation and `flowtracer eval` grade by.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch import Tensor
 
 from flowtracer.batch import Generated, RolloutBatch
 from flowtracer.generation import response_token_offsets
-from flowtracer.rewards import Score, VerifierCache, char_span_to_token_mask, safe_score
+from flowtracer.rewards import Score, VerifierCache, char_span_to_token_mask, graded, safe_score
 from flowtracer.rewards.combine import RewardSet
 from flowtracer.rewards.extract import row_extraction
 from flowtracer.rl import group_advantages
@@ -60,11 +61,10 @@ def score_responses(tokenizer, verifiers: VerifierCache, rows: list[dict], gen: 
             errors += error is not None
         else:
             score = verdicts[i]
-        if score.answer_span is not None and score.fallback and bool(gen.truncated[i]):
-            # a located span only loses its sink: the reward is the user function's own decision
-            score, refused = Score(score.reward if score.located else 0.0), refused + 1
-            if per_fn is not None:
-                per_fn[rewards.answer.name][i] = score.reward
+        score, was_refused = graded(score, bool(gen.truncated[i]))  # the rule validation and eval use too
+        refused += was_refused
+        if was_refused and per_fn is not None:
+            per_fn[rewards.answer.name][i] = score.reward
         scores.append(score)
         if score.answer_span is None:
             no_span += 1
