@@ -282,13 +282,17 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
-def _load_folder(path: Path, dtype: Any, attn_implementation: str, bundled: bool = False):
-    """A save_pretrained folder. A missing or broken tokenizer or weight file gets one message
-    naming the folder (transformers would blame sentencepiece or show a safetensors traceback)."""
+def _load_folder(path: Path, dtype: Any, attn_implementation: str, bundled: bool = False, hub: str | None = None):
+    """A save_pretrained folder (`hub`: the cached snapshot of that hub id). A missing or broken
+    config, tokenizer or weight file gets one message naming the folder (transformers would blame
+    sentencepiece or show a safetensors traceback)."""
 
     def fix(what: str) -> str:
         if bundled:
             return f"delete {path}; the bundled model is converted again on the next load"
+        if hub:
+            return (f"the Hugging Face cache holds a damaged or partial copy of {hub}: delete "
+                    f"{path.parents[1]} and download it again while online")
         return f"write them with {what}.save_pretrained({str(path)!r}) or copy them from the model's source"
 
     again = fix("model").replace("write them", "write it", 1)
@@ -333,6 +337,9 @@ def _load_base(name_or_path: str, dtype: Any, attn_implementation: str, revision
         return _load_gguf(path, dtype, attn_implementation)
     if not _looks_like_hub_id(name_or_path):
         raise PolicyError(_missing_message(name_or_path))
+    cached = _cached_snapshot(name_or_path, revision) if _offline() else None
+    if cached is not None:  # offline, in the HF cache: checked as the folder it is
+        return _load_folder(cached, dtype, attn_implementation, hub=name_or_path)
     try:
         # offline: the HF cache may still hold the model; never touch the network then
         return _load_pretrained(
@@ -350,6 +357,14 @@ def _load_base(name_or_path: str, dtype: Any, attn_implementation: str, revision
             "check the id and the network, or "
             f"pass a local folder / .gguf file / bundled name ({', '.join(BUNDLED)})."
         ) from exc
+
+
+def _cached_snapshot(repo_id: str, revision: str | None) -> Path | None:
+    """The HF cache's snapshot folder of `repo_id` when its config.json is cached, else None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    return Path(found).parent if isinstance(found, str) else None
 
 
 def _load_adapter(path: Path, dtype: Any, attn_implementation: str, revision: str | None):
