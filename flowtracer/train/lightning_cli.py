@@ -20,6 +20,7 @@ import os
 import re
 import warnings
 
+import yaml
 from jsonargparse import ArgumentError
 from lightning.pytorch import Callback, LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import RichProgressBar
@@ -104,6 +105,9 @@ class FlowtracerCLI(LightningCLI):
         _ensure_csv_logger(sub)
         if sub.get("ckpt_path"):
             _continue_run_folder(sub)
+            note = _resume_precision(sub)
+            if note:
+                rank_zero_info(f"[flowtracer] {note}")
         _share_version(sub)
 
     def instantiate_classes(self) -> None:
@@ -256,6 +260,34 @@ def _continue_run_folder(cfg) -> None:
         root = os.path.realpath(os.path.join(str(args.get("save_dir", "lightning_logs")), str(args.get("name") or "")))
         if os.path.dirname(run_dir) == root and version[len("version_"):].isdigit():
             args["version"] = int(version[len("version_"):])
+
+
+# Lightning's short precision names, as the long ones they mean
+_PRECISION_ALIASES = {"32": "32-true", "64": "64-true", "16": "16-mixed", "bf16": "bf16-mixed"}
+
+
+def _resume_precision(cfg) -> str | None:
+    """A resumed run keeps the trainer.precision it was trained with (the config.yaml beside its
+    checkpoints/) unless the command sets one; a different one set is said. Returns the note."""
+    run_dir = os.path.dirname(os.path.dirname(os.path.realpath(str(cfg["ckpt_path"]))))
+    saved = os.path.join(run_dir, "config.yaml")
+    try:
+        with open(saved) as f:
+            run = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError):
+        return None  # a checkpoint outside a run folder: nothing recorded to keep
+    def name(p) -> str:
+        return _PRECISION_ALIASES.get(str(p), str(p)) if p is not None else "32-true"
+
+    was, now = (run.get("trainer") or {}).get("precision"), cfg["trainer"].get("precision")
+    if now is None and name(was) != "32-true":
+        cfg["trainer"]["precision"] = was
+        return (f"resuming with the run's trainer.precision = {name(was)} (from {saved}); "
+                "pass --trainer.precision to change it")
+    if now is not None and name(now) != name(was):
+        return (f"warning: resuming a run trained with trainer.precision = {name(was)} in {name(now)} (set on "
+                f"this command); the steps from here on use {name(now)}")
+    return None
 
 
 def _latest_checkpoint(cfg) -> str:
