@@ -103,8 +103,11 @@ class FlowtracerCLI(LightningCLI):
             if lg.get("class_path") in _CSV_LOGGERS:
                 lg["class_path"] = _SAFE_CSV
         _ensure_csv_logger(sub)
-        if sub.get("ckpt_path"):
+        if self.subcommand == "validate":  # its own run name: no checkpoint-less version_N among the training runs
+            rank_zero_info(f"[flowtracer] validate writes under {_validate_run_name(sub)}")
+        elif sub.get("ckpt_path"):
             _continue_run_folder(sub)
+        if sub.get("ckpt_path"):
             note = _resume_precision(sub)
             if note:
                 rank_zero_info(f"[flowtracer] {note}")
@@ -202,6 +205,10 @@ def _output_folders(cfg) -> list[tuple[str, str]]:
         out.append(("checkpoint.dirpath", str(cfg["checkpoint.dirpath"])))
     if cfg["trainer"].get("default_root_dir"):
         out.append(("trainer.default_root_dir", str(cfg["trainer"]["default_root_dir"])))
+    model = cfg.get("model")
+    export = model.get("export_dir") if hasattr(model, "get") else None
+    if export:  # sft's merged model, written at the end: refused now, not after the last step
+        out.append(("model.export_dir", str(export)))
     return out
 
 
@@ -245,6 +252,17 @@ def _share_version(cfg) -> None:
                 if d.startswith("version_") and d[len("version_"):].isdigit()]
         for a in members:
             a["version"] = max(used, default=-1) + 1
+
+
+def _validate_run_name(cfg) -> str:
+    """Loggers write `validate` results under <name>_validate (not beside the training run's versions)."""
+    where = []
+    for lg in _loggers(cfg):
+        args = lg["init_args"]
+        if "name" in args or str(lg.get("class_path")).endswith(("CSVLogger", "TensorBoardLogger")):
+            args["name"] = f"{args.get('name') or 'run'}_validate"
+            where.append(os.path.join(str(args.get("save_dir") or "lightning_logs"), args["name"]))
+    return ", ".join(dict.fromkeys(where)) or "the loggers' folders"
 
 
 def _continue_run_folder(cfg) -> None:

@@ -205,9 +205,10 @@ def test_validate(tmp_path, tiny_model_dir, precision, val_dtype):
     linears and the bf16 cast of the rollout weights must work there too."""
     cfg = write_config(tmp_path, tiny_model_dir)
     main(["validate", "--config", str(cfg), "--trainer.precision", precision, "--model.val_sampling.dtype", val_dtype])
-    rows = [r for r in csv.DictReader(open(tmp_path / "logs" / "tiny" / "version_0" / "metrics.csv"))]
+    rows = [r for r in csv.DictReader(open(tmp_path / "logs" / "tiny_validate" / "version_0" / "metrics.csv"))]
     vals = [float(r["val/pass@1"]) for r in rows if r.get("val/pass@1")]
     assert vals and all(0.0 <= v <= 1.0 for v in vals)
+    assert not (tmp_path / "logs" / "tiny").exists()  # no checkpoint-less version_N among the training runs
 
 
 def test_resume_keeps_the_runs_precision_or_says_it_changed(tmp_path, tiny_model_dir, caplog):
