@@ -116,6 +116,9 @@ FLOW_LAYERS_99 = json.dumps([{"class_path": "flowtracer.credit.FlowCredit", "ini
 CASES = {
     "unknown key on the command line": (lambda t, m: ["--model.sampling.temprature", "0.5"], ["temprature", "--help"]),
     "unknown key in a YAML file": (lambda t, m: ["--config", _file(t, "extra.yaml", "model:\n  bogus_knob: 1\n")], ["bogus_knob"]),
+    "misspelt key in a YAML file": (lambda t, m: ["--config", _file(t, "typo.yaml", "model:\n  sampling:\n    temprature: 0.5\n")], ["typo.yaml", "'model.sampling.temprature'", "did you mean 'model.sampling.temperature'"]),
+    "misspelt section in a YAML file": (lambda t, m: ["--config", _file(t, "typo2.yaml", "model:\n  samplng:\n    temperature: 0.5\n")], ["typo2.yaml", "did you mean 'model.sampling'"]),
+    "tab-indented YAML": (lambda t, m: ["--config", _file(t, "tabs.yaml", "model:\n\tseed: 1\n")], ["tabs.yaml", "line 2", "spaces, not tabs"]),
     "wrong type: int": (lambda t, m: ["--model.sampling.num_generations", "abc"], ["num_generations", "int"]),
     "wrong type: float": (lambda t, m: ["--model.optim.lr", "fast"], ["lr"]),
     "missing dataset file": (lambda t, m: ["--data.train_source", str(t / "nope.jsonl")], ["nope.jsonl", "does not exist"]),

@@ -22,7 +22,7 @@ import warnings
 
 import yaml
 from jsonargparse import ArgumentError
-from lightning.pytorch import Callback, LightningDataModule, LightningModule
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
@@ -33,6 +33,7 @@ from flowtracer.credit.base import RolloutCallback
 from flowtracer.data import PromptDataModule
 from flowtracer.errors import fail, run_or_fail
 from flowtracer.runs.checkpoints import StepCheckpoint
+from flowtracer.train.config_hints import config_hint
 from flowtracer.train.module import GRPOModule
 from flowtracer.train.preflight import ConfigError, check_checkpoint, check_writable, preflight
 from flowtracer.train.sft import SFTDataModule, SFTModule
@@ -69,6 +70,13 @@ class FlowtracerCLI(LightningCLI):
         # evaluation of a checkpoint or model folder), and a policy has nothing to "predict".
         full = LightningCLI.subcommands()
         return {k: full[k] for k in ("fit", "validate")}
+
+    command_names = {"fit": "fit", "validate": "validate"}  # Lightning subcommand -> what the user typed
+
+    def _add_subcommands(self, parser, **kwargs) -> None:
+        super()._add_subcommands(parser, **kwargs)
+        for name, sub in self._subcommand_parsers.items():  # usage: `flowtracer sft`, not "flowtracer [options] fit"
+            sub.prog = f"flowtracer {self.command_names.get(name, name)}"
 
     def add_arguments_to_parser(self, parser) -> None:
         # Always on, configurable under `checkpoint.*` / `progress_bar.*`; `trainer.callbacks` stays
@@ -339,7 +347,9 @@ def run_lightning_cli(cli_cls, module_cls, datamodule_cls, args: list[str] | Non
             save_config_kwargs={"overwrite": True},
             parser_kwargs={**strict, "description": HELP, **{c: strict for c in ("fit", "validate")}}))
     except ArgumentError as err:
-        fail("flowtracer", err, f"config: {_config_message(str(err))}")
+        roots = {"model": module_cls, "data": datamodule_cls, "trainer": Trainer}
+        hint = config_hint(str(err), list(args or []), roots)  # the file, and the key meant
+        fail("flowtracer", err, f"config: {hint + '; ' if hint else ''}{_config_message(str(err))}")
     return 0
 
 
@@ -354,6 +364,7 @@ def _quiet_warnings() -> None:
 
 class SFTCLI(FlowtracerCLI):
     manual_optimization = False  # automatic optimisation: Lightning's clipping and accumulation apply
+    command_names = {"fit": "sft"}  # `flowtracer sft` is Lightning's fit over SFTModule
 
     def before_fit(self) -> None:  # the RL preflight does not apply; the data module checks its rows
         self.datamodule.setup("fit")
