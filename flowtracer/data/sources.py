@@ -25,8 +25,10 @@ the field mapping: `question_field`, `answer_field` (a string answer containing 
 the text after the last "####", GSM8K style; the full solution goes to meta["solution"]; a list is
 joined with ", "), `messages_field` (a chat column whose system turn becomes the row's system
 prompt). The verifier is the `verifier` argument, else the row's own "verifier" field, else "math".
-Every record is checked when the source is loaded (a missing field, a question that is not text,
-a malformed chat), and a failure names the file and the row (JSONL: its line).
+Every record is checked when the source is loaded (a missing field, a question that is not text
+or is empty, text that is not UTF-8, a malformed chat), and a failure names the file and the row
+(JSONL: its line); a file that cannot be read at all names its first non-UTF-8 line, its JSON
+error (line and column) or the reader's message.
 """
 
 from __future__ import annotations
