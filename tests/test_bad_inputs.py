@@ -161,7 +161,7 @@ CASES = {
     "model folder with corrupted weights": (lambda t, m: ["--model.model", m["bad_weights"]], ["bad_weights", "weights could not be read", "save_pretrained"]),
     "model folder without tokenizer files": (lambda t, m: ["--model.model", m["no_tokenizer"]], ["no_tokenizer", "no tokenizer files", "tokenizer.save_pretrained"]),
     # silent coercions: each works as documented or is refused
-    "abbreviated option": (lambda t, m: ["--trainer.max_step", "3"], ["--trainer.max_step", "--help"]),
+    "abbreviated option": (lambda t, m: ["--trainer.max_step", "3"], ["--trainer.max_step", "--help", "did you mean 'trainer.max_steps'"]),
     "float16 weights": (lambda t, m: ["--model.model_dtype", "float16"], ["model_dtype = 'float16'", "bfloat16", "loss scaling"]),
     "more prompts per step than rows": (lambda t, m: ["--data.train_source", _file(t, "three.jsonl", THREE_ROWS), "--data.prompts_per_step", "4"], ["prompts_per_step = 4", "has 3 rows", "at most 3"]),
     # Lightning Trainer options the GRPO module's manual optimisation cannot honour

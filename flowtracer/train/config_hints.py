@@ -18,7 +18,8 @@ from typing import Any
 
 import yaml
 
-_UNKNOWN = re.compile(r"does not accept option '([^']+)'|Key \"([^\"]+)\" is not expected")
+_UNKNOWN = re.compile(r"does not accept option '([^']+)'|Key \"([^\"]+)\" is not expected"
+                      r"|unrecognized arguments: --([\w.]+)")
 
 
 def config_files(argv: list[str]) -> list[Path]:
@@ -93,7 +94,7 @@ def config_hint(text: str, argv: list[str], roots: dict[str, Any]) -> str:
     found = _UNKNOWN.search(text)
     if not found:
         return ""
-    key = found.group(1) or found.group(2)
+    key = found.group(1) or found.group(2) or found.group(3)
     holder = next((str(p) for p in reversed(files) if _holds(yaml.safe_load(p.read_text()), key)), None)
     meant = closest_key(key, roots)
     words = [f"'{key}' is set in {holder}" if holder else ""]
