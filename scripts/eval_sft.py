@@ -1,6 +1,6 @@
 """Accuracy of a (warm-started) model on held-out variable chains: greedy and sampled.
 
-    nice -n 5 python scripts/eval_sft.py --model ~/.cache/flowtracer/sft_chains \
+    nice -n 5 python scripts/eval_sft.py --model lightning_logs/sft_chains/merged \
         --n 200 --temperatures 0.7 1.0 --samples 2 --out results/sft_chains
 
 For each decoding (greedy, then each temperature with --samples responses per problem) it reports
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
 import sys
 import time
 from pathlib import Path
@@ -63,7 +62,7 @@ def evaluate(model, tok, rows, temperature: float, samples: int, max_new: int, b
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=os.path.expanduser("~/.cache/flowtracer/sft_chains"))
+    p.add_argument("--model", default="lightning_logs/sft_chains/merged")
     p.add_argument("--label", default=None, help="model name in the table (default: the folder name)")
     p.add_argument("--data", default="data/chains_test.jsonl")
     p.add_argument("--n", type=int, default=200)

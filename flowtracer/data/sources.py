@@ -25,12 +25,15 @@ the field mapping: `question_field`, `answer_field` (a string answer containing 
 the text after the last "####", GSM8K style; the full solution goes to meta["solution"]; a list is
 joined with ", "), `messages_field` (a chat column whose system turn becomes the row's system
 prompt). The verifier is the `verifier` argument, else the row's own "verifier" field, else "math".
-Every record is checked when the source is loaded (a missing field, a question that is not text,
-a malformed chat), and a failure names the file and the row (JSONL: its line).
+Every record is checked when the source is loaded (a missing field, a question that is not text
+or is empty, text that is not UTF-8, a malformed chat), and a failure names the file and the row
+(JSONL: its line); a file that cannot be read at all names its first non-UTF-8 line, its JSON
+error (line and column) or the reader's message.
 """
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import dataclasses
 import json
@@ -181,8 +184,50 @@ def _file_dataset(path: Path):
     return ds
 
 
+def _encoding_fix(where: str) -> str:
+    path = Path(where)
+    if path.suffix.lower() in (".jsonl", ".json", ".csv") and path.is_file():
+        return f"save it as UTF-8 (e.g. `iconv -f latin1 -t utf-8 {path.name} > fixed{path.suffix}`)"
+    return "write that field as UTF-8 text"
+
+
+def _not_utf8(path: Path) -> str | None:
+    """Where a text file first stops being UTF-8 ("line 2 is not UTF-8 text (byte 0xe9: ...)"), else None."""
+    if path.suffix.lower() == ".parquet":
+        return None
+    decoder, line = codecs.getincrementaldecoder("utf-8")(), 1
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as bad:  # bad.object: this chunk after the (newline-free) bytes held back
+                line += bad.object[:bad.start].count(b"\n")
+                return f"line {line} is not UTF-8 text (byte 0x{bad.object[bad.start]:02x}: {bad.reason})"
+            line += chunk.count(b"\n")
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError as bad:
+        return f"line {line} is not UTF-8 text (the last bytes: {bad.reason})"
+    return None
+
+
 def _unreadable(path: Path, exc: BaseException) -> str:
-    """The message for a file `datasets` could not read: for JSON Lines, the first bad line."""
+    """The message for a file `datasets` could not read: its first non-UTF-8 byte, for JSON Lines
+    the first bad line, else the reader's first line."""
+    bad = _not_utf8(path)
+    if bad:
+        return f"{path}: {bad}; {_encoding_fix(str(path))}"
+    if path.suffix.lower() == ".parquet" and _parquet_rows(path) == 0:
+        return f"{path}: the dataset is empty (no rows); point to a file with data"
+    if path.suffix.lower() == ".json":
+        layout = 'a .json source is one array of objects (or {"data": [...]})'
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as bad_json:
+            return (f"{path}: not valid JSON ({bad_json.msg} at line {bad_json.lineno}, column {bad_json.colno}); "
+                    f"fix the file: {layout}")
+        if not isinstance(doc, (list, dict)):
+            return f"{path}: holds a JSON {type(doc).__name__}, not rows; {layout}"
     with path.open(encoding="utf-8", errors="replace") as f:
         blank = not any(line.strip() for line in f)  # stops at the first line with text
     if "corresponds to no data" in str(exc) or blank:
@@ -201,6 +246,15 @@ def _unreadable(path: Path, exc: BaseException) -> str:
     cause = exc.__cause__ or exc
     why = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
     return f"{path}: could not be read as {path.suffix[1:]} ({why}); check the file's format"
+
+
+def _parquet_rows(path: Path) -> int | None:
+    import pyarrow.parquet as pq  # heavy: imported only when data is loaded
+
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except Exception:  # not a Parquet file at all: the reader's message says so
+        return None
 
 
 def _hub_dataset(source: str):
@@ -300,12 +354,15 @@ def _check_fields(ds, fmt: RowFormat, where: str, locate: Callable[[int], str]):
         kind = "objects" if isinstance(q, dict) else "lists"
         raise DataError(f"{where}: {locate(0)} field '{fmt.question_field}' holds {kind}, not text; point "
                         "question_field at a text field, or flatten it with data.map (docs/models-and-data.md)")
-    names = [f for f, _ in fields] + ([fmt.messages_field] if fmt.messages_field else [])
-    for start, table in _arrow_batches(ds.select_columns(list(dict.fromkeys(names)))):
+    for start, table in _arrow_batches(ds.select_columns(fmt.columns(ds.column_names))):
+        for field in table.column_names:
+            _check_utf8(table.column(field), start, field, where, locate)
         for field, knob in fields:
             column = table.column(field)
             if column.null_count:
                 _missing(ds, start + column.is_null().to_pylist().index(True), field, knob, where, locate)
+        _check_questions(table.column(fmt.question_field), start, fmt.question_field, fmt.question_field in mixed,
+                         where, locate)
         if fmt.messages_field:
             for j, chat in enumerate(table.column(fmt.messages_field).to_pylist()):
                 try:
@@ -314,6 +371,42 @@ def _check_fields(ds, fmt: RowFormat, where: str, locate: Callable[[int], str]):
                     raise DataError(f"{where}: {locate(start + j)} field '{fmt.messages_field}' is {exc}; "
                                     "point messages_field at a chat column, or drop it") from exc
     return ds, dataclasses.replace(fmt, mixed=tuple(mixed))
+
+
+def _check_utf8(column, start: int, field: str, where: str, locate) -> None:
+    """Text Arrow holds unchecked (a JSON Lines or Parquet file with non-UTF-8 bytes) is refused
+    here, at load, not when a step first decodes that row."""
+    import pyarrow as pa  # heavy: imported only when data is loaded
+
+    try:
+        column.validate(full=True)
+        return
+    except pa.ArrowInvalid:
+        pass
+    for j, value in enumerate(column):  # error path only: find the row
+        try:
+            value.as_py()
+        except UnicodeDecodeError as bad:
+            raise DataError(f"{where}: {locate(start + j)} field '{field}' is not UTF-8 text (byte "
+                            f"0x{bad.object[bad.start]:02x}: {bad.reason}); {_encoding_fix(where)}") from bad
+    raise DataError(f"{where}: field '{field}' could not be read (invalid Arrow data); check the file")
+
+
+def _check_questions(column, start: int, field: str, mixed: bool, where: str, locate) -> None:
+    """No row's question is empty: a prompt of only the instruction trains on nothing the row says."""
+    import pyarrow as pa  # heavy: imported only when data is loaded
+    import pyarrow.compute as pc
+
+    if mixed:
+        blank = [not str(as_written(v)).strip() for v in column.to_pylist()]
+    elif pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        blank = pc.equal(pc.utf8_trim_whitespace(column), "").to_pylist()
+    else:
+        return  # numbers are never empty
+    if any(blank):
+        raise DataError(f"{where}: {locate(start + blank.index(True))} has an empty question (field "
+                        f"'{field}'); drop that row, or set question_field to the field that "
+                        "holds the question")
 
 
 def _arrow_batches(ds):

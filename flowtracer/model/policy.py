@@ -21,11 +21,13 @@ reference; asking for one raises PolicyError (use LoRA, or beta=0 for no KL term
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import json
 import os
 import pickle
 import shutil
+import struct
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -93,8 +95,55 @@ def _strip_gguf_quantization(model) -> None:
             setattr(model, attr, value)
 
 
-def _load_gguf(path: Path, dtype: Any, attn_implementation: str):
+# ----------------------------------------------------------------------------- model sources
+# Each source (bundled name, folder, .gguf file, adapter folder, hub id) is checked for the three
+# ways a user gets it wrong, each refused in one line naming the path and the fix: missing (no such
+# path, no weights), corrupt (unreadable JSON, truncated weights, no GGUF magic) and wrong kind (a
+# model that is not a causal LM, an architecture transformers lacks, an adapter of another base).
+GGUF_MAGIC = b"GGUF"
+# what a damaged file raises while it is parsed: the reader's own error types, for input, not bugs
+_CORRUPT = (OSError, EOFError, SafetensorError, pickle.UnpicklingError, struct.error, json.JSONDecodeError,
+            UnicodeDecodeError)
 
+
+def _read_json(path: Path, fix: str) -> dict:
+    """A JSON object file (config.json, adapter_config.json); PolicyError when it is not one."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PolicyError(f"{path} is not valid JSON ({_first_line(exc)}); {fix}") from exc
+    if not isinstance(data, dict):
+        raise PolicyError(f"{path} holds a JSON {type(data).__name__}, not an object of settings; {fix}")
+    return data
+
+
+def _check_causal_lm(model_type: Any, where: str, fix: str) -> None:
+    """`model_type` names an architecture this transformers can load as a causal LM."""
+    import transformers
+    from transformers import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if not model_type:
+        raise PolicyError(f"{where} names no model_type; {fix}")
+    if model_type not in CONFIG_MAPPING:
+        raise PolicyError(f"{where}: model_type {model_type!r} is an architecture transformers "
+                          f"{transformers.__version__} does not know; upgrade transformers, or pass another model")
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise PolicyError(f"{where}: a {model_type!r} model is not a causal language model (AutoModelForCausalLM "
+                          "cannot load it); pass a text-generation model (llama, qwen2, mistral, ...)")
+
+
+def check_gguf(path: Path) -> None:
+    """The file starts with the GGUF magic bytes (else transformers fails deep in its reader)."""
+    with path.open("rb") as f:
+        head = f.read(4)
+    if head != GGUF_MAGIC:
+        raise PolicyError(f"{path} is not a GGUF file (it starts with {head!r}, not {GGUF_MAGIC!r}): damaged or "
+                          "another format; download it again, or pass the model's save_pretrained folder")
+
+
+def _load_gguf(path: Path, dtype: Any, attn_implementation: str):
+    check_gguf(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(
@@ -102,6 +151,16 @@ def _load_gguf(path: Path, dtype: Any, attn_implementation: str):
         )
     except ImportError as exc:
         raise PolicyError(f"loading {path} needs the gguf package: `pip install gguf` ({exc})") from exc
+    except ValueError as exc:
+        if "is not supported" in str(exc) and "architecture" in str(exc):
+            raise PolicyError(f"{path}: {_first_line(exc)} (transformers cannot load this GGUF's architecture as "
+                              "a causal LM); pass a GGUF of a supported architecture (llama, qwen2, mistral, ...) "
+                              "or the model's save_pretrained folder") from exc
+        raise PolicyError(f"{path}: the GGUF file could not be read ({_first_line(exc)}); it is truncated or "
+                          "damaged: download it again") from exc
+    except (*_CORRUPT, IndexError, KeyError) as exc:  # a truncated file fails anywhere in the reader
+        raise PolicyError(f"{path}: the GGUF file could not be read ({_first_line(exc)}); it is truncated or "
+                          "damaged: download it again") from exc
     _strip_gguf_quantization(model)
     return model, tokenizer
 
@@ -153,12 +212,27 @@ _KERNEL_PACKAGES = {"flash_attention_2": ("flash_attn", "flash-attn"),
                     "flash_attention_3": ("flash_attn_interface", "flash-attn 3 (built from source, Hopper GPUs)")}
 
 
+def _attention_names() -> list[str]:
+    """The attn_implementation values transformers accepts by name (a hub kernel `org/name` aside)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ["sdpa", "eager", *(k for k in ALL_ATTENTION_FUNCTIONS.valid_keys() if k not in ("sdpa", "eager"))]
+
+
 def check_attention(attn_implementation: str) -> None:
-    """An attention kernel whose package is missing, or that needs a GPU this machine lacks: PolicyError."""
+    """An attention kernel transformers does not know, whose package is missing, or that needs a GPU
+    this machine lacks: PolicyError (transformers would raise a ValueError mid-load)."""
+    fix = "use model.attn_implementation: sdpa (the default; PyTorch's fused attention) or eager"
+    name = str(attn_implementation)
+    known = _attention_names()
+    if name not in known and name.removeprefix("paged|") not in known and "/" not in name:
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise PolicyError(f"model.attn_implementation = {name!r} is not an attention kernel transformers knows "
+                          f"({hint}known: {', '.join(known)}, or a hub kernel 'org/name'); {fix}")
     need = _KERNEL_PACKAGES.get(attn_implementation)
     if need is None:
         return
-    fix = "use model.attn_implementation: sdpa (the default; PyTorch's fused attention) or eager"
     if importlib.util.find_spec(need[0]) is None:
         raise PolicyError(f"attn_implementation = {attn_implementation} needs the {need[1]} package, which is not "
                           f"installed (it needs a CUDA GPU); install it on a GPU machine, or {fix}")
@@ -208,15 +282,22 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
-def _load_folder(path: Path, dtype: Any, attn_implementation: str, bundled: bool = False):
-    """A save_pretrained folder. A missing or broken tokenizer or weight file gets one message
-    naming the folder (transformers would blame sentencepiece or show a safetensors traceback)."""
+def _load_folder(path: Path, dtype: Any, attn_implementation: str, bundled: bool = False, hub: str | None = None):
+    """A save_pretrained folder (`hub`: the cached snapshot of that hub id). A missing or broken
+    config, tokenizer or weight file gets one message naming the folder (transformers would blame
+    sentencepiece or show a safetensors traceback)."""
 
     def fix(what: str) -> str:
         if bundled:
             return f"delete {path}; the bundled model is converted again on the next load"
+        if hub:
+            return (f"the Hugging Face cache holds a damaged or partial copy of {hub}: delete "
+                    f"{path.parents[1]} and download it again while online")
         return f"write them with {what}.save_pretrained({str(path)!r}) or copy them from the model's source"
 
+    again = fix("model").replace("write them", "write it", 1)
+    config = _read_json(path / "config.json", again)
+    _check_causal_lm(config.get("model_type"), f"{path / 'config.json'}", again)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except Exception as exc:  # no vocabulary surfaces as ValueError (sentencepiece), OSError or TypeError
@@ -229,7 +310,7 @@ def _load_folder(path: Path, dtype: Any, attn_implementation: str, bundled: bool
         model = AutoModelForCausalLM.from_pretrained(
             str(path), dtype=dtype, attn_implementation=attn_implementation
         )
-    except (OSError, EOFError, SafetensorError, pickle.UnpicklingError) as exc:
+    except _CORRUPT as exc:
         raise PolicyError(f"model folder {path}: the weights could not be read ({_first_line(exc)}); "
                           f"{fix('model')}") from exc
     return model, tokenizer
@@ -256,6 +337,9 @@ def _load_base(name_or_path: str, dtype: Any, attn_implementation: str, revision
         return _load_gguf(path, dtype, attn_implementation)
     if not _looks_like_hub_id(name_or_path):
         raise PolicyError(_missing_message(name_or_path))
+    cached = _cached_snapshot(name_or_path, revision) if _offline() else None
+    if cached is not None:  # offline, in the HF cache: checked as the folder it is
+        return _load_folder(cached, dtype, attn_implementation, hub=name_or_path)
     try:
         # offline: the HF cache may still hold the model; never touch the network then
         return _load_pretrained(
@@ -275,14 +359,36 @@ def _load_base(name_or_path: str, dtype: Any, attn_implementation: str, revision
         ) from exc
 
 
+def _cached_snapshot(repo_id: str, revision: str | None) -> Path | None:
+    """The HF cache's snapshot folder of `repo_id` when its config.json is cached, else None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    return Path(found).parent if isinstance(found, str) else None
+
+
 def _load_adapter(path: Path, dtype: Any, attn_implementation: str, revision: str | None):
     """A peft adapter folder: its base model with the adapter merged (a plain model again)."""
 
-    base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    fix = "write it with model.save_pretrained (peft) or pass the merged model folder"
+    base = _read_json(path / "adapter_config.json", fix).get("base_model_name_or_path")
     if not base:
         raise PolicyError(f"{path}/adapter_config.json names no base_model_name_or_path; pass the merged model folder")
-    model, tokenizer = _load_base(base, dtype, attn_implementation, revision)
-    model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+    try:
+        model, tokenizer = _load_base(base, dtype, attn_implementation, revision)
+    except PolicyError as exc:
+        raise PolicyError(f"adapter {path}: its base model (adapter_config.json base_model_name_or_path) could not "
+                          f"be loaded: {exc}") from exc
+    try:
+        model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+    except _CORRUPT as exc:
+        raise PolicyError(f"adapter {path}: the adapter weights could not be read ({_first_line(exc)}); {fix}") from exc
+    except RuntimeError as exc:  # peft/torch: "Error(s) in loading state_dict ... size mismatch"
+        if "size mismatch" not in str(exc) and "loading state_dict" not in str(exc):
+            raise
+        raise PolicyError(f"adapter {path} does not fit its base model {base} (shapes differ: it was trained on "
+                          "another model); set base_model_name_or_path in adapter_config.json to the model it "
+                          "was trained on") from exc
     if (path / "tokenizer_config.json").is_file():
 
         tokenizer = AutoTokenizer.from_pretrained(str(path))

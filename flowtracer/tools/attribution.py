@@ -4,6 +4,9 @@
     flowtracer attribution --config experiments/tools/attribution_chains.yaml --n 20 --out /tmp/attr
     flowtracer attribution --config experiments/tools/attribution_chains.yaml --sweep    # + layers x heads x inject
 
+Writes <out>.csv, <out>_classes.csv and <out>.md (and <out>_sweep.*), by default under the working
+folder's lightning_logs/attribution/; the committed tables are made with --out results/attribution_chains.
+
 On variable chains (flowtracer.data.chains) the dependencies are known by construction. For each
 problem the model writes its own greedy response; one teacher-forced pass then scores every token
 with each scorer, exactly as the credit arms do (flowtracer.tools.analysis.arm_scores):
@@ -278,7 +281,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--sweep", action="store_true",
                    help="also score every layer preset and single layer x heads mean|max x flow injection "
                         "uniform|reachability; writes <out>_sweep.csv and <out>_sweep.md")
-    p.add_argument("--out", default="results/attribution_chains", help="writes <out>.csv, <out>_classes.csv, <out>.md")
+    p.add_argument("--out", default="lightning_logs/attribution/attribution_chains",
+                   help="writes <out>.csv, <out>_classes.csv, <out>.md (default under lightning_logs/attribution/)")
     args = p.parse_args(argv)
     if args.config:
 
@@ -304,7 +308,10 @@ def main(argv: list[str]) -> int:
     command = shlex.join(["flowtracer", "attribution", *argv])  # quoted: the line runs as written
     write(summarise(per, args.seed), counts, args.out, command)
     print(Path(args.out + ".md").read_text())
+    wrote = [args.out + s for s in (".csv", "_classes.csv", ".md")]
     if args.sweep:
         sweep.write(counts["sweep"], args.out + "_sweep", command, seed=args.seed)
         print(Path(args.out + "_sweep.md").read_text())
+        wrote += [args.out + "_sweep.csv", args.out + "_sweep.md"]
+    print(f"flowtracer attribution: wrote {', '.join(w for w in wrote if Path(w).exists())}")
     return 0

@@ -6,8 +6,9 @@
 
 The sets are the config's ``data.eval_sets`` (or its single validation set, "default"), with the
 config's prompt settings and ``model.val_sampling`` as defaults (flowtracer.config.EvalSet).
-The policy: --ckpt_path = a fit checkpoint on its run's base model and LoRA settings (the run's
-config.yaml; --config then only says what to evaluate on, default that same config.yaml);
+The policy: --ckpt_path = a fit checkpoint or run folder, on its run's base model and LoRA settings
+(the run's config.yaml, else the settings saved in the checkpoint, else --config: the rules of
+flowtracer.tools.runs, shared with export); --config says what to evaluate on (default: the run's);
 --model = a model folder, bundled name or hub id, as is (e.g. a `flowtracer export --merge`
 folder); neither = the config's model.model, untrained. Samples are drawn with per-row seeds from
 model.seed (or --seed): the same model and seed give the same numbers, whatever --batch_size.
@@ -42,7 +43,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="fit-style config with data.eval_sets (default: the run's config.yaml); repeat to "
                         "overlay several, e.g. --config run.yaml --config experiments/eval/math.yaml")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--ckpt_path", default=None, help="a fit checkpoint (<run>/checkpoints/last.ckpt)")
+    src.add_argument("--ckpt_path", default=None, help="a fit checkpoint (<run>/checkpoints/last.ckpt) or run folder")
     src.add_argument("--model", default=None, help="a model folder, bundled name or hub id, evaluated as is")
     p.add_argument("--out", default=None, help="folder for eval.json / eval.md / eval_samples.jsonl")
     p.add_argument("--sets", default=None, help="comma-separated subset of the eval set names")
@@ -58,8 +59,10 @@ def _policy(args, settings):
     """(policy, tokenizer, label, default out folder) as --ckpt_path / --model / the config say."""
 
     if args.ckpt_path:  # the run's own model and LoRA settings, then its trained tensors
-        trained, _ = instantiate(run_config(args.ckpt_path))
+        cfg, source = run_config(args.ckpt_path, args.config)
+        trained, _ = instantiate(cfg)
         state = load_checkpoint_into(trained, args.ckpt_path)
+        print(f"flowtracer eval: model settings from {source}")
         label = f"{args.ckpt_path} (rl_step {state.get('rl_step')})"
         return trained.policy, trained.tokenizer, label, run_dir_of(args.ckpt_path)
     name = args.model or settings.model_name  # an exported or base model: weights as they are
@@ -99,7 +102,7 @@ def run(args) -> tuple[dict, Path]:
         raise InputError("give --config (what to evaluate on), --ckpt_path (a run), or both")
     if (args.batch_size is not None and args.batch_size < 1) or (args.limit is not None and args.limit < 1):
         raise InputError("--batch_size and --limit must be >= 1")
-    cfg = merged_configs(args.config) if args.config else run_config(args.ckpt_path)
+    cfg = merged_configs(args.config) if args.config else run_config(args.ckpt_path)[0]
     settings, data = instantiate(cfg)  # sampling, seed, prompts and sets to evaluate with
     policy, tokenizer, label, default_out = _policy(args, settings)
     policy.to(_device(args.device))
@@ -140,5 +143,5 @@ def main(argv: list[str]) -> int:
     result, out = run(args)
     print_table(result, title="eval")
     write(result, out)
-    print(f"flowtracer eval: wrote {out / 'eval.json'}, {out / 'eval.md'}")
+    print(f"flowtracer eval: wrote {out / 'eval.json'}, {out / 'eval.md'}, {out / 'eval_samples.jsonl'}")
     return 0

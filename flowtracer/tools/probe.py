@@ -400,11 +400,16 @@ def main(argv: list[str]) -> int:
     result = run_probe(model, tokenizer, rows, frac=args.frac, max_new_tokens=args.max_new_tokens,
                        batch_size=args.batch_size, layers=args.layers, seed=args.seed, protect=args.protect, **kw)
     print(result.markdown())
+    wrote = []
     if args.results:
         result.write_results(args.results, shlex.join(["flowtracer", "probe", *argv]))  # quoted: runs as written
+        wrote += [args.results + s for s in (".csv", "_classes.csv", ".md")]
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"table": result.table(), "classes": result.class_table(), "n_problems": result.n_problems,
                        "n_eligible": result.n_eligible, "n_repro": result.n_repro, "args": vars(args),
                        "records": result.records}, f, indent=1)
+        wrote.append(args.out)
+    print(f"flowtracer probe: wrote {', '.join(wrote)}" if wrote else
+          "flowtracer probe: wrote no files (--out FILE.json for the records, --results PREFIX for the tables)")
     return 0

@@ -1,8 +1,13 @@
-"""Rebuild a run's policy from its checkpoint and config (shared by `flowtracer eval` and `export`).
+"""Rebuild a run's policy from its checkpoint and config: the one loader of `flowtracer eval` and `export`.
 
 A checkpoint holds only the trainable tensors (LoRA adapters, or every weight under full
-fine-tuning) plus optimizer state; the base model and the LoRA settings come from the run's
-resolved config.yaml, which `fit` writes into the run folder beside checkpoints/.
+fine-tuning) plus optimizer state and the settings it was trained with. The rules, the same for
+both commands:
+  --ckpt_path  a checkpoint file, or a run folder (lightning_logs/<name>/version_N: its
+               checkpoints/last.ckpt);
+  the model    (base model, LoRA settings) comes from the run's resolved config.yaml beside
+               checkpoints/, else from the settings the checkpoint itself holds (a copied
+               last.ckpt), else from --config; a checkpoint that does not fit them is refused.
 """
 
 from __future__ import annotations
@@ -20,17 +25,41 @@ from flowtracer.runs.checkpoints import UnsafeCheckpointError, load_checkpoint_f
 from flowtracer.train.module import GRPOModule
 
 
+def checkpoint_file(ckpt_path: str | os.PathLike) -> Path:
+    """--ckpt_path as a file: itself, or for a run folder its checkpoints/last.ckpt."""
+    path = Path(ckpt_path).expanduser()
+    if path.is_dir():
+        for found in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
+            if found.is_file():
+                return found
+        raise InputError(f"--ckpt_path {path} is a folder without checkpoints/last.ckpt; pass a run folder "
+                         "(lightning_logs/<name>/version_N) or a .ckpt file")
+    if not path.is_file():
+        raise InputError(f"--ckpt_path {path} does not exist; pass a run folder (lightning_logs/<name>/version_N) "
+                         "or its checkpoints/last.ckpt")
+    return path
+
+
 def run_dir_of(ckpt_path: str | os.PathLike) -> Path:
     """<run> for <run>/checkpoints/<name>.ckpt (the checkpoint's own folder otherwise)."""
-    path = Path(ckpt_path).resolve()
+    path = Path(ckpt_path).expanduser().resolve()
+    if path.is_dir():  # --ckpt_path at the run folder itself
+        return path
     return path.parent.parent if path.parent.name == "checkpoints" else path.parent
 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        inside = sorted(str(p) for p in path.glob("*.yaml"))
+        hint = f" ({', '.join(inside[:4])}{', ...' if len(inside) > 4 else ''})" if inside else ""
+        raise InputError(f"--config {path} is a folder; pass one of its YAML files{hint}")
     if not path.is_file():
         raise InputError(f"config {path} does not exist; pass --config with the run's config.yaml")
-    cfg = yaml.safe_load(path.read_text()) or {}
+    try:
+        cfg = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise InputError(f"config {path}: not valid YAML ({' '.join(str(exc).split())})") from exc
     if not isinstance(cfg, dict):
         raise InputError(f"config {path} is not a mapping of keys (trainer, model, data)")
     return cfg
@@ -53,13 +82,37 @@ def _merge(into: dict, new: dict) -> None:
             into[key] = value
 
 
-def run_config(ckpt_path: str | os.PathLike, given: str | None = None) -> dict[str, Any]:
-    """The config a checkpoint was trained with: `given`, else <run>/config.yaml."""
-    path = Path(given) if given else run_dir_of(ckpt_path) / "config.yaml"
-    if not given and not path.is_file():
-        raise InputError(f"{path} is missing (the run folder of {ckpt_path} has no config.yaml); "
-                         "pass --config with the config the run was trained with")
-    return read_config(path)
+def run_config(ckpt_path: str | os.PathLike, given: list[str] | str | None = None) -> tuple[dict[str, Any], str]:
+    """(config, where it came from) of the model a checkpoint was trained with: <run>/config.yaml,
+    else the settings the checkpoint holds, else `given` (--config)."""
+    beside = run_dir_of(ckpt_path) / "config.yaml"
+    if beside.is_file():
+        return read_config(beside), str(beside)
+    saved = _saved_settings(checkpoint_file(ckpt_path))
+    if saved is not None:
+        return saved, f"the settings saved in {ckpt_path}"
+    given = [given] if isinstance(given, str) else list(given or [])
+    if given:
+        return merged_configs(given), " + ".join(given)
+    raise InputError(f"{ckpt_path}: no config.yaml beside its checkpoints/ folder and no settings inside it; "
+                     "pass --config with the config the run was trained with")
+
+
+def _saved_settings(path: Path) -> dict[str, Any] | None:
+    """The model and data settings Lightning stored in a checkpoint (save_hyperparameters), as a config."""
+    try:
+        ckpt = load_checkpoint_file(path, mmap=True)
+    except UnsafeCheckpointError:
+        raise
+    except Exception:  # not a torch file: load_checkpoint_into says so
+        return None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("hyper_parameters"), dict):
+        return None
+
+    def plain(section: Any) -> dict[str, Any]:
+        return {k: v for k, v in dict(section or {}).items() if not k.startswith("_")}
+
+    return {"model": plain(ckpt["hyper_parameters"]), "data": plain(ckpt.get("datamodule_hyper_parameters"))}
 
 
 def instantiate(cfg: dict[str, Any]):
@@ -86,9 +139,7 @@ def load_checkpoint_into(module, ckpt_path: str | os.PathLike) -> dict[str, Any]
     """Load the checkpoint's trainable tensors into `module.policy`; returns the checkpoint's
     flowtracer state (rl_step, ...). Every trainable tensor must be in the checkpoint."""
 
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise InputError(f"checkpoint {path} does not exist; pass <run>/checkpoints/last.ckpt")
+    path = checkpoint_file(ckpt_path)
     try:
         ckpt = load_checkpoint_file(path)  # weights and settings only: a crafted pickle is refused unrun
     except UnsafeCheckpointError:

@@ -3,7 +3,7 @@
     flowtracer trace --prompt "What is 7 + 9?" --answer 16                # generates a response
     flowtracer trace --model path/to/model --prompt "..." --response "..." --out traces/
 
-    flowtracer trace --model ~/.cache/flowtracer/sft_chains --chains 0 --out traces/   # chain problem 0
+    flowtracer trace --model lightning_logs/sft_chains/merged --chains 0 --out traces/   # chain problem 0
 
 Prints the tokens coloured by throughput (hubs = the tokens FlowCredit would up-weight, in bold
 underline), and writes <out>/trace.html (self-contained: tokens coloured, hovering a token shows its

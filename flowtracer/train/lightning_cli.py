@@ -19,8 +19,9 @@ import glob
 import os
 import re
 
+import yaml
 from jsonargparse import ArgumentError
-from lightning.pytorch import Callback, LightningDataModule, LightningModule
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -30,6 +31,7 @@ from flowtracer.credit.base import RolloutCallback
 from flowtracer.data import PromptDataModule
 from flowtracer.errors import fail, run_or_fail
 from flowtracer.runs.checkpoints import StepCheckpoint
+from flowtracer.train.config_hints import config_hint
 from flowtracer.train.console import StepProgressBar, quiet_warnings
 from flowtracer.train.module import GRPOModule
 from flowtracer.train.preflight import ConfigError, check_checkpoint, check_writable, preflight
@@ -68,6 +70,13 @@ class FlowtracerCLI(LightningCLI):
         full = LightningCLI.subcommands()
         return {k: full[k] for k in ("fit", "validate")}
 
+    command_names = {"fit": "fit", "validate": "validate"}  # Lightning subcommand -> what the user typed
+
+    def _add_subcommands(self, parser, **kwargs) -> None:
+        super()._add_subcommands(parser, **kwargs)
+        for name, sub in self._subcommand_parsers.items():  # usage: `flowtracer sft`, not "flowtracer [options] fit"
+            sub.prog = f"flowtracer {self.command_names.get(name, name)}"
+
     def add_arguments_to_parser(self, parser) -> None:
         # Always on, configurable under `checkpoint.*` / `progress_bar.*`; `trainer.callbacks` stays
         # free for the credit arm, so swapping arms in YAML never drops checkpointing.
@@ -101,8 +110,14 @@ class FlowtracerCLI(LightningCLI):
             if lg.get("class_path") in _CSV_LOGGERS:
                 lg["class_path"] = _SAFE_CSV
         _ensure_csv_logger(sub)
-        if sub.get("ckpt_path"):
+        if self.subcommand == "validate":  # its own run name: no checkpoint-less version_N among the training runs
+            rank_zero_info(f"[flowtracer] validate writes under {_validate_run_name(sub)}")
+        elif sub.get("ckpt_path"):
             _continue_run_folder(sub)
+        if sub.get("ckpt_path"):
+            note = _resume_precision(sub)
+            if note:
+                rank_zero_info(f"[flowtracer] {note}")
         _share_version(sub)
 
     def instantiate_classes(self) -> None:
@@ -197,6 +212,10 @@ def _output_folders(cfg) -> list[tuple[str, str]]:
         out.append(("checkpoint.dirpath", str(cfg["checkpoint.dirpath"])))
     if cfg["trainer"].get("default_root_dir"):
         out.append(("trainer.default_root_dir", str(cfg["trainer"]["default_root_dir"])))
+    model = cfg.get("model")
+    export = model.get("export_dir") if hasattr(model, "get") else None
+    if export:  # sft's merged model, written at the end: refused now, not after the last step
+        out.append(("model.export_dir", str(export)))
     return out
 
 
@@ -242,6 +261,17 @@ def _share_version(cfg) -> None:
             a["version"] = max(used, default=-1) + 1
 
 
+def _validate_run_name(cfg) -> str:
+    """Loggers write `validate` results under <name>_validate (not beside the training run's versions)."""
+    where = []
+    for lg in _loggers(cfg):
+        args = lg["init_args"]
+        if "name" in args or str(lg.get("class_path")).endswith(("CSVLogger", "TensorBoardLogger")):
+            args["name"] = f"{args.get('name') or 'run'}_validate"
+            where.append(os.path.join(str(args.get("save_dir") or "lightning_logs"), args["name"]))
+    return ", ".join(dict.fromkeys(where)) or "the loggers' folders"
+
+
 def _continue_run_folder(cfg) -> None:
     """Resume into the run folder that holds the checkpoint (<save_dir>/<name>/version_N/checkpoints/),
     so metrics.csv and rollouts.jsonl continue instead of starting a new version_N+1."""
@@ -255,6 +285,34 @@ def _continue_run_folder(cfg) -> None:
         root = os.path.realpath(os.path.join(str(args.get("save_dir", "lightning_logs")), str(args.get("name") or "")))
         if os.path.dirname(run_dir) == root and version[len("version_"):].isdigit():
             args["version"] = int(version[len("version_"):])
+
+
+# Lightning's short precision names, as the long ones they mean
+_PRECISION_ALIASES = {"32": "32-true", "64": "64-true", "16": "16-mixed", "bf16": "bf16-mixed"}
+
+
+def _resume_precision(cfg) -> str | None:
+    """A resumed run keeps the trainer.precision it was trained with (the config.yaml beside its
+    checkpoints/) unless the command sets one; a different one set is said. Returns the note."""
+    run_dir = os.path.dirname(os.path.dirname(os.path.realpath(str(cfg["ckpt_path"]))))
+    saved = os.path.join(run_dir, "config.yaml")
+    try:
+        with open(saved) as f:
+            run = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError):
+        return None  # a checkpoint outside a run folder: nothing recorded to keep
+    def name(p) -> str:
+        return _PRECISION_ALIASES.get(str(p), str(p)) if p is not None else "32-true"
+
+    was, now = (run.get("trainer") or {}).get("precision"), cfg["trainer"].get("precision")
+    if now is None and name(was) != "32-true":
+        cfg["trainer"]["precision"] = was
+        return (f"resuming with the run's trainer.precision = {name(was)} (from {saved}); "
+                "pass --trainer.precision to change it")
+    if now is not None and name(now) != name(was):
+        return (f"warning: resuming a run trained with trainer.precision = {name(was)} in {name(now)} (set on "
+                f"this command); the steps from here on use {name(now)}")
+    return None
 
 
 def _latest_checkpoint(cfg) -> str:
@@ -291,12 +349,15 @@ def run_lightning_cli(cli_cls, module_cls, datamodule_cls, args: list[str] | Non
             save_config_kwargs={"overwrite": True},
             parser_kwargs={**strict, "description": HELP, **{c: strict for c in ("fit", "validate")}}))
     except ArgumentError as err:
-        fail("flowtracer", err, f"config: {_config_message(str(err))}")
+        roots = {"model": module_cls, "data": datamodule_cls, "trainer": Trainer}
+        hint = config_hint(str(err), list(args or []), roots)  # the file, and the key meant
+        fail("flowtracer", err, f"config: {hint + '; ' if hint else ''}{_config_message(str(err))}")
     return 0
 
 
 class SFTCLI(FlowtracerCLI):
     manual_optimization = False  # automatic optimisation: Lightning's clipping and accumulation apply
+    command_names = {"fit": "sft"}  # `flowtracer sft` is Lightning's fit over SFTModule
 
     def before_fit(self) -> None:  # the RL preflight does not apply; the data module checks its rows
         self.datamodule.setup("fit")

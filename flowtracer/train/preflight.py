@@ -10,7 +10,10 @@ context, the chat template and the credit arm's attention layers. Each failure r
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -211,15 +214,33 @@ def check_checkpoint(path: str) -> None:
         raise ConfigError(f"--ckpt_path {path} is a torch file but not a Lightning checkpoint (no state_dict); {fix}")
 
 
+_WHY = {errno.EROFS: "is on a read-only file system", errno.ENOSPC: "is on a full disk",
+        errno.EDQUOT: "is over the disk quota", errno.EACCES: "is not writable by this user",
+        errno.EPERM: "is not writable by this user"}
+
+
 def unwritable(path: str | os.PathLike) -> str | None:
-    """Why folder `path` could not be created or written to (without creating anything), else None."""
+    """Why folder `path` could not be created or written to, else None. Probed for real: a folder
+    and a small file are made (and removed) in the nearest existing folder, since `os.access` says
+    yes to root for /proc, read-only mounts and full disks alike."""
     p = Path(path).expanduser().absolute()
     while not p.exists() and p != p.parent:
         p = p.parent
     if not p.is_dir():
         return f"{p} is a file, not a folder"
-    if not os.access(p, os.W_OK | os.X_OK):
-        return f"{p} is not writable by this user"
+    try:
+        probe = Path(tempfile.mkdtemp(prefix=".flowtracer-probe-", dir=p))
+    except OSError as exc:
+        return f"{p} {_WHY.get(exc.errno, f'cannot hold a new folder ({exc.strerror})')}"
+    try:
+        with (probe / "probe").open("wb") as f:
+            f.write(b"\0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())  # a full disk may only say so when the block is allocated
+    except OSError as exc:
+        return f"{p} {_WHY.get(exc.errno, f'cannot hold a new file ({exc.strerror})')}"
+    finally:
+        shutil.rmtree(probe, ignore_errors=True)
     return None
 
 

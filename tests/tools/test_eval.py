@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -104,7 +105,7 @@ def _fit_tiny(tmp_path: Path, model_dir: str, lora: bool = True) -> Path:
 def _trained_logits(ckpt: Path, ids: torch.Tensor) -> torch.Tensor:
     from flowtracer.tools.runs import instantiate, load_checkpoint_into, run_config
 
-    module, _ = instantiate(run_config(ckpt))
+    module, _ = instantiate(run_config(ckpt)[0])
     load_checkpoint_into(module, ckpt)
     with torch.no_grad():
         return module.policy.eval()(input_ids=ids).logits
@@ -142,6 +143,20 @@ def test_export_lora_round_trip_and_eval_agree(tmp_path, tiny_model_dir):
     sa, sb = ((tmp_path / d / "eval_samples.jsonl").read_text() for d in ("e_ckpt", "e_merged"))
     assert sa == sb  # the very same responses, sample for sample
 
+    # one loader for eval and export: the run folder, or a copied last.ckpt with no config.yaml
+    # beside it (its model settings come from the checkpoint itself), give the same model
+    copied = tmp_path / "copied" / "last.ckpt"
+    copied.parent.mkdir()
+    shutil.copy(ckpt, copied)
+    run_eval("--config", cfg, "--ckpt_path", str(copied), "--out", str(tmp_path / "e_copied"))
+    run_eval("--config", cfg, "--ckpt_path", str(ckpt.parent.parent), "--out", str(tmp_path / "e_folder"))
+    for d in ("e_copied", "e_folder"):
+        assert (tmp_path / d / "eval_samples.jsonl").read_text() == sa
+    main(["export", "--ckpt_path", str(copied), "--out", str(tmp_path / "merged_copied"), "--merge"])
+    with torch.no_grad():
+        again = AutoModelForCausalLM.from_pretrained(tmp_path / "merged_copied").eval()(input_ids=ids).logits
+    torch.testing.assert_close(again, want, rtol=1e-5, atol=1e-5)
+
 
 def test_export_full_finetune_and_errors(tmp_path, tiny_model_dir, capsys):
     from transformers import AutoModelForCausalLM
@@ -160,6 +175,10 @@ def test_export_full_finetune_and_errors(tmp_path, tiny_model_dir, capsys):
     with pytest.raises(SystemExit) as done:
         main(["export", "--ckpt_path", str(tmp_path / "nope.ckpt"), "--out", str(tmp_path / "x")])
     assert done.value.code == 2 and not (tmp_path / "x").exists()
+    with pytest.raises(SystemExit) as done:  # a folder of configs: the message lists its YAML files
+        main(["eval", "--config", str(ROOT / "experiments" / "eval"), "--ckpt_path", str(ckpt)])
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and "is a folder; pass one of its YAML files" in err and "math.yaml" in err
 
 
 def test_tensorboard_logger_writes_events_and_metrics_csv(tmp_path, tiny_model_dir):

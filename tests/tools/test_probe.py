@@ -207,7 +207,9 @@ def test_probe_cli_batches(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "probe.json"
     main(["probe", "--model", tiny_model_dir, "--data", str(ROOT / "data/arith_val.jsonl"), "--n", "5",
           "--batch-size", "2", "--max-new-tokens", "8", "--out", str(out), "--results", str(tmp_path / "probe")])
-    assert "| arm | answer changed | correctness flipped | changed (none reproduces) |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| arm | answer changed | correctness flipped | changed (none reproduces) |" in printed
+    assert f"flowtracer probe: wrote {tmp_path / 'probe'}.csv, " in printed and printed.rstrip().endswith(str(out))
     data = json.loads(out.read_text())
     assert data["n_problems"] == 5 and len(data["table"]) == 7 and len(data["classes"]) == 6
     assert data["args"]["protect"] == "scaffold"

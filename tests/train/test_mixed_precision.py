@@ -205,6 +205,40 @@ def test_validate(tmp_path, tiny_model_dir, precision, val_dtype):
     linears and the bf16 cast of the rollout weights must work there too."""
     cfg = write_config(tmp_path, tiny_model_dir)
     main(["validate", "--config", str(cfg), "--trainer.precision", precision, "--model.val_sampling.dtype", val_dtype])
-    rows = [r for r in csv.DictReader(open(tmp_path / "logs" / "tiny" / "version_0" / "metrics.csv"))]
+    rows = [r for r in csv.DictReader(open(tmp_path / "logs" / "tiny_validate" / "version_0" / "metrics.csv"))]
     vals = [float(r["val/pass@1"]) for r in rows if r.get("val/pass@1")]
     assert vals and all(0.0 <= v <= 1.0 for v in vals)
+    assert not (tmp_path / "logs" / "tiny").exists()  # no checkpoint-less version_N among the training runs
+
+
+def test_resume_keeps_the_runs_precision_or_says_it_changed(tmp_path, tiny_model_dir, caplog):
+    """`--ckpt_path last` with no precision flag goes on in the run's bf16-mixed (recorded in its
+    config.yaml, said in one line); a different precision set on the command is said too."""
+    import yaml
+
+    cfg = write_config(tmp_path, tiny_model_dir, steps=1, verifier="toy_rewards:digits")
+    quiet = ["--model.val_before_training", "false"]
+    main(["fit", "--config", str(cfg), "--trainer.precision", "bf16-mixed", *quiet])
+    run = tmp_path / "logs" / "tiny" / "version_0"
+
+    def adapters():
+        state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+        return {k: v for k, v in state.items() if "lora_" in k}
+
+    before = adapters()
+    with caplog.at_level("INFO"):
+        main(["fit", "--config", str(cfg), "--ckpt_path", "last", "--trainer.max_steps", "2", *quiet])
+    assert "resuming with the run's trainer.precision = bf16-mixed" in caplog.text
+    assert yaml.safe_load((run / "config.yaml").read_text())["trainer"]["precision"] == "bf16-mixed"
+    metrics = read_metrics(run)
+    assert sorted(metrics) == [1, 2]
+    if native_bf16("cpu"):  # bf16 rollouts against the autocast learner: the mismatch is recorded
+        assert metrics[2]["train/mismatch/abs_log_ratio"] > 0
+    after = adapters()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the resumed step moved the weights
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        main(["fit", "--config", str(cfg), "--ckpt_path", "last", "--trainer.max_steps", "3",
+              "--trainer.precision", "32-true", *quiet])
+    assert "resuming a run trained with trainer.precision = bf16-mixed in 32-true" in caplog.text
+    assert sorted(read_metrics(run)) == [1, 2, 3]
