@@ -60,12 +60,14 @@ def _run(flags: list[str], url: str, size: tuple[int, int], timeout: float) -> t
         args = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-extensions",
                 "--enable-logging=stderr", "--v=0", f"--user-data-dir={profile}", f"--window-size={size[0]},{size[1]}"]
         t0 = time.perf_counter()
-        proc = subprocess.run(args + flags + [url], capture_output=True, text=True, timeout=timeout, errors="replace")
+        proc = subprocess.run(args + flags + [url], capture_output=True, timeout=timeout)
         seconds = time.perf_counter() - t0
+    # bytes, decoded here: text mode would turn a "\r" inside the page's text into "\n"
+    out, err = (b.decode("utf-8", errors="replace") for b in (proc.stdout, proc.stderr))
     if proc.returncode != 0:
-        raise BrowserError(f"chromium exited with {proc.returncode} on {url}: {proc.stderr.strip()[-300:]}")
-    console = [f"{m.group(1)} ({m.group(2)})" for line in proc.stderr.splitlines() if (m := _CONSOLE.search(line))]
-    return proc.stdout, console, seconds
+        raise BrowserError(f"chromium exited with {proc.returncode} on {url}: {err.strip()[-300:]}")
+    console = [f"{m.group(1)} ({m.group(2)})" for line in err.splitlines() if (m := _CONSOLE.search(line))]
+    return out, console, seconds
 
 
 def load(path: str | Path, *, screenshot: str | Path | None = None, hash: str = "",
