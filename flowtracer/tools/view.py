@@ -203,7 +203,7 @@ def page_data(runs: list[Run]) -> tuple[dict, dict[str, list]]:
     """(meta, blocks): meta = the runs, the prompts and one column per rollout field (what filters
     read, parsed when the page opens); blocks["d<run>_<block>"] = the tokens of one step of one run
     (texts, weights, scores, entropies, answer span), parsed when that step is shown."""
-    prompts: dict[tuple, int] = {}
+    prompts: dict[str, list] = {}  # prompt text -> [id, question, reference answer] (runs pair by the text)
     meta_runs, blocks = [], {}
     for ri, run in enumerate(runs):
         cols = {k: [] for k in ("step", "group", "k", "reward", "adv", "trunc", "pid", "n", "block", "off")}
@@ -215,8 +215,9 @@ def page_data(runs: list[Run]) -> tuple[dict, dict[str, list]]:
                 steps.append(r["step"])
                 blocks[f"d{ri}_{len(steps) - 1}"] = []
             block = blocks[f"d{ri}_{len(steps) - 1}"]
-            key = (r.get("prompt", ""), r.get("question"), r.get("answer"))
-            pid = prompts.setdefault(key, len(prompts))
+            entry = prompts.setdefault(r.get("prompt", ""), [len(prompts), r.get("question"), r.get("answer")])
+            entry[1] = entry[1] or r.get("question")  # a run that logged no question text takes another's
+            pid = entry[0]
             for name, value in (("step", r["step"]), ("group", r["group"]), ("k", r["k"]),
                                 ("reward", r.get("reward")), ("adv", r.get("advantage")), ("trunc", r.get("truncated")),
                                 ("pid", pid), ("n", len(r.get("tokens", []))), ("block", len(steps) - 1),
@@ -230,7 +231,7 @@ def page_data(runs: list[Run]) -> tuple[dict, dict[str, list]]:
             "score": any(r.get("scores") is not None for r in run.rows),
             "entropy": bool(ents), "wlo": min(weights, default=1.0), "whi": max(weights, default=1.0),
             "emax": max(ents, default=0.0)})
-    return {"runs": meta_runs, "prompts": [list(k) for k in prompts]}, blocks
+    return {"runs": meta_runs, "prompts": [[p, q, a] for p, (_, q, a) in prompts.items()]}, blocks
 
 
 def build_page(paths: list[str | Path], *, max_rollouts: int = DEFAULT_MAX_ROLLOUTS, title: str | None = None) -> str:

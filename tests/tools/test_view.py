@@ -250,3 +250,23 @@ def test_fit_logs_token_scores_and_the_page_shows_them(tmp_path, tiny_model_dir)
         result = load(page, hash=f"mode={mode}")
         result.raise_on_errors()
         assert_shading(cards_of(result.dom), recs, mode)
+
+
+def test_records_from_before_the_new_fields_and_a_run_without_rollouts(tmp_path):
+    """Runs logged before question/answer_span/truncated/scores existed, and one with metrics only."""
+    old = write_run(tmp_path / "old", steps=2, prompts=1, group=2, scores=False)
+    recs = records(old)
+    for r in recs:
+        for key in ("question", "answer_span", "truncated"):
+            r.pop(key)
+    (old / "rollouts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "metrics.csv").write_text((old / "metrics.csv").read_text())
+    page = write_page([old, bare], tmp_path / "v.html")
+    assert "no per-token scores or entropies logged" in page.read_text() and "no rollouts.jsonl" in page.read_text()
+    for view in ("mode=score", "a=1&b=0"):
+        result = load(page, hash=view)
+        result.raise_on_errors()
+    dom = load(page).dom
+    assert len(cards_of(dom)) == 4 and dom.count('<div class="missing">') == 4  # run B has no response to show
