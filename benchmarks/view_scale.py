@@ -6,11 +6,12 @@ For each response length a synthetic run folder is written (tests/view_runs.py: 
 byte-level tokens, weights, scores and entropies, as `model.log_token_scores: true` logs them;
 8 responses a prompt, 4 prompts a step; metrics.csv), then:
   - build: `flowtracer.tools.view.write_page` (read the run, write the HTML), seconds;
-  - open: headless Chromium loads the file (flowtracer.tools.browser.load); "render" is the page's
-    own clock (performance.now() at the end of its first render, from navigation start: reading
-    and parsing the HTML, parsing the index, drawing the first 20 rollouts), "browser" the wall
-    time of the whole Chromium run (start, load, DOM dump, exit), "blank" that of an empty page
-    (Chromium's own start and exit). Medians of --repeats.
+  - open: headless Chromium loads the file (flowtracer.tools.browser); "render" is the page's own
+    clock (performance.now() at the end of its first render, from navigation start: reading and
+    parsing the HTML, parsing the index, drawing the first 20 rollouts); "dump-dom" and
+    "screenshot" the wall time of a whole Chromium run (start, load, render, then serialise the DOM
+    (all data blocks included) or paint and save a PNG, exit), with a blank page's for Chromium's
+    own start and exit. Medians of --repeats.
 Needs chromium (apt-get install chromium). Run it from the repository root, under /work/tools/measure.
 """
 
@@ -30,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 from view_runs import write_run  # noqa: E402
 
-from flowtracer.tools.browser import load  # noqa: E402
+from flowtracer.tools.browser import load, take_screenshot  # noqa: E402
 from flowtracer.tools.view import write_page  # noqa: E402
 
 
@@ -48,6 +49,7 @@ def main() -> None:
         blank.write_text("<!doctype html><html><body><script>document.documentElement.dataset.renderMs="
                          "performance.now().toFixed(0)</script></body></html>")
         blank_s = statistics.median(load(blank).seconds for _ in range(args.repeats))
+        blank_shot = statistics.median(shot_seconds(blank, Path(tmp) / "b.png") for _ in range(args.repeats))
         for words in map(int, args.words.split(",")):
             run = write_run(Path(tmp) / f"run{words}", steps=steps, prompts=prompts, group=group, words=words)
             n = sum(1 for _ in open(run / "rollouts.jsonl"))
@@ -60,15 +62,23 @@ def main() -> None:
             loads = [load(page) for _ in range(args.repeats)]
             for r in loads:
                 r.raise_on_errors()
+            shot = statistics.median(shot_seconds(page, Path(tmp) / "p.png") for _ in range(args.repeats))
             rows.append((n, tokens / n, os.path.getsize(run / "rollouts.jsonl") / 2**20, os.path.getsize(page) / 2**20,
                          statistics.median(build), statistics.median(r.render_ms for r in loads) / 1000,
-                         statistics.median(r.seconds for r in loads)))
-    print("| rollouts | tokens/response | rollouts.jsonl MiB | page MiB | build s | render s | browser s |"
-          " blank page s |\n|---|---|---|---|---|---|---|---|")
-    for n, tpr, jsonl, mib, build, render, wall in rows:
-        print(f"| {n} | {tpr:.0f} | {jsonl:.1f} | {mib:.1f} | {build:.2f} | {render:.2f} | {wall:.2f} "
-              f"| {blank_s:.2f} |")
+                         statistics.median(r.seconds for r in loads), shot))
+    print("| rollouts | tokens/response | rollouts.jsonl MiB | page MiB | build s | render s | dump-dom s "
+          "| screenshot s |")
+    print("|---|---|---|---|---|---|---|---|")
+    print(f"| blank page | | | | | | {blank_s:.2f} | {blank_shot:.2f} |")
+    for n, tpr, jsonl, mib, build, render, wall, shot in rows:
+        print(f"| {n} | {tpr:.0f} | {jsonl:.1f} | {mib:.1f} | {build:.2f} | {render:.2f} | {wall:.2f} | {shot:.2f} |")
 
+
+def shot_seconds(page: Path, png: Path) -> float:
+    """Wall time of one Chromium run that loads the page and saves a screenshot (load, render, paint)."""
+    console, seconds = take_screenshot(page, png)
+    assert not console, console
+    return seconds
 
 if __name__ == "__main__":
     main()

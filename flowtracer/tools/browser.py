@@ -77,6 +77,14 @@ def load(path: str | Path, *, screenshot: str | Path | None = None, hash: str = 
     url = Path(path).resolve().as_uri() + (f"#{hash}" if hash else "")
     dom, console, seconds = _run(["--dump-dom"], url, size, timeout)
     if screenshot:
-        console += _run([f"--screenshot={Path(screenshot).resolve()}", "--hide-scrollbars"], url, size, timeout)[1]
+        console += take_screenshot(path, screenshot, hash=hash, size=size, timeout=timeout)[0]
     ms = re.search(r'data-render-ms="(\d+)"', dom)
     return Loaded(url, dom, console, float(ms.group(1)) if ms else None, seconds)
+
+
+def take_screenshot(path: str | Path, png: str | Path, *, hash: str = "", size: tuple[int, int] = (1200, 1400),
+                    timeout: float = 120.0) -> tuple[list[str], float]:
+    """(console messages, seconds): one Chromium run that loads `path` and saves the window as `png`."""
+    url = Path(path).resolve().as_uri() + (f"#{hash}" if hash else "")
+    _, console, seconds = _run([f"--screenshot={Path(png).resolve()}", "--hide-scrollbars"], url, size, timeout)
+    return console, seconds
