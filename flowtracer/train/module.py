@@ -73,7 +73,7 @@ class GRPOModule(GuardedUpdates, LightningModule):
         log_rollouts: write every rollout to rollouts.jsonl in the run folder.
         log_token_scores: rollouts.jsonl also holds each response token's score under the credit arm
             (`scores`: flow throughput, entropy, attention received, ...) and its entropy (`entropy`),
-            for `flowtracer view`; about 2x the file (results/view_scale.md).
+            for `flowtracer view` (a larger file; benchmarks/token_scores_cost.py measures it).
         fuse_credit: with one PPO epoch and one mini-batch, take attention, entropies and old
             log-probs from the training forward itself (no extra pass); false = always a separate
             no-grad pass first (same weights, one more forward).
