@@ -3,6 +3,7 @@ message (an uncaught exception is one), an optional screenshot, the page's own r
 
     result = load("run/view.html", screenshot="view.png")
     result.raise_on_errors()          # one line naming the messages, if any
+    console, seconds = take_screenshot("run/view.html", "view.png")   # the PNG alone
 
 Chromium comes from the system (`apt-get install chromium`; FLOWTRACER_CHROMIUM names another
 binary). Console messages are read from Chromium's log (--enable-logging=stderr), which prints
