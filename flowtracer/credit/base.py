@@ -119,6 +119,7 @@ class ScoreCredit(RolloutCallback):
             w = torch.where(fb, resp.to(w.dtype), w)
             sel = sel & ~fb
         rollouts.token_weights = w
+        rollouts.token_scores = scores  # a reference, no copy: rollouts.jsonl logs it under log_token_scores
         rollouts.metrics.update(self.stats(tokenizer, rollouts, scores, sel, w, fallback))
 
     def stats(self, tokenizer, rollouts: RolloutBatch, scores: Tensor, sel: Tensor, w: Tensor,

@@ -40,6 +40,7 @@ from flowtracer.flow import backbone_edges, dominant_paths, trace_flow
 from flowtracer.generation import generate
 from flowtracer.model.layers import check_layers
 from flowtracer.model.policy import load_policy
+from flowtracer.tools import shading
 from flowtracer.tools.analysis import (
     DEFAULT_INSTRUCTION,
     Verifiers,
@@ -152,8 +153,7 @@ def build_trace(model, tokenizer, prompt: str, *, response: str | None = None, a
 
 # ------------------------------------------------------------------------------ views
 def _norm(trace: Trace) -> list[float]:
-    top = max(trace.tau) if trace.tau and max(trace.tau) > 0 else 1.0
-    return [t / top for t in trace.tau]
+    return shading.by_max(trace.tau)
 
 
 def render_terminal(trace: Trace, console=None) -> None:
@@ -209,10 +209,10 @@ def render_html(trace: Trace, title: str = "flowtracer trace") -> str:
     for i, (tok, x, hub, role) in enumerate(zip(trace.tokens, _norm(trace), trace.hub, trace.role)):
         cls = "tok " + role + (" hub" if hub else "")
         spans.append(f'<span class="{cls}" id="t{i}" title="{_hover(trace, i)}" '
-                     f'style="background:rgba(220,40,40,{0.85 * x:.3f})">{html.escape(tok)}</span>')
+                     f'style="background:{shading.background(x)}">{html.escape(tok)}</span>')
     data = json.dumps({"paths": trace.paths, "edges": trace.edges[:50]}).replace("</", "<\\/")
     paths = "".join(f"<li>flow {f:.3f}: " + " → ".join(
-        f'<code title="token #{i}">{html.escape(_show(trace.tokens[i]))}</code>' for i in p) + "</li>"
+        f'<code title="token #{i}">{html.escape(shading.show(trace.tokens[i]))}</code>' for i in p) + "</li>"
         for p, f in trace.paths)
     reward = "" if trace.reward is None else f" Reward {trace.reward:g}."
     return (
@@ -235,12 +235,6 @@ def render_html(trace: Trace, title: str = "flowtracer trace") -> str:
         f"<h2>Dominant paths</h2><ol>{paths}</ol>{_arms_html(trace)}"
         f"<script type='application/json' id='flow-data'>{data}</script><script>{_JS}</script></body></html>"
     )
-
-
-def _show(tok: str) -> str:
-    """A token as text with its whitespace visible (a bare newline or space would vanish)."""
-    out = tok.replace("\n", "\\n").replace("\t", "\\t")
-    return out if tok.strip() else out.replace(" ", "␣") or "∅"
 
 
 def _hover(trace: Trace, i: int) -> str:

@@ -71,6 +71,9 @@ class GRPOModule(GuardedUpdates, LightningModule):
         seed: seeds prompt order and sampling; step s uses seed (seed, s).
         val_before_training: measure validation accuracy before the first update.
         log_rollouts: write every rollout to rollouts.jsonl in the run folder.
+        log_token_scores: rollouts.jsonl also holds each response token's score under the credit arm
+            (`scores`: flow throughput, entropy, attention received, ...) and its entropy (`entropy`),
+            for `flowtracer view` (a larger file; benchmarks/token_scores_cost.py measures it).
         fuse_credit: with one PPO epoch and one mini-batch, take attention, entropies and old
             log-probs from the training forward itself (no extra pass); false = always a separate
             no-grad pass first (same weights, one more forward).
@@ -93,6 +96,7 @@ class GRPOModule(GuardedUpdates, LightningModule):
         seed: int = 0,
         val_before_training: bool = True,
         log_rollouts: bool = True,
+        log_token_scores: bool = False,
         fuse_credit: bool = True,
         logits_budget_mb: float = 512.0,
         dapo: DapoConfig = DapoConfig(),
@@ -106,6 +110,7 @@ class GRPOModule(GuardedUpdates, LightningModule):
         self.attn_implementation, self.gradient_checkpointing = attn_implementation, gradient_checkpointing
         self.sampling, self.val_sampling, self.loss_cfg, self.optim = sampling, val_sampling, loss, optim
         self.seed, self.val_before_training, self.log_rollouts = seed, val_before_training, log_rollouts
+        self.log_token_scores = bool(log_token_scores)
         if not logits_budget_mb > 0:
             raise ConfigError(f"logits_budget_mb must be > 0, got {logits_budget_mb}: set model.logits_budget_mb: 512")
         self.fuse_credit, self.logits_budget_mb = bool(fuse_credit), float(logits_budget_mb)
@@ -189,7 +194,7 @@ class GRPOModule(GuardedUpdates, LightningModule):
         self.log_dict({"reward": metrics["reward/mean"], "acc": metrics["accuracy"]}, prog_bar=True,
                       on_step=True, on_epoch=False, logger=False, batch_size=rollouts.batch_size)
         if self.log_rollouts:
-            self._write_rollouts(step, rollouts)
+            self._write_rollouts(step, rollouts, gen.truncated)
 
     def _rollout_source(self) -> RolloutSource:
         rank, world = dist.rank_world(self.trainer)
@@ -248,6 +253,8 @@ class GRPOModule(GuardedUpdates, LightningModule):
         rollouts.old_logprobs, rollouts.entropies = pre.old_logprobs, pre.entropies
         if pre.token_weights is not None:
             rollouts.token_weights = pre.token_weights
+        if pre.token_scores is not None:
+            rollouts.token_scores = pre.token_scores
         rollouts.metrics.update(pre.metrics)
         return pre
 
@@ -291,6 +298,7 @@ class GRPOModule(GuardedUpdates, LightningModule):
         rollouts.metrics.update(credit_metrics)  # and for the logs, the weights and entropies the update used:
         rollouts.token_weights = outputs.get("weights", default=rollouts.response_mask)
         rollouts.entropies = outputs.get("entropy") if "entropy" in outputs.parts else rollouts.entropies
+        rollouts.token_scores = outputs.get("scores") if "scores" in outputs.parts else rollouts.token_scores
         out = {f"train/{k}": v / n_minibatches for k, v in sums.items()}
         out["train/lr"] = sched.get_last_lr()[0]
         return out
@@ -315,6 +323,7 @@ class GRPOModule(GuardedUpdates, LightningModule):
         if outputs is not None:
             outputs.add("weights", mb, weights)
             outputs.add("entropy", mb, entropy)
+            outputs.add("scores", mb, mb.view.token_scores)  # set by the arms that ran in this forward
         return policy_loss(
             fwd.logprobs, old, mb.view.advantages, mb.view.response_mask, token_weights=weights,
             eps_low=self.loss_cfg.eps_low, eps_high=self.loss_cfg.eps_high, aggregation=self.loss_cfg.aggregation,
@@ -342,11 +351,14 @@ class GRPOModule(GuardedUpdates, LightningModule):
         return mb.view.response_mask.float()
 
     # ----------------------------------------------------------------------------- metrics and logs
-    def _write_rollouts(self, step: int, rollouts: RolloutBatch) -> None:
+    def _write_rollouts(self, step: int, rollouts: RolloutBatch, truncated: torch.Tensor) -> None:
         log_dir = self.trainer.log_dir  # once: under DDP every call is a broadcast all ranks must join
         if log_dir is None:
             return
-        lines = dist.gather_to_zero(self, rollout_records(rollouts, self.tokenizer, step))  # rank order = prompt order
+        arm = next((type(cb).__name__ for cb in self._rollout_callbacks() if cb.sets_weights), None)
+        records = rollout_records(rollouts, self.tokenizer, step, truncated=truncated,
+                                  token_scores=self.log_token_scores, arm=arm)
+        lines = dist.gather_to_zero(self, records)  # rank order = prompt order
         if lines is not None:
             os.makedirs(log_dir, exist_ok=True)
             # One write() of whole lines, fsynced: a crash never leaves half a record behind.

@@ -85,6 +85,7 @@ class PrePassResult:
     entropies: Tensor
     ref_logprobs: Tensor | None
     token_weights: Tensor | None  # set by per-row callbacks that ran on its micro-batches
+    token_scores: Tensor | None  # the scored arm's per-token scores, from the same callbacks
     metrics: dict[str, float]
     nonfinite_attention: int  # micro-batches whose map held NaN/inf (their callbacks did not run)
     credit_seconds: float  # of the pass's time: the map's recompute and the callbacks
@@ -125,9 +126,11 @@ def pre_pass(policy, rollouts: RolloutBatch, *, micro_batch_size: int, temperatu
             run_callbacks(mb.view)
             credit_seconds += time.perf_counter() - t0
             acc.add("weights", mb, mb.view.token_weights)
+            acc.add("scores", mb, mb.view.token_scores)
             merge_metrics(metrics, mb.view.metrics, len(idx) / rollouts.batch_size)
     finally:
         policy.train(was_training)
     weights = acc.get("weights", default=rollouts.response_mask)  # rows no callback weighted: ones
-    return PrePassResult(acc.get("old"), acc.get("entropy"), acc.get("ref"), weights, metrics, bad_maps, credit_seconds)
+    return PrePassResult(acc.get("old"), acc.get("entropy"), acc.get("ref"), weights, acc.get("scores"), metrics,
+                         bad_maps, credit_seconds)
 

@@ -23,18 +23,34 @@ def seed_step(seed: int, step: int) -> None:
     torch.manual_seed(s)
 
 
-def rollout_records(rollouts: RolloutBatch, tokenizer, step: int) -> list[str]:
-    """One JSON line per rollout: prompt, response, reward, advantage, tokens and their weights."""
+def rollout_records(rollouts: RolloutBatch, tokenizer, step: int, *, truncated: Tensor | None = None,
+                    token_scores: bool = False, arm: str | None = None) -> list[str]:
+    """One JSON line per rollout: prompt, response, reward, advantage, tokens and their weights; the
+    question text (as it sits in the prompt), the answer span (indices into `tokens`) and truncation.
+    With `token_scores`: the credit arm's score of each token (`scores`, named by `arm`; absent when
+    the arm scores nothing) and the entropy of each token's distribution (`entropy`), where computed."""
     weights = rollouts.weights_or_ones()
+    scores = rollouts.token_scores if token_scores else None
+    entropies = rollouts.entropies if token_scores else None
     lines = []
     for i in range(rollouts.batch_size):
         m = rollouts.response_mask[i]
-        lines.append(json.dumps({
+        rec = {
             "step": step, "prompt": rollouts.prompts[i], "response": rollouts.responses[i],
             "answer": rollouts.answers[i], "reward": rollouts.rewards[i].item(),
             "advantage": rollouts.advantages[i].item(),
             "tokens": tokenizer.convert_ids_to_tokens(rollouts.input_ids[i][m].tolist()),
-            "weights": [round(w, 4) for w in weights[i][m].tolist()]}))
+            "weights": [round(w, 4) for w in weights[i][m].tolist()],
+            "question": tokenizer.decode(rollouts.input_ids[i][rollouts.question_mask[i]].tolist()),
+            "answer_span": rollouts.answer_mask[i][m].nonzero().squeeze(-1).tolist(),
+        }
+        if truncated is not None:
+            rec["truncated"] = bool(truncated[i])
+        if scores is not None:
+            rec["scores"], rec["arm"] = [float(f"{x:.4g}") for x in scores[i][m].tolist()], arm
+        if entropies is not None:
+            rec["entropy"] = [round(x, 4) for x in entropies[i][m].tolist()]
+        lines.append(json.dumps(rec))
     return lines
 
 
