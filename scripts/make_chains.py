@@ -1,12 +1,15 @@
 """Write the bundled variable-chain splits under data/ (seeded: reruns give identical files).
 
     python scripts/make_chains.py     # data/chains_train.jsonl (1000), chains_val.jsonl (100),
-                                      # chains_test.jsonl (300)
+                                      # chains_test.jsonl (300), chains_heldout.jsonl (200)
 
-train: depth 1-3 (solution steps), val/test: depth 2-3 (the evaluated range); all with 1-2
+train: depth 1-3 (solution steps), val/test/heldout: depth 2-3 (the evaluated range); all with 1-2
 distractor variables and one distractor derived variable, values 1..9, operators + and -.
 Each split has its own seed; a val/test question that also occurs in train is dropped (and the
 next seed's problem taken), so the held-out splits never repeat a training question.
+heldout is the validation set of the pre-registered grid (results/grid_chains_v2/PLAN.md): no
+earlier tool read it (the attribution sweep chose its variant on chains_test), and it comes last
+so the other three files stay byte-identical.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ SPLITS = {  # name: (size, seed, knobs)
     "train": (1000, 1, dict(depth=(1, 2, 3))),
     "val": (100, 2, dict(depth=(2, 3))),
     "test": (300, 3, dict(depth=(2, 3))),
+    "heldout": (200, 4, dict(depth=(2, 3))),
 }
 COMMON = dict(distractors=(1, 2), distractor_steps=1, low=1, high=9, ops=("+", "-"))
 

@@ -54,10 +54,60 @@ def test_shipped_grids_load(config):
     grid = load_grid(ROOT / "experiments" / "grids" / config)  # checks every base and arm file exists
     assert len(grid.cells) == len({c.name for c in grid.cells}) >= 2
     arms = {c.axes.get("arm") for c in grid.cells}
-    every = {"uniform", "random", "entropy", "attention", "flow"}
-    assert arms <= every or arms == {None}
-    if not any(axis.startswith("model.") for axis in grid.cells[0].axes):  # an arm grid (no knob axis) has them all
-        assert arms == every or arms == {None}
+    if not any(axis.startswith("model.") for axis in grid.cells[0].axes):  # an arm grid (no knob axis)
+        assert arms >= {"uniform", "random", "flow"} or arms == {None}  # the controls every credit grid needs
+    else:  # a knob grid (e.g. estimators) may run a subset of the known arms
+        assert arms <= {"uniform", "random", "entropy", "attention", "flow"}
+
+
+V2 = ROOT / "experiments" / "grids" / "chains_v2.yaml"
+ARMS_V2 = {"uniform": "UniformCredit", "random": "RandomCredit", "flow": "FlowCredit", "flow_reach": "FlowCredit"}
+
+
+def test_chains_v2_expands_to_the_preregistered_cells():
+    """results/grid_chains_v2/PLAN.md fixes 4 arms x 8 seeds, 40 steps, 200 x 4 validation after
+    0/20/40 updates on the held-out split, two cells at a time with one thread each."""
+    grid = load_grid(V2)
+    assert [c.name for c in grid.cells] == [f"arm={a},seed={s}" for a in ARMS_V2 for s in range(8)]
+    assert grid.parallel == 2 and grid.env == {"OMP_NUM_THREADS": "1"}
+    assert {c.results for c in grid.cells} == {ROOT / "results" / "grid_chains_v2"}
+    fixed = {"trainer.max_steps": 40, "trainer.val_check_interval": 20, "model.val_before_training": True,
+             "data.val_source": "data/chains_heldout.jsonl", "data.val_size": 200,
+             "model.val_sampling.num_generations": 4}
+    assert all(c.overrides.items() >= fixed.items() for c in grid.cells)
+    assert len(open(ROOT / "data" / "chains_heldout.jsonl").readlines()) == 200
+
+
+@pytest.mark.parametrize("arm", list(ARMS_V2))
+def test_chains_v2_cells_resolve_to_the_planned_fit(arm, tmp_path, capsys):
+    """Each arm's cell, composed as the grid starts it (base, arm, cell.yaml), parses to the plan's
+    knobs and exactly one credit callback (the arm's, not the base recipe's), without running."""
+    from flowtracer.tools.cells import fit_command
+    from flowtracer.tools.grid import cell_spec
+
+    grid = load_grid(V2, out=str(tmp_path))
+    cell = next(c for c in grid.cells if c.axes == {"arm": arm, "seed": "3"})
+    spec = cell_spec(grid, cell)
+    Path(spec["dir"]).mkdir(parents=True)
+    (Path(spec["dir"]) / "cell.yaml").write_text(spec["cell_yaml"])
+    with pytest.raises(SystemExit) as done:
+        main([*fit_command(spec)[3:], "--print_config"])
+    assert done.value.code in (0, None)
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert (cfg["trainer"]["max_steps"], cfg["trainer"]["val_check_interval"]) == (40, 20)
+    assert cfg["seed_everything"] == cfg["model"]["seed"] == cfg["data"]["seed"] == 3
+    assert (cfg["data"]["val_source"], cfg["data"]["val_size"]) == ("data/chains_heldout.jsonl", 200)
+    assert cfg["model"]["val_sampling"]["num_generations"] == 4 and cfg["model"]["val_before_training"]
+    assert cfg["trainer"]["logger"][0]["init_args"]["save_dir"] == spec["dir"]
+    (callback,) = cfg["trainer"]["callbacks"]
+    assert callback["class_path"] == f"flowtracer.credit.{ARMS_V2[arm]}"
+    args = callback.get("init_args") or {}
+    if arm == "flow":  # the paper's FlowTracer
+        assert (args["layers"], args["heads"], args["inject"]) == ("middle", "mean", "uniform")
+    if arm == "flow_reach":  # the attribution sweep's choice (results/attribution_chains_sweep.md)
+        assert (args["layers"], args["heads"], args["inject"]) == ([17], "mean", "reachability")
+    if arm != "uniform":
+        assert (args["top_frac"], args["gamma"]) == (0.4, 1.5)
 
 
 @pytest.mark.slow
