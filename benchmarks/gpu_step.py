@@ -218,7 +218,8 @@ def shape_seconds(sh: ModelShape, args) -> float:
 
 def paths_seconds(args) -> float:
     """Generation paths: each engine x 2 calls, plus ~60 s for the static-cache compile."""
-    return 60 + len(args.paths.split(",")) * 2 * args.path_tokens * DECODE_S_PER_LAYER * CLI_SHAPES[args.paths_shape].layers
+    engines = len(args.paths.split(","))
+    return 60 + engines * 2 * args.path_tokens * DECODE_S_PER_LAYER * CLI_SHAPES[args.paths_shape].layers
 
 
 def estimate_seconds(shapes: list[ModelShape], args, device: str) -> float:
