@@ -35,10 +35,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
+from huggingface_hub import try_to_load_from_cache
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import Linear as LoraLinear
 from safetensors import SafetensorError
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import CONFIG_MAPPING, AutoModelForCausalLM, AutoTokenizer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from flowtracer.config import LoraSpec
 from flowtracer.errors import UserError
@@ -119,10 +123,6 @@ def _read_json(path: Path, fix: str) -> dict:
 
 def _check_causal_lm(model_type: Any, where: str, fix: str) -> None:
     """`model_type` names an architecture this transformers can load as a causal LM."""
-    import transformers
-    from transformers import CONFIG_MAPPING
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
     if not model_type:
         raise PolicyError(f"{where} names no model_type; {fix}")
     if model_type not in CONFIG_MAPPING:
@@ -214,8 +214,6 @@ _KERNEL_PACKAGES = {"flash_attention_2": ("flash_attn", "flash-attn"),
 
 def _attention_names() -> list[str]:
     """The attn_implementation values transformers accepts by name (a hub kernel `org/name` aside)."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
     return ["sdpa", "eager", *(k for k in ALL_ATTENTION_FUNCTIONS.valid_keys() if k not in ("sdpa", "eager"))]
 
 
@@ -361,8 +359,6 @@ def _load_base(name_or_path: str, dtype: Any, attn_implementation: str, revision
 
 def _cached_snapshot(repo_id: str, revision: str | None) -> Path | None:
     """The HF cache's snapshot folder of `repo_id` when its config.json is cached, else None."""
-    from huggingface_hub import try_to_load_from_cache
-
     found = try_to_load_from_cache(repo_id, "config.json", revision=revision)
     return Path(found).parent if isinstance(found, str) else None
 
