@@ -78,7 +78,7 @@ def fit_table(steps: int) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             cmd = [sys.executable, "-m", "flowtracer.cli", "fit", "--config", "experiments/quickstart.yaml",
                    "--trainer.max_steps", str(steps), "--model.val_before_training", "false",
-                   "--trainer.limit_val_batches", "0", "--trainer.enable_checkpointing", "false",
+                   "--trainer.limit_val_batches", "0",
                    "--model.log_token_scores", on, "--trainer.logger.init_args.save_dir", tmp]
             env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
             t0 = time.perf_counter()
