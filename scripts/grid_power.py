@@ -51,10 +51,15 @@ def t_two_sided(p: float, df: int) -> float:
             term *= c2 * (2 * j - 1) / (2 * j)
         return s * acc
 
-    lo, hi = 0.0, 1e3
+    return _invert(inside, p, 1e3)
+
+
+def _invert(increasing, p: float, hi: float) -> float:
+    """x in [0, hi] with increasing(x) = p, by bisection."""
+    lo = 0.0
     for _ in range(200):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if inside(mid) < p else (lo, mid)
+        lo, hi = (mid, hi) if increasing(mid) < p else (lo, mid)
     return (lo + hi) / 2
 
 
@@ -73,11 +78,7 @@ def chi2_quantile(p: float, df: int) -> float:
             acc += term
         return math.exp(a * math.log(y) - y - math.lgamma(a)) * acc
 
-    lo, hi = 0.0, 200.0
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
-    return (lo + hi) / 2
+    return _invert(cdf, p, 200.0)
 
 
 def half_width(sd: float, n: int) -> float:

@@ -26,8 +26,6 @@ line naming the function and the row (`RewardError`): nothing is trained on a ha
 
 from __future__ import annotations
 
-import functools
-import importlib
 import inspect
 import math
 from collections.abc import Callable, Sequence
@@ -36,7 +34,7 @@ from typing import Any
 
 from flowtracer.errors import InputError
 from flowtracer.rewards.base import Score, as_score
-from flowtracer.rewards.registry import VERIFIERS
+from flowtracer.rewards.registry import VERIFIERS, import_reward
 
 ENTRY_KEYS = ("fn", "weight", "name", "answer", "kwargs")
 RESERVED = ("mean", "std", "errors")  # reward/mean, reward/std, reward/errors are logged already
@@ -165,7 +163,7 @@ def _build(i: int, entry: Any) -> RewardFn:
                              "package.module:function")
         call, default = VERIFIERS[spec](**kwargs), spec
     else:
-        call = _import(i, spec, kwargs)
+        call = import_reward(spec, kwargs, label=f"data.rewards[{i}].fn =")
         default = (getattr(call, "__name__", None) or getattr(getattr(call, "func", None), "__name__", None)
                    or type(call).__name__)  # a function, a partial of one, or an instance of a class
     name = str(entry.get("name") or default)
@@ -175,20 +173,6 @@ def _build(i: int, entry: Any) -> RewardFn:
     if not builtin:
         _check_signature(fn)
     return fn
-
-
-def _import(i: int, spec: str, kwargs: dict) -> Callable:
-    module_name, _, attr = spec.partition(":")
-    try:
-        obj = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise InputError(f"data.rewards[{i}].fn = {spec!r} could not be imported ({exc}); check the module is on "
-                         "PYTHONPATH and the name after ':' exists") from exc
-    if isinstance(obj, type):
-        return obj(**kwargs)
-    if not callable(obj):
-        raise InputError(f"data.rewards[{i}].fn = {spec!r} is a {type(obj).__name__}, not a function or class")
-    return functools.partial(obj, **kwargs) if kwargs else obj
 
 
 def _accepted(call: Callable) -> set[str] | None:

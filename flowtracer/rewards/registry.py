@@ -26,25 +26,26 @@ def get_verifier(name: str, **kwargs: Any):
     a function ``f(response, reference) -> float | Score`` is used as is (kwargs bound).
     """
     if ":" in name:
-        return _import_reward(name, kwargs)
+        return import_reward(name, kwargs)
     if name not in VERIFIERS:
         raise InputError(f"unknown verifier {name!r}; valid names: {', '.join(VERIFIERS)} "
                          "or 'package.module:function'")
     return VERIFIERS[name](**kwargs)
 
 
-def _import_reward(name: str, kwargs: dict):
-
+def import_reward(name: str, kwargs: dict, label: str = "reward"):
+    """`package.module:function` (or a class, instantiated with `kwargs`) as a callable;
+    `label` names the setting in the one-line error (e.g. "data.rewards[1].fn")."""
     module_name, _, attr = name.partition(":")
     try:
         obj = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
-        raise InputError(f"reward {name!r} could not be imported ({exc}); check the module is on "
+        raise InputError(f"{label} {name!r} could not be imported ({exc}); check the module is on "
                          "PYTHONPATH and the name after ':' exists") from exc
     if isinstance(obj, type):
         return obj(**kwargs)
     if not callable(obj):
-        raise InputError(f"reward {name!r} is a {type(obj).__name__}, not a function or class")
+        raise InputError(f"{label} {name!r} is a {type(obj).__name__}, not a function or class")
     return functools.partial(obj, **kwargs) if kwargs else obj
 
 
