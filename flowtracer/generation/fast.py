@@ -142,7 +142,7 @@ def pick_layout(shape: tuple[int, int], dtype: torch.dtype, device: torch.device
                 if round_:  # the first round warms up
                     times[layout].append(time.perf_counter() - start)
         median = {layout: sorted(t)[len(t) // 2] for layout, t in times.items()}
-        default = _candidates(dtype)[-1] if "packed" in median else "linear"
+        default = "packed" if "packed" in median else "linear"
         best = min(median, key=median.get)
         _LAYOUTS[key] = best if median[best] < 0.9 * median[default] else default
     return _LAYOUTS[key]
