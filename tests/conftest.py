@@ -55,6 +55,16 @@ def tiny_model_dir(tmp_path_factory):
     return str(path)
 
 
+@pytest.fixture(scope="session")
+def reference_grid(tmp_path_factory, tiny_model_dir) -> Path:
+    """The finished reference 2x2 grid's file (grids.build_reference_grid), built once per session: the
+    launcher tests compare every launcher's report with it, the committed-summaries test rebuilds its
+    report from its per-cell files. Its tests share the xdist group "launchers" (one worker builds it)."""
+    from grids import build_reference_grid
+
+    return build_reference_grid(tmp_path_factory.mktemp("reference_grid"), tiny_model_dir)
+
+
 def write_config(tmp_path: Path, model_dir: str, *, steps: int = 2, callbacks=None, **data) -> Path:
     cfg = {
         "seed_everything": 0,

@@ -4,7 +4,7 @@ asking for more GPUs than the machine has is refused in one line before any cell
 from __future__ import annotations
 
 import pytest
-from test_grid import write_grid
+from grids import write_grid
 
 from flowtracer.cli import main
 from flowtracer.tools.cells import DevicePool

@@ -15,29 +15,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, write_config
+from conftest import ROOT
+from grids import write_grid
 
 from flowtracer.cli import main
 from flowtracer.tools.grid import load_grid
-
-
-def write_grid(tmp_path: Path, model_dir: str, name: str = "grid", **keys) -> Path:
-    """A 2x2 grid (uniform/random x seeds 0/1) of 1-step tiny fits; `keys` are more grid-file keys."""
-    base = write_config(tmp_path, model_dir, steps=1)
-    grid = {
-        "base": [str(base)],
-        "out": str(tmp_path / name),
-        "overrides": {"trainer.val_check_interval": 1, "model.log_rollouts": False},
-        "axes": {
-            "arm": {"uniform": str(ROOT / "experiments/ablations/uniform.yaml"),
-                    "random": str(ROOT / "experiments/ablations/random.yaml")},
-            "seed": [0, 1],
-        },
-        **keys,
-    }
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(grid, sort_keys=False))
-    return path
 
 
 def test_grid_cells_are_the_cross_product(tmp_path, tiny_model_dir):
@@ -73,7 +55,8 @@ def test_chains_v2_expands_to_the_preregistered_cells():
     assert {c.results for c in grid.cells} == {ROOT / "results" / "grid_chains_v2"}
     fixed = {"trainer.max_steps": 40, "trainer.val_check_interval": 20, "model.val_before_training": True,
              "data.val_source": "data/chains_heldout.jsonl", "data.val_size": 200,
-             "model.val_sampling.num_generations": 4}
+             "model.val_sampling.num_generations": 4,
+             "model.sampling.engine": "fast", "model.val_sampling.engine": "fast"}  # one decode path for every cell
     assert all(c.overrides.items() >= fixed.items() for c in grid.cells)
     assert len(open(ROOT / "data" / "chains_heldout.jsonl").readlines()) == 200
 
@@ -98,6 +81,7 @@ def test_chains_v2_cells_resolve_to_the_planned_fit(arm, tmp_path, capsys):
     assert cfg["seed_everything"] == cfg["model"]["seed"] == cfg["data"]["seed"] == 3
     assert (cfg["data"]["val_source"], cfg["data"]["val_size"]) == ("data/chains_heldout.jsonl", 200)
     assert cfg["model"]["val_sampling"]["num_generations"] == 4 and cfg["model"]["val_before_training"]
+    assert cfg["model"]["sampling"]["engine"] == cfg["model"]["val_sampling"]["engine"] == "fast"
     assert cfg["trainer"]["logger"][0]["init_args"]["save_dir"] == spec["dir"]
     (callback,) = cfg["trainer"]["callbacks"]
     assert callback["class_path"] == f"flowtracer.credit.{ARMS_V2[arm]}"
@@ -149,31 +133,28 @@ def test_grid_killed_midway_resumes_and_reports(tmp_path, tiny_model_dir):
 
 
 @pytest.mark.slow
-def test_committed_cell_summaries_rebuild_the_report(tmp_path, tiny_model_dir):
+@pytest.mark.xdist_group("launchers")  # shares the session's reference grid (conftest.py)
+def test_committed_cell_summaries_rebuild_the_report(reference_grid, tmp_path):
     """A finished cell writes <results>/<cell>.csv/.json; with the run folders gone (a fresh clone),
     --report-only rebuilds the same table from those files alone."""
-    import shutil
-
-    cfg = write_grid(tmp_path, tiny_model_dir)
-    spec = yaml.safe_load(cfg.read_text())
-    spec["axes"]["seed"] = [0]
-    spec["results"] = str(tmp_path / "results" / "grid_tiny")
-    cfg.write_text(yaml.safe_dump(spec, sort_keys=False))
-    main(["grid", "--config", str(cfg), "--no-live"])
-    res = tmp_path / "results" / "grid_tiny"
-    assert sorted(p.name for p in res.iterdir()) == ["arm=random,seed=0.csv", "arm=random,seed=0.json",
-                                                     "arm=uniform,seed=0.csv", "arm=uniform,seed=0.json"]
+    spec = yaml.safe_load(reference_grid.read_text())
+    res = Path(spec["results"])
+    cells = ["arm=random,seed=0", "arm=random,seed=1", "arm=uniform,seed=0", "arm=uniform,seed=1"]
+    assert sorted(p.name for p in res.iterdir()) == sorted(f"{c}.{ext}" for c in cells for ext in ("csv", "json"))
     header = open(res / "arm=uniform,seed=0.csv").readline().strip().split(",")
     assert "val/pass@1" in header and "reward/mean" in header and "time/step" in header
     assert not any(h.startswith("throughput/") for h in header)  # only the report's columns
-    before = list(csv.DictReader(open(tmp_path / "grid" / "summary.csv")))
-    shutil.rmtree(tmp_path / "grid")  # the machine is gone; only the committed files remain
+    before = list(csv.DictReader(open(reference_grid.parent / "local" / "summary.csv")))
+    # a fresh clone: the same grid file, whose grid folder (run folders, summary) never existed here
+    spec["out"] = str(tmp_path / "fresh")
+    cfg = tmp_path / "grid.yaml"
+    cfg.write_text(yaml.safe_dump(spec, sort_keys=False))
     main(["grid", "--config", str(cfg), "--report-only"])
-    after = list(csv.DictReader(open(tmp_path / "grid" / "summary.csv")))
+    assert not (tmp_path / "fresh" / "cells").exists() or not any((tmp_path / "fresh" / "cells").rglob("metrics.csv"))
+    after = list(csv.DictReader(open(tmp_path / "fresh" / "summary.csv")))
     keys = ("cell", "state", "final_val", "auc_val", "mean_reward", "steps")
+    assert len(after) == 4 and all(r["state"] == "done" for r in after)
     assert [{k: r[k] for k in keys} for r in after] == [{k: r[k] for k in keys} for r in before]
-    assert all(r["state"] == "done" for r in after)
-    assert "2/2 cells finished" in (tmp_path / "grid" / "report.md").read_text()
 
 
 def test_report_auc_and_interval():
@@ -183,10 +164,13 @@ def test_report_auc_and_interval():
     assert _auc([(0, 0.5)]) == 0.5
     assert ci95_halfwidth(1.0, 3) == pytest.approx(4.303 / 3 ** 0.5)
     assert math.isnan(ci95_halfwidth(1.0, 1))
+    # beyond the table: published t quantiles (df 40, 60, 120), not the normal 1.96
+    for n, t in ((41, 2.021), (61, 2.000), (121, 1.980)):
+        assert ci95_halfwidth(1.0, n) * n ** 0.5 == pytest.approx(t, abs=1e-3)
 
 
 def test_paired_differences_use_only_the_shared_seeds():
-    from flowtracer.tools.report import ci95_halfwidth, paired_markdown, paired_vs
+    from flowtracer.tools.report import ci95_halfwidth, paired_markdown, paired_sections, paired_vs
 
     def rows(vals):  # seed -> (final, auc)
         return [{"seed": s, "final_val": f, "auc_val": a} for s, (f, a) in vals.items()]
@@ -203,3 +187,9 @@ def test_paired_differences_use_only_the_shared_seeds():
     (uniform,) = paired_vs(table, base="arm=flow")  # any arm can be the reference
     assert uniform["group"] == "arm=uniform" and uniform["final_val"][0] == pytest.approx(-0.15)
     assert "## Paired differences vs arm=flow" in "\n".join(paired_markdown(table, "arm=flow"))
+    # the report holds all three references; a flow variant gets its difference to flow
+    table.append({"group": "arm=flow_reach", "_rows": rows({"0": (0.8, 0.5), "1": (0.7, 0.7)})})
+    md = "\n".join(paired_sections(table))
+    assert md.count("## Paired differences vs") == 2  # no random arm here: no section vs random
+    vs_flow = md.split("## Paired differences vs arm=flow")[1]
+    assert "| arm=flow_reach | 2 | 0.050 ± 0.212" in vs_flow

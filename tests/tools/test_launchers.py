@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 import ray
-from test_grid import write_grid
+from grids import write_grid
 
 from flowtracer.cli import main
 from flowtracer.tools.grid import load_grid, run_grid
 
-# One xdist group: local_ref and ray_cluster are module fixtures the tests share (built once).
+# One xdist group: the session's reference grid and the module's Ray cluster are built once, on one worker.
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("launchers")]
 
 ENV = {"OMP_NUM_THREADS": 1}
@@ -49,13 +49,10 @@ def _same_report(out: Path, ref: Path) -> None:
     assert _report_tables(out) == _report_tables(ref) and len(_report_tables(ref)) == 4  # 2 groups + 2 paired
 
 
-@pytest.fixture(scope="module")
-def local_ref(tmp_path_factory, tiny_model_dir) -> Path:
-    """The reference: --launcher local, 2 cells at a time, 2 of 4 fake GPUs each."""
-    tmp = tmp_path_factory.mktemp("local")
-    cfg = write_grid(tmp, tiny_model_dir, name="local", env=ENV, devices=[0, 1, 2, 3], gpus_per_cell=2, parallel=2)
-    assert main(["grid", "--config", str(cfg), "--no-live"]) == 0
-    return tmp / "local"
+@pytest.fixture
+def local_ref(reference_grid) -> Path:
+    """The reference: --launcher local, 2 cells at a time, 2 of 4 fake GPUs each (conftest.py: reference_grid)."""
+    return reference_grid.parent / "local"
 
 
 @pytest.fixture(scope="module")
