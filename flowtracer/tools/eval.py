@@ -31,6 +31,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from flowtracer.errors import InputError
 from flowtracer.evaluation.engine import evaluate
 from flowtracer.evaluation.report import markdown, print_table, to_json
+from flowtracer.generation import engine_line
 from flowtracer.model.policy import load_policy
 from flowtracer.runs.csvlog import atomic_write_text
 from flowtracer.tools.runs import instantiate, load_checkpoint_into, merged_configs, run_config, run_dir_of
@@ -110,6 +111,7 @@ def run(args) -> tuple[dict, Path]:
     for name, (_, rows) in sets.items():  # the fit pre-flight's checks: math-verify works, references parse
         check_references(settings, rows, f"eval set {name}")
     total = sum(len(rows) for _, rows in sets.values())
+    print(engine_line(policy, settings.val_sampling))
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns) as bar:
         task = bar.add_task("eval", total=total)

@@ -227,3 +227,24 @@ def test_csv_logger_added_to_any_logger_config(tmp_path):
     off = {"trainer": {"logger": False}}
     _ensure_csv_logger(off)
     assert off["trainer"]["logger"] is False
+
+
+def test_eval_response_stats_counts_what_the_table_hides(tmp_path):
+    """scripts/eval_response_stats.py: per set, stopped vs cut off, closed \\boxed{} (nested braces too),
+    refused and correct, from eval_samples.jsonl."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("eval_response_stats", ROOT / "scripts/eval_response_stats.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    records = [
+        {"set": "a", "responses": ["so \\boxed{\\frac{1}{2}}", "x = 3", "\\boxed{4"], "truncated": [False, True, True],
+         "refused": [False, True, False], "correct": [True, False, False]},
+        {"set": "b", "responses": ["12345"], "truncated": [False], "refused": [False], "correct": [False]},
+    ]
+    path = tmp_path / "eval_samples.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    a, b = mod.stats(str(path))
+    assert a == {"set": "a", "responses": 3, "stopped": 1, "cut off": 2, "closed boxed": 1, "refused": 1,
+                 "correct": 1, "median chars": 8}
+    assert (b["responses"], b["stopped"], b["closed boxed"], b["median chars"]) == (1, 1, 0, 5)
