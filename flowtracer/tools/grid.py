@@ -386,10 +386,28 @@ def run_local(grid: Grid, todo: list[Cell], refresh, poll_s: float = 1.0) -> Non
                 cell.proc.terminate()
 
 
-def run_grid(grid: Grid, *, live: bool = True, poll_s: float = 1.0) -> list[Cell]:
-    """Run every unfinished cell with `grid.launcher`; returns the cells with their states."""
+def select_cells(grid: Grid, only: list[str]) -> set[str]:
+    """Names of the cells `--only AXIS=VALUE ...` picks: a cell matches every axis named, and any of the
+    values given for an axis (`--only seed=0 --only seed=1 --only arm=flow`: seeds 0 or 1 of arm flow)."""
+    wanted: dict[str, set[str]] = {}
+    for item in only:
+        axis, sep, value = item.partition("=")
+        values = {str(c.axes.get(axis)) for c in grid.cells if axis in c.axes}
+        if not sep or not values:
+            axes = ", ".join(grid.cells[0].axes) if grid.cells else "none"
+            raise InputError(f"--only {item}: expected AXIS=VALUE with an axis of the grid ({axes})")
+        if value not in values:
+            raise InputError(f"--only {item}: {axis} has no value {value!r}; it has {', '.join(sorted(values))}")
+        wanted.setdefault(axis, set()).add(value)
+    return {c.name for c in grid.cells if all(str(c.axes[a]) in vs for a, vs in wanted.items())}
+
+
+def run_grid(grid: Grid, *, live: bool = True, poll_s: float = 1.0, only: list[str] | None = None) -> list[Cell]:
+    """Run every unfinished cell with `grid.launcher` (those `only` picks, see `select_cells`, if given);
+    returns all the cells with their states (a cell left out stays pending)."""
     mark_done(grid)
-    todo = [c for c in grid.cells if c.state == "pending"]
+    picked = select_cells(grid, only) if only else {c.name for c in grid.cells}
+    todo = [c for c in grid.cells if c.state == "pending" and c.name in picked]
     if grid.launcher != "local":
         import_engine(grid.launcher)  # not installed: one line naming the extra, before anything is written
     with View(grid, live) as view:
@@ -411,12 +429,15 @@ def main(argv: list[str]) -> int:
     p.add_argument("--launcher", choices=LAUNCHERS, help="where cells run (default: the grid file's, else local)")
     p.add_argument("--report-only", action="store_true", help="skip running; (re)write the report")
     p.add_argument("--no-live", action="store_true", help="plain log lines instead of the live table")
+    p.add_argument("--only", action="append", default=None, metavar="AXIS=VALUE",
+                   help="run only the cells with this axis value (repeat: values of one axis OR, axes AND); "
+                        "the report still lists every cell")
     args = p.parse_args(argv)
     grid = load_grid(args.config, args.out, args.parallel, args.launcher)
     if args.report_only:
         mark_done(grid)
     else:
-        run_grid(grid, live=not args.no_live and sys.stderr.isatty())
+        run_grid(grid, live=not args.no_live and sys.stderr.isatty(), only=args.only)
 
     paths = write_report(grid)
     print(f"report: {paths['md']}  {paths['html']}")

@@ -31,6 +31,28 @@ def test_grid_cells_are_the_cross_product(tmp_path, tiny_model_dir):
     assert cell.configs[-1].parts[-2:] == ("ablations", "random.yaml")
 
 
+def test_only_picks_cells_by_axis_value():
+    from flowtracer.errors import InputError
+    from flowtracer.tools.grid import select_cells
+
+    grid = load_grid(V2)
+    assert select_cells(grid, ["seed=0"]) == {f"arm={a},seed=0" for a in ARMS_V2}
+    assert select_cells(grid, ["seed=0", "seed=1", "arm=flow"]) == {"arm=flow,seed=0", "arm=flow,seed=1"}
+    with pytest.raises(InputError, match=r"--only lr=1: expected AXIS=VALUE with an axis of the grid \(arm, seed\)"):
+        select_cells(grid, ["lr=1"])
+    with pytest.raises(InputError, match=r"seed has no value '9'; it has 0, 1, 2"):
+        select_cells(grid, ["seed=9"])
+
+
+@pytest.mark.slow
+def test_only_runs_the_picked_cells_and_reports_them_all(tmp_path, tiny_model_dir):
+    cfg = write_grid(tmp_path, tiny_model_dir)
+    assert main(["grid", "--config", str(cfg), "--no-live", "--only", "arm=uniform", "--only", "seed=1"]) == 0
+    cells = tmp_path / "grid" / "cells"
+    assert sorted(d.parent.name for d in cells.glob("*/done.json")) == ["arm=uniform,seed=1"]
+    assert "1/4 cells finished" in (tmp_path / "grid" / "report.md").read_text()
+
+
 @pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "experiments" / "grids").glob("*.yaml")))
 def test_shipped_grids_load(config):
     grid = load_grid(ROOT / "experiments" / "grids" / config)  # checks every base and arm file exists
