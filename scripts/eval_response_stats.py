@@ -1,6 +1,7 @@
-"""Why an eval table reads what it reads: per set, how many responses stopped on their own, how many were
-cut off at max_new_tokens, how many hold a closed \\boxed{...}, were refused (a fallback answer in a
-cut-off response) or correct; and the median response length in characters.
+"""Why an eval table reads what it reads: per set, how many responses stopped on their own, how many
+were cut off at max_new_tokens, how many end in a closed \\boxed{...} (the grader's own `boxed`
+extractor), were refused (a fallback answer in a cut-off response) or correct; and the median
+response length in characters.
 
     python scripts/eval_response_stats.py <eval --out folder>/eval_samples.jsonl
 """
@@ -8,12 +9,11 @@ cut-off response) or correct; and the median response length in characters.
 from __future__ import annotations
 
 import json
-import re
 import statistics
 import sys
 from collections import defaultdict
 
-BOXED = re.compile(r"\\boxed\{[^{}]*(\{[^{}]*\}[^{}]*)*\}")
+from flowtracer.rewards.extract import boxed
 
 
 def stats(path: str) -> list[dict]:
@@ -26,7 +26,7 @@ def stats(path: str) -> list[dict]:
             s["responses"] += 1
             s["cut off"] += bool(cut)
             s["stopped"] += not cut
-            s["closed boxed"] += bool(BOXED.search(resp))
+            s["closed boxed"] += boxed(resp) is not None
             s["refused"] += bool(refused)
             s["correct"] += bool(ok)
             s["_lengths"].append(len(resp))
