@@ -41,6 +41,12 @@ from flowtracer.generation.sampler import filter_logits, hashed_uniform
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 _CACHE = "_flowtracer_fast"  # module attribute: (source tensors, their versions, derived tensor)
+# A prefill runs a block of prompts at a time, about this many tokens per block. Why: 64 prompts of
+# 400 tokens at once made ~0.6 GB gate/up outputs and 0.4 GB float32 attention scores per layer;
+# glibc serves blocks over 32 MiB from fresh mmaps, so each layer faulted its pages in anew (351M
+# page faults in a MATH-500 eval). 1024 tokens keep every intermediate under that, and the products
+# still see 1024-row operands.
+PREFILL_TOKENS = 1024
 
 
 def _base(model):
@@ -250,7 +256,18 @@ class DecodeModel:
         """Run tokens `ids` (N, T) at positions `pos` (N, T) into cache slots [start, start+T); each
         query attends to the slots [0, start+T) its `keys` (N, T, start+T) bool allows. With
         `rows_per_input` g > 1 each input row's keys/values are written to g consecutive cache rows
-        (a prompt prefilled once for its G samples). Returns (N, hidden) of the last position."""
+        (a prompt prefilled once for its G samples). Returns (N, hidden) of the last position.
+        Long inputs run PREFILL_TOKENS at a time, a block of rows per call (rows are independent)."""
+        n, t = ids.shape
+        block = max(1, PREFILL_TOKENS // t)
+        if block >= n:
+            return self._forward(ids, pos, cache, start, keys, rows_per_input, 0)
+        return torch.cat([self._forward(ids[i:i + block], pos[i:i + block], cache, start, keys[i:i + block],
+                                        rows_per_input, i) for i in range(0, n, block)])
+
+    def _forward(self, ids: Tensor, pos: Tensor, cache: KVCache, start: int, keys: Tensor, g: int,
+                 row0: int) -> Tensor:
+        """`forward` for input rows [row0, row0 + N): cache rows [row0 * g, (row0 + N) * g)."""
         n, t = ids.shape
         h = F.embedding(ids, self.embed)
         cos, sin = cache.cos[pos].unsqueeze(2), cache.sin[pos].unsqueeze(2)  # (N, T, 1, d)
@@ -264,9 +281,9 @@ class DecodeModel:
             if p["q_norm"] is not None:
                 q, k = self._rms(q, p["q_norm"]), self._rms(k, p["k_norm"])
             q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
-            kc, vc = cache.write(i, k.transpose(1, 2), v.transpose(1, 2), start, rows_per_input)
-            if rows_per_input > 1:  # attend within the prompt's own keys (one copy per prompt)
-                kc, vc = kc[::rows_per_input], vc[::rows_per_input]
+            kc, vc = cache.write(i, k.transpose(1, 2), v.transpose(1, 2), start, g, row0 * g)
+            if g > 1:  # attend within the prompt's own keys (one copy per prompt)
+                kc, vc = kc[::g], vc[::g]
             att = self._attend(q.transpose(1, 2), kc[:, :, :end], vc[:, :, :end], mask)
             h = h + p["o"](att.transpose(1, 2).reshape(n, t, hq * d))
             x = self._rms(h, p["ln2"])
@@ -299,13 +316,15 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dm.dtype, device=dm.device)
         self.cos, self.sin = dm.rotary(max_pos)
 
-    def write(self, layer: int, k: Tensor, v: Tensor, start: int, g: int) -> tuple[Tensor, Tensor]:
-        end = start + k.shape[2]
+    def write(self, layer: int, k: Tensor, v: Tensor, start: int, g: int, row0: int = 0) -> tuple[Tensor, Tensor]:
+        """Store k/v (N, Hkv, T, d) in slots [start, start+T), each input row in g consecutive cache
+        rows from `row0`; returns that layer's keys and values for those cache rows."""
+        end, rows = start + k.shape[2], slice(row0, row0 + k.shape[0] * g)
         if g > 1:
             k, v = k.repeat_interleave(g, 0), v.repeat_interleave(g, 0)
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer], self.v[layer]
+        self.k[layer, rows, :, start:end] = k
+        self.v[layer, rows, :, start:end] = v
+        return self.k[layer, rows], self.v[layer, rows]
 
 
 class Sampler:

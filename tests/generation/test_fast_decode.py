@@ -59,6 +59,22 @@ def test_fast_engine_draws_the_hf_engines_tokens(arch, mode):
     assert fast.response_mask.sum() > 0
 
 
+@pytest.mark.parametrize("mode", list(MODES))
+def test_a_prefill_split_into_blocks_of_prompts_draws_the_hf_engines_tokens(monkeypatch, mode):
+    from flowtracer.generation import fast
+    calls = []
+    real = fast.DecodeModel._forward
+    monkeypatch.setattr(fast, "PREFILL_TOKENS", 8)  # narrower than the padded prompts: one prompt per block
+    monkeypatch.setattr(fast.DecodeModel, "_forward",
+                        lambda self, ids, *a: calls.append(ids.shape) or real(self, ids, *a))
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    hf, blocked = _both(model, tok, mode)
+    prefill = [shape for shape in calls if shape[1] > 1]
+    assert len(prefill) == len(PROMPTS) and all(shape[0] == 1 for shape in prefill)  # it did split
+    assert _agreement(hf, blocked) == 1.0 and torch.equal(hf.input_ids, blocked.input_ids)
+    assert torch.allclose(hf.sampler_logprobs, blocked.sampler_logprobs, atol=1e-4)
+
+
 def _eos_prone(arch: str = "llama"):
     """A tiny model whose EOS logit is raised so that some rows stop early and others run on."""
     model, tok = tiny_model(arch), tiny_tokenizer()

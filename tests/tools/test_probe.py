@@ -161,7 +161,7 @@ def test_relative_positions_against_a_loop():
     assert got.min() >= 0 and got.max() <= 1 and got[-1] == 1.0
 
 
-def test_regenerate_matches_generate_and_masking_changes_logits(tiny_model_dir):
+def test_regenerate_matches_generate_and_masking_changes_logits(tiny_model_dir, monkeypatch):
     """Shared-prefill greedy decoding with nothing blocked = HF generate on each unpadded context;
     blocking a token changes the continuation's logits (the mask reaches the model)."""
     model, tok = load_policy(tiny_model_dir, lora=None)
@@ -197,6 +197,11 @@ def test_regenerate_matches_generate_and_masking_changes_logits(tiny_model_dir):
     slow = regenerate_hf(model, P["input_ids"], P["attention_mask"].bool(), seg_ids, seg_valid, blocked, 8,
                          [tok.eos_token_id], tok.pad_token_id)
     assert torch.equal(new, slow)
+    # and so it does with the prompt and the segment prefilled one row at a time
+    from flowtracer.generation import fast
+    monkeypatch.setattr(fast, "PREFILL_TOKENS", 1)
+    assert torch.equal(regenerate(model, P["input_ids"], P["attention_mask"].bool(), seg_ids, seg_valid, blocked, 8,
+                                  [tok.eos_token_id], tok.pad_token_id), slow)
 
 
 def test_probe_cli_batches(tiny_model_dir, tmp_path, capsys):
