@@ -43,6 +43,7 @@ def main() -> None:
     text = "The lighthouse keeper counted the ships that passed the rocks every night, and wrote each one down. "
     pool = tok(text * 200, add_special_tokens=False)["input_ids"]
     blocks = {b: (10 ** 9 if b == "whole" else int(b)) for b in args.blocks.split(",")}
+    base = next(iter(blocks))  # the setting the others are compared with
     greedy = SamplingConfig(num_generations=1, max_new_tokens=1, temperature=0.0)
     results: dict[tuple[str, str], tuple[float, float]] = {}
     default = fast.PREFILL_TOKENS
@@ -60,7 +61,7 @@ def main() -> None:
             return fast.decode(model, ids, attn, 1, greedy, [tok.eos_token_id], tok.pad_token_id)[0]
 
         first = {b: call(b) for b in blocks}  # warm-up, and the tokens to compare
-        agree = all(torch.equal(first[b], first["whole" if "whole" in blocks else next(iter(blocks))]) for b in blocks)
+        agree = all(torch.equal(first[b], first[base]) for b in blocks)
         times = {b: [] for b in blocks}
         faults = {b: [] for b in blocks}
         with torch.inference_mode():
@@ -79,7 +80,6 @@ def main() -> None:
             sys.exit(f"{shape}: the block sizes drew different greedy tokens")
     fast.PREFILL_TOKENS = default
 
-    base = next(iter(blocks))
     lines = [f"# Fast-engine prefill, whole batch vs blocks of prompts: {describe_cpu()}", "",
              f"torch {torch.__version__}, {args.threads} threads, float32; SmolLM2-135M-Instruct.",
              f"Command: `python benchmarks/prefill.py {' '.join(sys.argv[1:])}`", "",
