@@ -11,8 +11,8 @@
 set -euo pipefail
 PY=${PYTHON:-.venv/bin/python}
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
-KIND=$("$PY" -c "from flowtracer.generation.precision import cpu_kind; print(cpu_kind())")
-CPU=$("$PY" -c "from flowtracer.generation.precision import describe_cpu; print(describe_cpu())")
+{ read -r KIND; read -r CPU; } < <("$PY" -c "from flowtracer.generation.precision import cpu_kind, describe_cpu
+print(cpu_kind()); print(describe_cpu())")
 COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 # val/pass@1 at the first and last validation of the newest quickstart run
 VAL_PASS='import csv, glob, os; f = max(glob.glob("lightning_logs/quickstart/version_*/metrics.csv"), key=os.path.getmtime)
