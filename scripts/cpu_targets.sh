@@ -25,11 +25,12 @@ run "$PY" benchmarks/decode.py --threads 2 --out "results/decode_$KIND.md"
 run "$PY" benchmarks/prefill.py --threads 2 --shapes 64x400,25x120 --blocks whole,1024 --reps 2 \
   --out "results/prefill_$KIND.md"
 STEP="results/step_vs_trl_$KIND.md"
+TRL_ARGS=(--steps 5 --threads 2 --sides trl,uniform,flow)
 if [ -n "${DRY_RUN:-}" ]; then
-  echo "+ $PY benchmarks/step_vs_trl.py --steps 5 --threads 2 --sides trl,uniform,flow > $STEP"
+  echo "+ $PY benchmarks/step_vs_trl.py ${TRL_ARGS[*]} > $STEP"
 else
-  { echo "# GRPO step vs TRL: $CPU"; echo; echo "Commit $COMMIT. Command: \`python benchmarks/step_vs_trl.py --steps 5 --threads 2 --sides trl,uniform,flow\`"
-    echo; echo '```'; "$PY" benchmarks/step_vs_trl.py --steps 5 --threads 2 --sides trl,uniform,flow; echo '```'; } > "$STEP.tmp"
+  { echo "# GRPO step vs TRL: $CPU"; echo; echo "Commit $COMMIT. Command: \`python benchmarks/step_vs_trl.py ${TRL_ARGS[*]}\`"
+    echo; echo '```'; "$PY" benchmarks/step_vs_trl.py "${TRL_ARGS[@]}"; echo '```'; } > "$STEP.tmp"
   mv "$STEP.tmp" "$STEP"
 fi
 DEMO="results/demo_$KIND.md"
@@ -38,7 +39,7 @@ if [ -n "${DRY_RUN:-}" ]; then
 else
   LOG=$(mktemp)
   start=$(date +%s)
-  /usr/bin/time -v make demo > "$LOG" 2>&1
+  /usr/bin/time -v make demo > "$LOG" 2>&1 || { tail -40 "$LOG"; echo "make demo failed: full log $LOG" >&2; exit 1; }
   wall=$(( $(date +%s) - start ))
   { echo "# \`make demo\`: $CPU"; echo; echo "Commit $COMMIT, model cached, nothing else running."
     echo "Command: \`/usr/bin/time -v make demo\`"; echo

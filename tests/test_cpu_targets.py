@@ -14,7 +14,7 @@ from conftest import ROOT
 
 from flowtracer.generation.precision import cpu_kind
 
-pytestmark = pytest.mark.slow  # a subprocess runs the script (two interpreters import torch)
+pytestmark = pytest.mark.slow  # a subprocess runs the script (its interpreter imports torch)
 
 
 def test_cpu_targets_dry_run_names_kind_files_and_only_real_benchmark_options():
