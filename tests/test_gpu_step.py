@@ -32,7 +32,8 @@ def test_gpu_step_dry_mode_runs_real_steps_without_optional_packages(precision, 
     arms = {ln.split("|")[2].strip(): ln for ln in rows}
     assert {"flow", "uniform", "hf", "hf_static", "hf_paged"} <= set(arms)
     step_s = float(arms["flow"].split("|")[3])
-    share = float(arms["flow"].split("|")[10].strip().rstrip("%"))
-    assert step_s > 0 and share > 0 and arms["uniform"].split("|")[10].strip() == "0.0%"
+    share, uniform_share = (float(arms[a].split("|")[10].strip().rstrip("%")) for a in ("flow", "uniform"))
+    # uniform's callback runs too (a fraction of a millisecond, so 0.0-0.1% by timing); flow adds its graph
+    assert step_s > 0 and share > 0 and 0 <= uniform_share < share
     assert "estimated" in res.stdout and "total" in res.stdout
     assert f"precision {precision} over {weights} weights" in res.stdout
