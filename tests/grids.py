@@ -9,8 +9,8 @@ import yaml
 from conftest import ROOT, write_config
 
 
-def write_grid(tmp_path: Path, model_dir: str, name: str = "grid", **keys) -> Path:
-    """A 2x2 grid (uniform/random x seeds 0/1) of 1-step tiny fits; `keys` are more grid-file keys."""
+def write_grid(tmp_path: Path, model_dir: str, name: str = "grid", seeds=(0, 1), **keys) -> Path:
+    """A 2x2 grid (uniform/random x `seeds`, 0/1) of 1-step tiny fits; `keys` are more grid-file keys."""
     base = write_config(tmp_path, model_dir, steps=1)
     grid = {
         "base": [str(base)],
@@ -19,7 +19,7 @@ def write_grid(tmp_path: Path, model_dir: str, name: str = "grid", **keys) -> Pa
         "axes": {
             "arm": {"uniform": str(ROOT / "experiments/ablations/uniform.yaml"),
                     "random": str(ROOT / "experiments/ablations/random.yaml")},
-            "seed": [0, 1],
+            "seed": list(seeds),
         },
         **keys,
     }
