@@ -10,7 +10,7 @@ from conftest import ROOT, write_config
 
 
 def write_grid(tmp_path: Path, model_dir: str, name: str = "grid", seeds=(0, 1), **keys) -> Path:
-    """A 2x2 grid (uniform/random x `seeds`, 0/1) of 1-step tiny fits; `keys` are more grid-file keys."""
+    """A grid of 1-step tiny fits, arms uniform/random x `seeds` (2x2 by default); `keys` are more grid-file keys."""
     base = write_config(tmp_path, model_dir, steps=1)
     grid = {
         "base": [str(base)],
