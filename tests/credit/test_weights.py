@@ -143,7 +143,8 @@ def test_non_finite_map_gives_ones_and_is_counted(monkeypatch):
 
 @pytest.mark.slow
 def test_arms_and_weights_need_no_lightning(tmp_path):
-    """With Lightning unimportable, the arms are plain objects and give the same weights."""
+    """With Lightning unimportable, the arms are plain objects and give the same weights, and the other
+    pure parts (selection, token classes, flow, capture) import. One subprocess: each costs a torch import."""
     tok, model = tiny_tokenizer(), tiny_model("llama")
     rb = batch(tok)
     names = ("input_ids", "attention_mask", "prompt_mask", "response_mask", "question_mask", "answer_mask")
@@ -153,6 +154,7 @@ def test_arms_and_weights_need_no_lightning(tmp_path):
             "import torch; sys.path.insert(0, 'tests')\n"
             "from tiny import tiny_model\n"
             "from flowtracer.credit import FlowCredit, RolloutCallback, token_weights\n"
+            "import flowtracer.credit.select, flowtracer.credit.stats, flowtracer.flow, flowtracer.model.capture\n"
             "assert RolloutCallback.__bases__ == (object,)\n"
             f"b = torch.load({str(tmp_path / 'batch.pt')!r})\n"
             "w = token_weights(FlowCredit(layers=[2, 3]), tiny_model('llama'), *b.values())\n"

@@ -76,12 +76,42 @@ def test_local_cells_get_disjoint_devices(local_ref):
         assert spans[a][1]["devices"] != spans[b][1]["devices"], (a, b)
 
 
+def test_slurm_launcher_on_submitits_local_executor(local_ref, tmp_path, tiny_model_dir):
+    cfg = write_grid(tmp_path, tiny_model_dir, name="slurm", env=ENV, launcher="slurm",
+                     slurm={"cluster": "local", "time": 30})
+    assert main(["grid", "--config", str(cfg), "--no-live"]) == 0
+    out = tmp_path / "slurm"
+    ids = json.loads((out / "slurm" / "jobs.json").read_text())
+    assert sorted(ids) == sorted(_dones(out)) and len(set(ids.values())) == 4  # one job per cell
+    assert all(d["launcher"] == "slurm" for d in _dones(out).values())
+    _same_report(out, local_ref)
+
+    # The grid was stopped after a job finished but before it took the result: a rerun takes the
+    # job's result instead of running the cell again, and skips the cells it had finished.
+    cell = out / "cells" / "arm=uniform,seed=1"
+    (cell / "done.json").unlink()
+    stamps = {c.name: (c / "run/version_0/metrics.csv").stat().st_mtime_ns for c in (out / "cells").iterdir()}
+    assert main(["grid", "--config", str(cfg), "--no-live"]) == 0
+    assert (cell / "done.json").exists()
+    assert {c.name: (c / "run/version_0/metrics.csv").stat().st_mtime_ns for c in (out / "cells").iterdir()} == stamps
+    assert json.loads((out / "slurm" / "jobs.json").read_text()) == ids  # nothing was submitted again
+    _same_report(out, local_ref)
+
+
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except FileNotFoundError:
         return False
     return state not in ("Z", "X")  # a zombie waits for its reaper but runs nothing
+
+
+def _where(cell: Path) -> dict | None:
+    """The cell's where.json once its fit is started and the file is whole, else None."""
+    try:
+        return json.loads((cell / "where.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
 
 
 def _wait_for(cond, what: str, timeout: float = 300.0) -> None:
@@ -99,9 +129,11 @@ def test_ray_grid_retries_a_killed_worker_and_reports_like_local(ray_cluster, lo
     grid = threading.Thread(target=lambda: codes.append(main(["grid", "--config", str(cfg), "--no-live"])))
     grid.start()
     victim = node / "cells" / "arm=random,seed=1"
-    _wait_for(lambda: (victim / "run" / "version_0").exists() or not grid.is_alive(), "the victim's fit to log")
+    # killed as soon as its fit runs: the retry is the same, and the cut fit's startup is not paid for twice
+    _wait_for(lambda: _where(victim) is not None or not grid.is_alive(), "the victim's fit to start")
     assert grid.is_alive(), "the grid ended before the kill"
-    where = json.loads((victim / "where.json").read_text())
+    where = _where(victim)
+    assert _alive(where["fit_pid"]), "the victim's fit ended before the kill"
     os.kill(where["pid"], signal.SIGKILL)  # its Ray worker, as when a node dies
     _wait_for(lambda: not _alive(where["fit_pid"]), "the orphaned fit to die with its worker", 30)
     grid.join(600)
@@ -154,25 +186,3 @@ def test_launcher_without_its_engine_is_one_line(launcher, extra, tmp_path, monk
     assert exit_.value.code == 2 and err.count("\n") == 0
     assert f"--launcher {launcher} needs" in err and f"pip install 'flowtracer[{extra}]'" in err
     assert not (tmp_path / "grid").exists()  # nothing written
-
-
-def test_slurm_launcher_on_submitits_local_executor(local_ref, tmp_path, tiny_model_dir):
-    cfg = write_grid(tmp_path, tiny_model_dir, name="slurm", env=ENV, launcher="slurm",
-                     slurm={"cluster": "local", "time": 30})
-    assert main(["grid", "--config", str(cfg), "--no-live"]) == 0
-    out = tmp_path / "slurm"
-    ids = json.loads((out / "slurm" / "jobs.json").read_text())
-    assert sorted(ids) == sorted(_dones(out)) and len(set(ids.values())) == 4  # one job per cell
-    assert all(d["launcher"] == "slurm" for d in _dones(out).values())
-    _same_report(out, local_ref)
-
-    # The grid was stopped after a job finished but before it took the result: a rerun takes the
-    # job's result instead of running the cell again, and skips the cells it had finished.
-    cell = out / "cells" / "arm=uniform,seed=1"
-    (cell / "done.json").unlink()
-    stamps = {c.name: (c / "run/version_0/metrics.csv").stat().st_mtime_ns for c in (out / "cells").iterdir()}
-    assert main(["grid", "--config", str(cfg), "--no-live"]) == 0
-    assert (cell / "done.json").exists()
-    assert {c.name: (c / "run/version_0/metrics.csv").stat().st_mtime_ns for c in (out / "cells").iterdir()} == stamps
-    assert json.loads((out / "slurm" / "jobs.json").read_text()) == ids  # nothing was submitted again
-    _same_report(out, local_ref)
