@@ -129,8 +129,9 @@ def test_ray_grid_retries_a_killed_worker_and_reports_like_local(ray_cluster, lo
     grid = threading.Thread(target=lambda: codes.append(main(["grid", "--config", str(cfg), "--no-live"])))
     grid.start()
     victim = node / "cells" / "arm=random,seed=1"
-    # killed as soon as its fit runs: the retry is the same, and the cut fit's startup is not paid for twice
-    _wait_for(lambda: _where(victim) is not None or not grid.is_alive(), "the victim's fit to start")
+    # Killed once its fit has logged, not as soon as where.json exists: the attempt reaches the grid's board
+    # (fire and forget) just after where.json is written, and a kill in between loses the count.
+    _wait_for(lambda: (victim / "run" / "version_0").exists() or not grid.is_alive(), "the victim's fit to log")
     assert grid.is_alive(), "the grid ended before the kill"
     where = _where(victim)
     assert _alive(where["fit_pid"]), "the victim's fit ended before the kill"
