@@ -152,7 +152,7 @@ def test_every_experiment_config_parses(config, capsys):
 
 @pytest.mark.parametrize("command,built", [("fit", "fit"), ("validate", "validate"), ("sft", "fit")])
 def test_only_the_named_subcommands_parser_is_built(command, built, monkeypatch, capsys):
-    """Building Lightning's other subcommand parser cost every start ~0.2 s; its usage still names ours."""
+    """Building Lightning's other subcommand parser cost every start 0.05-0.1 s; the usage still names ours."""
     from lightning.pytorch.cli import LightningCLI
 
     made = []
