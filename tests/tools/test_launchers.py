@@ -106,14 +106,6 @@ def _alive(pid: int) -> bool:
     return state not in ("Z", "X")  # a zombie waits for its reaper but runs nothing
 
 
-def _where(cell: Path) -> dict | None:
-    """The cell's where.json once its fit is started and the file is whole, else None."""
-    try:
-        return json.loads((cell / "where.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
 def _wait_for(cond, what: str, timeout: float = 300.0) -> None:
     deadline = time.time() + timeout
     while not cond():
@@ -133,7 +125,7 @@ def test_ray_grid_retries_a_killed_worker_and_reports_like_local(ray_cluster, lo
     # (fire and forget) just after where.json is written, and a kill in between loses the count.
     _wait_for(lambda: (victim / "run" / "version_0").exists() or not grid.is_alive(), "the victim's fit to log")
     assert grid.is_alive(), "the grid ended before the kill"
-    where = _where(victim)
+    where = json.loads((victim / "where.json").read_text())  # written before the fit started logging
     assert _alive(where["fit_pid"]), "the victim's fit ended before the kill"
     os.kill(where["pid"], signal.SIGKILL)  # its Ray worker, as when a node dies
     _wait_for(lambda: not _alive(where["fit_pid"]), "the orphaned fit to die with its worker", 30)
