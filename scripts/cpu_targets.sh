@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 31's measurements on this machine's CPU kind, in one locked run, each into a results file named
-# by the kind (flowtracer.generation.precision.cpu_kind: intel-avx512, amd-avx2, ...):
+# by the kind (flowtracer.generation.precision.cpu_kind: intel-avx512, intel-avx512-amx, amd-avx2, ...):
 #   results/decode_<kind>.md       decode step per engine vs the bandwidth floor (target: fast <= 3x at 8 rows)
 #   results/prefill_<kind>.md      prefill block size (fast.PREFILL_TOKENS) on an eval and a validation batch
 #   results/step_vs_trl_<kind>.md  our GRPO step vs TRL's (target: uniform and FlowCredit <= 0.5x TRL)

@@ -73,13 +73,20 @@ def describe_cpu() -> str:
 
 
 def cpu_kind() -> str:
-    """A short name for the CPU kind in results file names: vendor and widest vector unit."""
+    """A short name for the CPU kind in results file names: vendor, widest vector unit, bf16 hardware."""
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
         vendor = next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
-        name = {"GenuineIntel": "intel", "AuthenticAMD": "amd"}.get(vendor, vendor.lower() or "cpu")
-        flags = _cpu_flags()
-        return f"{name}-{'avx512' if 'avx512f' in flags else 'avx2' if 'avx2' in flags else 'sse'}"
+        return kind_name(vendor, _cpu_flags())
     return "cpu"
+
+
+def kind_name(vendor: str, flags: frozenset[str]) -> str:
+    """`cpu_kind` from a vendor_id and cpuinfo flags. AMX and AVX512-BF16 get their own suffix: they
+    change bf16 speed several-fold, so their figures are no promise for a plain AVX512 part."""
+    name = {"GenuineIntel": "intel", "AuthenticAMD": "amd"}.get(vendor, vendor.lower() or "cpu")
+    vector = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "sse"
+    bf16 = "-amx" if "amx_bf16" in flags else "-bf16" if "avx512_bf16" in flags else ""
+    return f"{name}-{vector}{bf16}"
 
 
 def native_bf16(device) -> str | None:

@@ -88,6 +88,19 @@ def test_auto_resolves_to_bf16_only_for_16_bit_training_on_native_hardware(monke
         prec.resolve_dtype("fp8", weights=f32, learner_half=True, device="cpu")
 
 
+@pytest.mark.parametrize(("vendor", "flags", "kind"), [
+    ("AuthenticAMD", {"avx2", "fma"}, "amd-avx2"),
+    ("GenuineIntel", {"avx2", "avx512f", "avx512_vnni"}, "intel-avx512"),
+    ("GenuineIntel", {"avx2", "avx512f", "avx512_bf16"}, "intel-avx512-bf16"),
+    ("GenuineIntel", {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}, "intel-avx512-amx"),
+    ("", set(), "cpu-sse"),
+])
+def test_cpu_kind_names_the_bf16_hardware_so_results_files_do_not_mix_kinds(vendor, flags, kind):
+    """Results files are named by the kind: an AMX part multiplies bf16 several-fold faster than a plain
+    AVX512 one, so the two must not write to the same file."""
+    assert prec.kind_name(vendor, frozenset(flags)) == kind
+
+
 def test_recorder_aligns_with_generated_columns():
     rec = prec.LogprobRecorder(temperature=2.0)
     logits = [torch.tensor([[0.0, 2.0, 4.0]]), torch.tensor([[1.0, 1.0, 0.0]])]
