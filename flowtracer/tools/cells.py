@@ -51,11 +51,12 @@ def fit_command(spec: dict) -> list[str]:
     return cmd
 
 
-def start_fit(spec: dict, devices: str | None = None) -> subprocess.Popen:
+def start_fit(spec: dict, devices: str | None = None, report=None) -> subprocess.Popen:
     """A fresh cell folder (an earlier attempt's is removed), cell.yaml, and `fit` started into fit.log.
 
     `devices`: CUDA_VISIBLE_DEVICES of this cell; None keeps the environment's (Ray and Slurm set it
-    for the worker already)."""
+    for the worker already). `report(name, where)` is told where the fit runs before where.json is
+    written, so a cell whose where.json exists has been counted (an attempt) by whoever listens."""
     cell_dir = Path(spec["dir"])
     if cell_dir.exists():  # a crashed or killed attempt: start this cell afresh
         shutil.rmtree(cell_dir)
@@ -74,6 +75,8 @@ def start_fit(spec: dict, devices: str | None = None) -> subprocess.Popen:
         log.close()
     where = {"node": socket.gethostname(), "devices": env.get("CUDA_VISIBLE_DEVICES", ""), "pid": os.getpid(),
              "fit_pid": proc.pid, "started": time.time()}
+    if report is not None:
+        report(spec["name"], where)
     (cell_dir / "where.json").write_text(json.dumps(where))
     return proc
 
@@ -114,9 +117,7 @@ def run_cell(spec: dict, report=None) -> dict:
     has started: the grid's live table. A `fit` that fails returns its exit code (no exception:
     the launcher retries only a cell whose worker or node died, never one that failed on its own)."""
     started = time.time()
-    proc = start_fit(spec)
-    if report is not None:
-        report(spec["name"], json.loads((Path(spec["dir"]) / "where.json").read_text()))
+    proc = start_fit(spec, report=report)
     rc = proc.wait()
     return finish_fit(spec, rc, time.time() - started)
 

@@ -59,9 +59,15 @@ class CellBoard:
         return self.cells
 
 
-def _tell_board(board, name: str, where: dict) -> None:
-    # Fire and forget: the board only feeds the live table, so a lost board never fails a cell.
-    board.report.remote(name, where)
+def _tell_board(board, name: str, where: dict, timeout_s: float = 30.0) -> None:
+    # Waits for the board's answer: a message only sent (fire and forget) is lost when the worker dies
+    # right after, and the retry then undercounts `attempts`. A lost or restarting board never fails a cell.
+    import ray
+    try:
+        ray.get(board.report.remote(name, where), timeout=timeout_s)
+    except (ray.exceptions.RayError, TimeoutError) as err:
+        print(f"flowtracer grid: warning: cell board did not answer for {name} ({type(err).__name__}); "
+              f"its attempts may undercount", file=sys.stderr)
 
 
 def _fail(cell, reason: str) -> None:

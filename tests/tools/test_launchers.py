@@ -121,11 +121,11 @@ def test_ray_grid_retries_a_killed_worker_and_reports_like_local(ray_cluster, lo
     grid = threading.Thread(target=lambda: codes.append(main(["grid", "--config", str(cfg), "--no-live"])))
     grid.start()
     victim = node / "cells" / "arm=random,seed=1"
-    # Killed once its fit has logged, not as soon as where.json exists: the attempt reaches the grid's board
-    # (fire and forget) just after where.json is written, and a kill in between loses the count.
-    _wait_for(lambda: (victim / "run" / "version_0").exists() or not grid.is_alive(), "the victim's fit to log")
+    # Killed as soon as where.json exists: the board has counted the attempt before it is written, so the
+    # retry's `attempts` is 2 however early the worker dies.
+    _wait_for(lambda: (victim / "where.json").exists() or not grid.is_alive(), "the victim's where.json")
     assert grid.is_alive(), "the grid ended before the kill"
-    where = json.loads((victim / "where.json").read_text())  # written before the fit started logging
+    where = json.loads((victim / "where.json").read_text())
     assert _alive(where["fit_pid"]), "the victim's fit ended before the kill"
     os.kill(where["pid"], signal.SIGKILL)  # its Ray worker, as when a node dies
     _wait_for(lambda: not _alive(where["fit_pid"]), "the orphaned fit to die with its worker", 30)
