@@ -1,0 +1,72 @@
+"""Per-step cost of picking the next token, apart from the model: the two samplers the decode engines
+use, at a vocabulary of SmolLM2's 49152 and the rows a decode step batches. Prints a table.
+
+    python benchmarks/sampler_cost.py --threads 2 [--out results/sampler_cost_<cpu kind>.md]
+
+`multinomial` is the unseeded path (`torch.multinomial` of the softmax, as HF's sampler and the fast
+engine draw); `row-seeded` is `sampling.seed_per_prompt: true` (flowtracer.generation.sampler: a
+counter-based hash per (row, step, token), then Gumbel-max in float64), split into its two parts.
+Compare with `benchmarks/decode.py`'s ms per step at the same rows to see the sampler's share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+
+
+def median_ms(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", default="1,8,32,64")
+    ap.add_argument("--vocab", type=int, default=49152)
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from flowtracer.generation.precision import describe_cpu
+    from flowtracer.generation.sampler import hashed_uniform
+
+    rows_list = [int(r) for r in args.rows.split(",")]
+    cases = {
+        "multinomial (unseeded)": lambda lg, s, u: torch.multinomial(lg.softmax(-1), 1),
+        "row-seeded: hash": lambda lg, s, u: hashed_uniform(s, 5, lg.shape[-1]),
+        "row-seeded: Gumbel-max": lambda lg, s, u: (lg.double() - torch.log(-torch.log(u))).argmax(-1),
+        "row-seeded: total": lambda lg, s, u: (lg.double() - torch.log(-torch.log(
+            hashed_uniform(s, 5, lg.shape[-1])))).argmax(-1),
+    }
+    table = {}
+    for rows in rows_list:
+        logits, seeds = torch.randn(rows, args.vocab), torch.arange(rows)
+        u = hashed_uniform(seeds, 5, args.vocab)
+        for name, fn in cases.items():
+            table[name, rows] = median_ms(lambda fn=fn, lg=logits, s=seeds, u=u: fn(lg, s, u), args.reps)
+    lines = [f"# Sampler cost per decode step: {describe_cpu()}", "",
+             f"torch {torch.__version__}, {args.threads} threads, vocabulary {args.vocab}, median of {args.reps}.",
+             f"Command: `python benchmarks/sampler_cost.py {' '.join(sys.argv[1:])}`", "",
+             "| ms per step | " + " | ".join(f"{r} rows" for r in rows_list) + " |",
+             "| --- |" + " --- |" * len(rows_list)]
+    lines += [f"| {name} | " + " | ".join(f"{table[name, r]:.2f}" for r in rows_list) + " |" for name in cases]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()
