@@ -37,7 +37,7 @@ from peft.tuners.lora import Linear as LoraLinear
 from torch import Tensor
 
 from flowtracer.generation.cpu_linear import available as packed_available
-from flowtracer.generation.sampler import filter_logits, hashed_uniform
+from flowtracer.generation.sampler import filter_logits, gumbel_perturbed, hashed_uniform
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 _CACHE = "_flowtracer_fast"  # module attribute: (source tensors, their versions, derived tensor)
@@ -342,7 +342,7 @@ class Sampler:
         scores = filter_logits(logits / self.t, self.top_k, self.top_p)
         if self.seeds is not None:
             u = hashed_uniform(self.seeds.to(logits.device), step, logits.shape[-1])
-            return (scores.double() - torch.log(-torch.log(u))).argmax(-1)
+            return gumbel_perturbed(scores, u).argmax(-1)
         return torch.multinomial(scores.softmax(-1), num_samples=1).squeeze(1)
 
 

@@ -22,19 +22,31 @@ _M2 = -7723592293110705685  # 0x94D049BB133111EB
 
 def _mix(x: Tensor) -> Tensor:
     """splitmix64 finaliser on int64 (logical shifts emulated with masks; products wrap)."""
-    x = x ^ ((x >> 30) & ((1 << 34) - 1))
-    x = x * _M1
-    x = x ^ ((x >> 27) & ((1 << 37) - 1))
-    x = x * _M2
-    return x ^ ((x >> 31) & ((1 << 33) - 1))
+    return _mix_(x.clone())
+
+
+def _mix_(x: Tensor) -> Tensor:
+    """`_mix` in place: at (rows, vocab) every step, fresh temporaries cost more than the arithmetic."""
+    x ^= (x >> 30) & ((1 << 34) - 1)
+    x *= _M1
+    x ^= (x >> 27) & ((1 << 37) - 1)
+    x *= _M2
+    x ^= (x >> 31) & ((1 << 33) - 1)
+    return x
 
 
 def hashed_uniform(seeds: Tensor, t: int, vocab: int) -> Tensor:
     """(B, V) float64 uniforms in (0, 1), a pure function of (seed_b, t, v)."""
     base = _mix(seeds.long().unsqueeze(-1) * _K1 + t)
-    ids = torch.arange(vocab, device=seeds.device, dtype=torch.long)
-    bits = (_mix(base + ids * _K1) >> 11) & ((1 << 53) - 1)
-    return (bits.double() + 0.5) / float(1 << 53)
+    bits = _mix_(torch.arange(vocab, device=seeds.device, dtype=torch.long).mul_(_K1).add(base))
+    bits >>= 11
+    bits &= (1 << 53) - 1
+    return bits.double().add_(0.5).div_(float(1 << 53))
+
+
+def gumbel_perturbed(scores: Tensor, u: Tensor) -> Tensor:
+    """float64 scores + Gumbel(u) noise, -log(-log(u)); the argmax is the Gumbel-max sample."""
+    return scores.to(torch.float64, copy=True).sub_(u.log().neg_().log_())
 
 
 def row_seeds(seed: int, step: int, positions: list[int], g: int, device=None) -> Tensor:
@@ -69,4 +81,4 @@ class RowSeededSampler:
         t = input_ids.shape[1] - self.prompt_len  # tokens generated so far: the same for every row
         logits = filter_logits(scores.float() / self.temperature, self.top_k, self.top_p)
         u = hashed_uniform(self.seeds.to(scores.device), t, scores.shape[-1])
-        return (logits.double() - torch.log(-torch.log(u))).to(scores.dtype)
+        return gumbel_perturbed(logits, u).to(scores.dtype)
