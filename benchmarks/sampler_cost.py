@@ -3,9 +3,10 @@ use, at a vocabulary of SmolLM2's 49152 and the rows a decode step batches. Prin
 
     python benchmarks/sampler_cost.py --threads 2 [--out results/sampler_cost_<cpu kind>.md]
 
-`multinomial` is the unseeded path (`torch.multinomial` of the softmax, as HF's sampler and the fast
-engine draw); `row-seeded` is `sampling.seed_per_prompt: true` (flowtracer.generation.sampler: a
-counter-based hash per (row, step, token), then Gumbel-max in float64), split into its two parts.
+Both rows call the fast engine's own sampler (`flowtracer.generation.fast.Sampler`, temperature 1):
+`multinomial` is the unseeded path (`torch.multinomial` of the softmax, as HF's sampler draws);
+`row-seeded` is `sampling.seed_per_prompt: true` (flowtracer.generation.sampler: a counter-based hash
+per (row, step, token), then Gumbel-max in float64), also split into its two parts.
 Compare with `benchmarks/decode.py`'s ms per step at the same rows to see the sampler's share.
 """
 
@@ -38,16 +39,18 @@ def main() -> None:
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    from flowtracer.config import SamplingConfig
+    from flowtracer.generation.fast import Sampler
     from flowtracer.generation.precision import describe_cpu
-    from flowtracer.generation.sampler import hashed_uniform
+    from flowtracer.generation.sampler import gumbel_perturbed, hashed_uniform
 
     rows_list = [int(r) for r in args.rows.split(",")]
+    sampling = SamplingConfig(temperature=1.0)
     cases = {
-        "multinomial (unseeded)": lambda lg, s, u: torch.multinomial(lg.softmax(-1), 1),
+        "multinomial (unseeded)": lambda lg, s, u: Sampler(sampling, None)(lg, 5),
         "row-seeded: hash": lambda lg, s, u: hashed_uniform(s, 5, lg.shape[-1]),
-        "row-seeded: Gumbel-max": lambda lg, s, u: (lg.double() - torch.log(-torch.log(u))).argmax(-1),
-        "row-seeded: total": lambda lg, s, u: (lg.double() - torch.log(-torch.log(
-            hashed_uniform(s, 5, lg.shape[-1])))).argmax(-1),
+        "row-seeded: Gumbel-max": lambda lg, s, u: gumbel_perturbed(lg, u).argmax(-1),
+        "row-seeded: total": lambda lg, s, u: Sampler(sampling, s)(lg, 5),
     }
     table = {}
     for rows in rows_list:

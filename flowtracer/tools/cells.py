@@ -114,12 +114,17 @@ def run_cell(spec: dict, report=None) -> dict:
     """Run one cell to its end here (a Ray task's or a Slurm job's body); returns its payload.
 
     `report(name, where)`, when given, is told where the cell runs (node, devices, pid) once `fit`
-    has started: the grid's live table. A `fit` that fails returns its exit code (no exception:
-    the launcher retries only a cell whose worker or node died, never one that failed on its own)."""
+    has started: the grid's live table; what it returns (did the listener answer) comes back as the
+    payload's "board_answered". A `fit` that fails returns its exit code (no exception: the launcher
+    retries only a cell whose worker or node died, never one that failed on its own)."""
     started = time.time()
-    proc = start_fit(spec, report=report)
+    answers = []
+    proc = start_fit(spec, report=None if report is None else lambda *a: answers.append(report(*a)))
     rc = proc.wait()
-    return finish_fit(spec, rc, time.time() - started)
+    out = finish_fit(spec, rc, time.time() - started)
+    if answers:
+        out["board_answered"] = answers[0]
+    return out
 
 
 class DevicePool:

@@ -59,15 +59,17 @@ class CellBoard:
         return self.cells
 
 
-def _tell_board(board, name: str, where: dict, timeout_s: float = 30.0) -> None:
-    # Waits for the board's answer: a message only sent (fire and forget) is lost when the worker dies
-    # right after, and the retry then undercounts `attempts`. A lost or restarting board never fails a cell.
+def _tell_board(board, name: str, where: dict, timeout_s: float = 30.0) -> bool:
+    """Whether the board answered. Waits for it: a message only sent (fire and forget) is lost when the
+    worker dies right after, and the retry then undercounts `attempts`. A lost or restarting board never
+    fails a cell; the cell's payload says it went unanswered and the grid warns (a worker's stderr does
+    not reach the driver)."""
     import ray
     try:
         ray.get(board.report.remote(name, where), timeout=timeout_s)
-    except (ray.exceptions.RayError, TimeoutError) as err:
-        print(f"flowtracer grid: warning: cell board did not answer for {name} ({type(err).__name__}); "
-              f"its attempts may undercount", file=sys.stderr)
+        return True
+    except (ray.exceptions.RayError, TimeoutError):
+        return False
 
 
 def _fail(cell, reason: str) -> None:
@@ -130,6 +132,9 @@ def run_ray(grid, cells, spec, land, refresh, poll_s: float = 1.0) -> None:
                 except ray.exceptions.RayError as err:  # its worker or node died more than max_retries times
                     _fail(cell, f"{type(err).__name__} after {cell.attempts} attempt(s)")
                     continue
+                if payload.get("board_answered") is False:
+                    print(f"flowtracer grid: warning: the cell board did not answer when {cell.name} started; "
+                          f"its attempts ({cell.attempts}) may undercount", file=sys.stderr)
                 land(cell, payload)
             refresh()
     finally:

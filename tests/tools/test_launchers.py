@@ -179,3 +179,31 @@ def test_launcher_without_its_engine_is_one_line(launcher, extra, tmp_path, monk
     assert exit_.value.code == 2 and err.count("\n") == 0
     assert f"--launcher {launcher} needs" in err and f"pip install 'flowtracer[{extra}]'" in err
     assert not (tmp_path / "grid").exists()  # nothing written
+
+
+def test_a_board_that_does_not_answer_comes_back_in_the_cells_payload(ray_cluster, monkeypatch):
+    """Ray workers' stderr does not reach the grid, so an unanswered board report travels in the payload."""
+    import flowtracer.tools.cells as cells
+    from flowtracer.tools.launchers import CellBoard, _tell_board
+
+    board = ray.remote(CellBoard).remote()
+    assert _tell_board(board, "arm=a", {"node": "n"}) is True
+    assert ray.get(board.snapshot.remote())["arm=a"]["attempt"] == 1
+    ray.kill(board)
+    assert _tell_board(board, "arm=a", {"node": "n"}, timeout_s=5) is False
+
+    class Done:
+        def wait(self):
+            return 0
+
+    def fake_start(spec, report=None):
+        if report is not None:
+            report(spec["name"], {"node": "n"})
+        return Done()
+
+    monkeypatch.setattr(cells, "start_fit", fake_start)
+    monkeypatch.setattr(cells, "finish_fit", lambda spec, rc, seconds: {"rc": rc})
+    for answered in (True, False):
+        out = cells.run_cell({"name": "arm=a"}, report=lambda name, where, a=answered: a)
+        assert out == {"rc": 0, "board_answered": answered}
+    assert "board_answered" not in cells.run_cell({"name": "arm=a"})  # Slurm: no board
