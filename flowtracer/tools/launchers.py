@@ -64,7 +64,7 @@ def _tell_board(board, name: str, where: dict, timeout_s: float = 30.0) -> bool:
     worker dies right after, and the retry then undercounts `attempts`. A lost or restarting board never
     fails a cell; the cell's payload says it went unanswered and the grid warns (a worker's stderr does
     not reach the driver)."""
-    import ray
+    ray = import_engine("ray")
     try:
         ray.get(board.report.remote(name, where), timeout=timeout_s)
         return True
