@@ -10,6 +10,8 @@ disabled for the benchmark so every row runs the full length. Engines alternate 
 (A B A B ...), so load drift hits both alike; the median of `--reps` is reported.
 Floor = one read of the model's weight bytes (the tied embedding counted once) at the read
 bandwidth measured here (a sum over a 1 GiB float32 tensor, the same threads).
+Sampling at T = 1: "hf" draws with torch.multinomial (transformers' sampler), "fast" with its default
+inverse-CDF draw (sampling.draw auto), "fast:multinomial" with HF's (the sampler's share of the step).
 The lever table times the vocabulary product (the largest one) in each GEMM layout the engines
 could use, which is what decided the fast engine's layout (flowtracer.generation.fast).
 """
@@ -60,7 +62,9 @@ def lever_rows(weight: torch.Tensor, rows: int, reps: int) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", default="1,8,32,64")
-    ap.add_argument("--engines", default="hf,fast")
+    ap.add_argument("--engines", default="hf,fast:multinomial,fast",
+                    help="engine[:draw] list; the fast engine draws inverse_cdf by default (sampling.draw auto), "
+                         "fast:multinomial draws HF's stream (the last one is compared with the first)")
     ap.add_argument("--short", type=int, default=8, help="new tokens of the short call")
     ap.add_argument("--tokens", type=int, default=40, help="new tokens of the long call")
     ap.add_argument("--reps", type=int, default=3)
@@ -102,8 +106,10 @@ def main() -> None:
     with torch.no_grad(), merged_lora(model), rollout_dtype(model, dtype), torch.inference_mode():
         for rows in rows_list:
             def call(engine, n, rows=rows):
-                s = SamplingConfig(num_generations=rows, max_new_tokens=n, temperature=1.0, engine=engine)
-                new = ENGINES[engine](model, tok, ids, rows, s)[0]
+                name, _, draw = engine.partition(":")
+                s = SamplingConfig(num_generations=rows, max_new_tokens=n, temperature=1.0, engine=name,
+                                   draw=draw or "auto")
+                new = ENGINES[name](model, tok, ids, rows, s)[0]
                 assert new.shape == (rows, n), f"{engine} made {tuple(new.shape)}, expected {(rows, n)}"
 
             for engine in engines:  # warm-up (first-call allocations, cached weight layouts)

@@ -21,7 +21,7 @@ from transformers import GenerationConfig, LogitsProcessorList
 from flowtracer.generation.cpu_linear import packed_linears
 from flowtracer.generation.fast import decode, unsupported_reason
 from flowtracer.generation.precision import LogprobRecorder
-from flowtracer.generation.sampler import RowSeededSampler
+from flowtracer.generation.sampler import RowSeededSampler, resolve_draw
 
 ENGINES: dict[str, Callable] = {}
 
@@ -57,11 +57,20 @@ def resolve_engine(name: str, model) -> tuple[str, str]:
 def engine_line(model, sampling, val_sampling=None) -> str:
     """The start-up line that names the engines a run's rollouts and validation use, and why."""
     name, why = resolve_engine(sampling.engine, model)
-    line = f"[flowtracer] generation: engine {name} ({why})"
-    if val_sampling is not None and val_sampling.engine != sampling.engine:
+    line = f"[flowtracer] generation: engine {name} ({why}), {_draw_words(sampling, name)}"
+    if val_sampling is not None and (val_sampling.engine, val_sampling.draw) != (sampling.engine, sampling.draw):
         vname, vwhy = resolve_engine(val_sampling.engine, model)
-        line += f"; validation engine {vname} ({vwhy})"
+        line += f"; validation engine {vname} ({vwhy}), {_draw_words(val_sampling, vname)}"
     return line
+
+
+def _draw_words(sampling, engine: str) -> str:
+    if sampling.temperature <= 0:
+        return "greedy"
+    if sampling.seed_per_prompt:
+        return "per-row seeded draw"
+    draw = resolve_draw(sampling.draw, engine)
+    return f"draw {draw}" + (" (auto)" if sampling.draw == "auto" else "")
 
 
 def eos_ids(tokenizer, model) -> list[int]:
@@ -82,6 +91,7 @@ def left_pad(ids: list[list[int]], pad: int, device) -> tuple[Tensor, Tensor]:
 
 def _hf_generate(model, tokenizer, ids, g: int, sampling, row_seeds, cache: str | None, share: bool,
                  record: bool = False):
+    resolve_draw(sampling.draw, "hf")  # refuses inverse_cdf: generate draws with torch.multinomial
     device = next(model.parameters()).device
     p_ids, p_attn = left_pad(ids, tokenizer.pad_token_id, device)
     prompt_ids, prompt_attn = p_ids.repeat_interleave(g, 0), p_attn.repeat_interleave(g, 0)
@@ -144,6 +154,7 @@ def hf_paged_engine(model, tokenizer, ids, g, sampling, row_seeds=None, record_l
         raise ValueError("sampling.engine = hf_paged cannot report the sampler's log-probs that correct a "
                          "sampler/learner precision mismatch; set sampling.dtype to the training precision "
                          "or use engine hf")
+    resolve_draw(sampling.draw, "hf_paged")
     if row_seeds is not None:
         raise ValueError("sampling.engine = hf_paged samples with transformers' own sampler; "
                          "set sampling.seed_per_prompt: false or use engine hf")

@@ -11,9 +11,10 @@ product and the sampler. Measured per CPU kind in results/decode_*.md (benchmark
 What it keeps from the "hf" engine (tests/test_fast_decode.py compares the two):
   * the same numerics up to float rounding: RMSNorm in float32, rotary from the model's own
     rotary module (so its scaling variants hold), softmax in float32;
-  * sampling: greedy; HF's sampler (temperature, top-k, top-p, then one `torch.multinomial` per
-    step on the global RNG, as `generate` draws); per-row seeded Gumbel-max
-    (flowtracer.generation.sampler); the sampler's log-probs for TIS;
+  * sampling: greedy; HF's sampler (temperature, top-k, top-p, then one draw per row and step on
+    the global RNG: `torch.multinomial` as `generate` draws with `sampling.draw: multinomial`, the
+    cheaper exact inverse-CDF draw by default, flowtracer.generation.sampler); per-row seeded
+    Gumbel-max; the sampler's log-probs for TIS;
   * EOS and padding: a finished row emits pad; the loop ends when every row has finished;
   * LoRA: the weights are read from the modules at each call (adapters merged by `sample`, or
     added here when they are live), so adapters that change every step need no recompile.
@@ -37,7 +38,7 @@ from peft.tuners.lora import Linear as LoraLinear
 from torch import Tensor
 
 from flowtracer.generation.cpu_linear import available as packed_available
-from flowtracer.generation.sampler import filter_logits, gumbel_perturbed, hashed_uniform
+from flowtracer.generation.sampler import filter_logits, gumbel_perturbed, hashed_uniform, inverse_cdf_draw, resolve_draw
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 _CACHE = "_flowtracer_fast"  # module attribute: (source tensors, their versions, derived tensor)
@@ -246,10 +247,10 @@ class DecodeModel:
         return w * h.to(x.dtype)
 
     @staticmethod
-    def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        half = x.shape[-1] // 2
-        rot = torch.cat((-x[..., half:], x[..., :half]), -1)
-        return x * cos + rot * sin
+    def _rope(x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
+        """x cos + rotate_half(x) sin, with rotate_half(x) sin = roll(x, d/2) [-sin_1, sin_2]: the same
+        products and sum in the same order as HF's, without the negated copy."""
+        return x * cos + x.roll(x.shape[-1] // 2, -1) * sin_signed
 
     def forward(self, ids: Tensor, pos: Tensor, cache: KVCache, start: int, keys: Tensor,
                 rows_per_input: int = 1) -> Tensor:
@@ -270,35 +271,39 @@ class DecodeModel:
         """`forward` for input rows [row0, row0 + N): cache rows [row0 * g, (row0 + N) * g)."""
         n, t = ids.shape
         h = F.embedding(ids, self.embed)
-        cos, sin = cache.cos[pos].unsqueeze(2), cache.sin[pos].unsqueeze(2)  # (N, T, 1, d)
+        cos, sin = cache.cos[pos].unsqueeze(2), cache.sin_signed[pos].unsqueeze(2)  # (N, T, 1, d)
         hq, hk, d = self.n_heads, self.n_kv, self.head_dim
         end = start + t
-        mask = keys.unsqueeze(1)  # (N, 1, T, S)
+        masked = ~keys.unsqueeze(1)  # (N, 1, T, S): the keys a query may not see, once for all layers
         for i, p in enumerate(self.layers):
             x = self._rms(h, p["ln1"])
-            q, k, v = p["qkv"](x).split([hq * d, hk * d, hk * d], -1)
-            q, k, v = q.reshape(n, t, hq, d), k.reshape(n, t, hk, d), v.reshape(n, t, hk, d)
-            if p["q_norm"] is not None:
+            qkv = p["qkv"](x)
+            v = qkv[..., (hq + hk) * d:].reshape(n, t, hk, d)
+            if p["q_norm"] is None:  # one rotary pass over the query and key heads together
+                qk = self._rope(qkv[..., :(hq + hk) * d].reshape(n, t, hq + hk, d), cos, sin)
+                q, k = qk[:, :, :hq], qk[:, :, hq:]
+            else:
+                q, k = qkv[..., :hq * d].reshape(n, t, hq, d), qkv[..., hq * d:(hq + hk) * d].reshape(n, t, hk, d)
                 q, k = self._rms(q, p["q_norm"]), self._rms(k, p["k_norm"])
-            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+                q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
             kc, vc = cache.write(i, k.transpose(1, 2), v.transpose(1, 2), start, g, row0 * g)
             if g > 1:  # attend within the prompt's own keys (one copy per prompt)
                 kc, vc = kc[::g], vc[::g]
-            att = self._attend(q.transpose(1, 2), kc[:, :, :end], vc[:, :, :end], mask)
+            att = self._attend(q.transpose(1, 2), kc[:, :, :end], vc[:, :, :end], masked)
             h = h + p["o"](att.transpose(1, 2).reshape(n, t, hq * d))
             x = self._rms(h, p["ln2"])
             gate, up = p["gate_up"](x).chunk(2, -1)
             h = h + p["down"](F.silu(gate) * up)
         return self._rms(h[:, -1], self.norm)
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, masked: Tensor) -> Tensor:
         """softmax(q k^T / sqrt(d)) v with grouped query heads; q (N, Hq, T, d), k/v (N, Hkv, S, d),
-        mask (N, 1, T, S) bool. Scores and softmax in float32."""
+        masked (N, 1, T, S) bool, true = not seen. Scores and softmax in float32."""
         n, hq, t, d = q.shape
         g = hq // k.shape[1]
         qg = q.reshape(n, k.shape[1], g * t, d).float()
         scores = torch.matmul(qg, k.float().transpose(-1, -2)) * (d ** -0.5)  # (N, Hkv, g*T, S)
-        scores = scores.view(n, k.shape[1], g, t, -1).masked_fill(~mask.unsqueeze(1), float("-inf"))
+        scores = scores.view(n, k.shape[1], g, t, -1).masked_fill(masked.unsqueeze(1), float("-inf"))
         probs = scores.softmax(-1).view(n, k.shape[1], g * t, -1)
         out = torch.matmul(probs, v.float()).view(n, hq, t, d)
         return out.to(q.dtype)
@@ -314,7 +319,9 @@ class KVCache:
         shape = (len(dm.layers), rows, dm.n_kv, slots, dm.head_dim)
         self.k = torch.zeros(shape, dtype=dm.dtype, device=dm.device)
         self.v = torch.zeros(shape, dtype=dm.dtype, device=dm.device)
-        self.cos, self.sin = dm.rotary(max_pos)
+        self.cos, sin = dm.rotary(max_pos)
+        half = sin.shape[-1] // 2
+        self.sin_signed = torch.cat([-sin[:, :half], sin[:, half:]], -1)  # see DecodeModel._rope
 
     def write(self, layer: int, k: Tensor, v: Tensor, start: int, g: int, row0: int = 0) -> tuple[Tensor, Tensor]:
         """Store k/v (N, Hkv, T, d) in slots [start, start+T), each input row in g consecutive cache
@@ -335,6 +342,7 @@ class Sampler:
         self.top_k, self.top_p = sampling.top_k, sampling.top_p
         self.seeds = row_seeds if self.t > 0 else None
         self.greedy = self.t <= 0
+        self.inverse_cdf = resolve_draw(sampling.draw, "fast") == "inverse_cdf"
 
     def __call__(self, logits: Tensor, step: int) -> Tensor:
         if self.greedy:
@@ -343,6 +351,8 @@ class Sampler:
         if self.seeds is not None:
             u = hashed_uniform(self.seeds.to(logits.device), step, logits.shape[-1])
             return gumbel_perturbed(scores, u).argmax(-1)
+        if self.inverse_cdf:
+            return inverse_cdf_draw(scores)
         return torch.multinomial(scores.softmax(-1), num_samples=1).squeeze(1)
 
 

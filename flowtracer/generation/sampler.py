@@ -8,6 +8,15 @@ same top-k / top-p filtering HF applies. That is an exact sample of the softmax,
 on the row's own logits and seed, so 1-process and DDP runs generate the same rollouts. The noise
 is a counter-based hash (splitmix64 on int64 tensors): no generator state, batched, same on every
 device. Used by `rollout.generate(row_seeds=...)` when `sampling.seed_per_prompt` is true.
+
+Without row seeds, `sampling.draw` picks how the fast engine takes its one draw per row from the
+global RNG: "multinomial" = `torch.multinomial`, HF's own draw (the hf engines can do no other), so the
+fast engine reproduces `generate`'s samples; "inverse_cdf" = one uniform per row against the float64
+cumulative softmax (`inverse_cdf_draw`), an exact sample of the same distribution from another stream.
+Why the choice: `torch.multinomial` draws an exponential for every vocabulary entry, ~16 ns each on a
+CPU, 6 ms per step at 8 rows of a 49k vocabulary and 57 ms at 64 (results/sampler_cost_*.md), as
+much as the rest of the decode step at 64 rows; the inverse CDF reads each row twice, ~0.1 ms / 1 ms.
+"auto" (the default) = inverse_cdf on the fast engine, multinomial on the hf engines.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+DRAWS = ("auto", "multinomial", "inverse_cdf")
 _K1 = -7046029254386353131  # 0x9E3779B97F4A7C15 as int64: golden-ratio increment of splitmix64
 _M1 = -4658895280553007687  # 0xBF58476D1CE4E5B9
 _M2 = -7723592293110705685  # 0x94D049BB133111EB
@@ -47,6 +57,30 @@ def hashed_uniform(seeds: Tensor, t: int, vocab: int) -> Tensor:
 def gumbel_perturbed(scores: Tensor, u: Tensor) -> Tensor:
     """float64 scores + Gumbel(u) noise, -log(-log(u)); the argmax is the Gumbel-max sample."""
     return scores.to(torch.float64, copy=True).sub_(u.log().neg_().log_())
+
+
+def resolve_draw(draw: str, engine: str) -> str:
+    """The unseeded draw `sampling.draw` means on `engine` ("fast" or an hf engine)."""
+    if draw not in DRAWS:
+        raise ValueError(f"sampling.draw = {draw!r}: use one of {', '.join(DRAWS)}")
+    if draw == "auto":
+        return "inverse_cdf" if engine == "fast" else "multinomial"
+    if draw == "inverse_cdf" and engine != "fast":
+        raise ValueError(f"sampling.draw = inverse_cdf is the fast engine's; engine {engine} samples with "
+                         "transformers' own draw (torch.multinomial): set sampling.draw: auto or multinomial")
+    return draw
+
+
+def inverse_cdf_draw(scores: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """(B,) one exact sample per row of softmax(scores) (B, V), -inf = never: the first token whose
+    float64 cumulative probability exceeds u x the row's total, u ~ U[0, 1) one per row."""
+    s = scores.to(torch.float64)
+    cdf = s.sub(s.amax(-1, keepdim=True)).exp_().cumsum_(-1)
+    total = cdf[:, -1:]
+    u = torch.rand(total.shape, dtype=torch.float64, device=scores.device, generator=generator)
+    # strictly below the total, so the pick is a token with positive probability even if u x total rounds up
+    target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1)
 
 
 def row_seeds(seed: int, step: int, positions: list[int], g: int, device=None) -> Tensor:

@@ -11,7 +11,7 @@ from peft import LoraConfig, get_peft_model
 from tiny import tiny_model, tiny_tokenizer
 
 from flowtracer.config import SamplingConfig
-from flowtracer.generation import ENGINES, generate, resolve_engine
+from flowtracer.generation import ENGINES, engine_line, generate, resolve_engine
 from flowtracer.generation.fast import unsupported_reason
 from flowtracer.generation.sampler import row_seeds
 from flowtracer.model.policy import merged_lora
@@ -19,8 +19,9 @@ from flowtracer.model.policy import merged_lora
 PROMPTS = ["What is 2 + 3?", "Add 17 and 5, then tell me the sum please.", "1+1"]  # left padding
 MODES = {
     "greedy": dict(temperature=0.0),
-    "hf_sampler": dict(temperature=0.8),
-    "hf_sampler_top_k_top_p": dict(temperature=0.7, top_k=12, top_p=0.9),
+    # draw multinomial: the fast engine draws HF's own stream (its default inverse-CDF draw is tested below)
+    "hf_sampler": dict(temperature=0.8, draw="multinomial"),
+    "hf_sampler_top_k_top_p": dict(temperature=0.7, top_k=12, top_p=0.9, draw="multinomial"),
     "seeded": dict(temperature=1.0, top_p=0.95),
 }
 
@@ -164,3 +165,45 @@ def test_fast_on_a_model_it_cannot_run_is_refused_with_the_fix():
     # auto on the same model runs hf and still generates
     out = generate(tiny_model("mistral"), tok, PROMPTS[:1], [None], SamplingConfig(num_generations=2, max_new_tokens=4))
     assert out.input_ids.shape[0] == 2
+
+
+def test_the_default_inverse_cdf_draw_samples_the_models_distribution_from_another_stream():
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    ids = [tok(PROMPTS[0], add_special_tokens=False)["input_ids"]]
+    with torch.no_grad():
+        # a peaked distribution (the tiny model's is near uniform), so that a sampler at T = 1 instead of
+        # 0.9 fails the test (chi-square 175 on 90 dof)
+        model.lm_head.weight.mul_(10.0)
+        probs = model(torch.tensor(ids)).logits[0, -1].double().div(0.9).softmax(-1)
+    rows = 6000
+    draws = {}
+    for draw in ("auto", "multinomial"):
+        torch.manual_seed(0)
+        sampling = SamplingConfig(num_generations=rows, max_new_tokens=1, temperature=0.9, engine="fast", draw=draw)
+        draws[draw] = ENGINES["fast"](model, tok, ids, rows, sampling)[0][:, 0]
+    # both are samples of the first token's softmax (chi-square over the tokens expected >= 5 times, the
+    # rest pooled); the default is a different stream, so the draws differ row by row
+    for picks in draws.values():
+        counts = torch.bincount(picks, minlength=probs.numel()).double()
+        expected = probs * rows
+        big = expected >= 5
+        observed, wanted = counts[big], expected[big]
+        if not big.all():
+            observed = torch.cat([observed, counts[~big].sum()[None]])
+            wanted = torch.cat([wanted, expected[~big].sum()[None]])
+        chi2 = float(((observed - wanted) ** 2 / wanted).sum())
+        dof = observed.numel() - 1
+        assert chi2 < dof + 5 * (2 * dof) ** 0.5, (chi2, dof)  # five sd above the mean: an exact sampler passes
+    assert float((draws["auto"] == draws["multinomial"]).float().mean()) < 0.9
+    line = engine_line(model, SamplingConfig(temperature=0.9), SamplingConfig(temperature=0.9, draw="multinomial"))
+    assert "engine fast (auto: CPU" in line and "draw inverse_cdf (auto)" in line and "draw multinomial" in line
+
+
+def test_the_inverse_cdf_draw_on_an_hf_engine_is_refused_with_the_fix():
+    tok = tiny_tokenizer()
+    with pytest.raises(ValueError, match="draw = inverse_cdf is the fast engine's.*draw: auto or multinomial"):
+        generate(tiny_model("llama"), tok, PROMPTS[:1], [None],
+                 SamplingConfig(num_generations=2, max_new_tokens=4, engine="hf", draw="inverse_cdf"))
+    with pytest.raises(ValueError, match="draw = 'gumbel': use one of auto, multinomial, inverse_cdf"):
+        generate(tiny_model("llama"), tok, PROMPTS[:1], [None],
+                 SamplingConfig(num_generations=2, max_new_tokens=4, draw="gumbel"))

@@ -190,6 +190,15 @@ def test_a_board_that_does_not_answer_comes_back_in_the_cells_payload(ray_cluste
     assert _tell_board(board, "arm=a", {"node": "n"}) is True
     assert ray.get(board.snapshot.remote())["arm=a"]["attempt"] == 1
     ray.kill(board)
+    # the kill is asynchronous: a call sent right after it may still be answered, so wait for the death
+    for _ in range(100):
+        try:
+            ray.get(board.snapshot.remote(), timeout=5)
+        except ray.exceptions.RayError:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the killed board kept answering for 10 s")
     assert _tell_board(board, "arm=a", {"node": "n"}, timeout_s=5) is False
 
     class Done:
