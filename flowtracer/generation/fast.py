@@ -38,7 +38,13 @@ from peft.tuners.lora import Linear as LoraLinear
 from torch import Tensor
 
 from flowtracer.generation.cpu_linear import available as packed_available
-from flowtracer.generation.sampler import filter_logits, gumbel_perturbed, hashed_uniform, inverse_cdf_draw, resolve_draw
+from flowtracer.generation.sampler import (
+    filter_logits,
+    gumbel_perturbed,
+    hashed_uniform,
+    inverse_cdf_draw,
+    resolve_draw,
+)
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 _CACHE = "_flowtracer_fast"  # module attribute: (source tensors, their versions, derived tensor)
