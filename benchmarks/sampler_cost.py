@@ -3,8 +3,10 @@ use, at a vocabulary of SmolLM2's 49152 and the rows a decode step batches. Prin
 
     python benchmarks/sampler_cost.py --threads 2 [--out results/sampler_cost_<cpu kind>.md]
 
-Both rows call the fast engine's own sampler (`flowtracer.generation.fast.Sampler`, temperature 1):
-`multinomial` is the unseeded path (`torch.multinomial` of the softmax, as HF's sampler draws);
+The rows call the fast engine's own sampler (`flowtracer.generation.fast.Sampler`, temperature 1):
+`inverse CDF` is the unseeded default (`sampling.draw: auto`: one uniform per row against the float64
+cumulative softmax); `multinomial` the unseeded `sampling.draw: multinomial` (`torch.multinomial` of
+the softmax, as HF's sampler draws);
 `row-seeded` is `sampling.seed_per_prompt: true` (flowtracer.generation.sampler: a counter-based hash
 per (row, step, token), then Gumbel-max in float64), also split into its two parts.
 Compare with `benchmarks/decode.py`'s ms per step at the same rows to see the sampler's share.
@@ -46,8 +48,10 @@ def main() -> None:
 
     rows_list = [int(r) for r in args.rows.split(",")]
     sampling = SamplingConfig(temperature=1.0)
+    hf_stream = SamplingConfig(temperature=1.0, draw="multinomial")
     cases = {
-        "multinomial (unseeded)": lambda lg, s, u: Sampler(sampling, None)(lg, 5),
+        "inverse CDF (unseeded, default)": lambda lg, s, u: Sampler(sampling, None)(lg, 5),
+        "multinomial (unseeded)": lambda lg, s, u: Sampler(hf_stream, None)(lg, 5),
         "row-seeded: hash": lambda lg, s, u: hashed_uniform(s, 5, lg.shape[-1]),
         "row-seeded: Gumbel-max": lambda lg, s, u: gumbel_perturbed(lg, u).argmax(-1),
         "row-seeded: total": lambda lg, s, u: Sampler(sampling, s)(lg, 5),

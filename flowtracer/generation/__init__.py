@@ -4,7 +4,7 @@ sampler; MKL-packed CPU linears for decoding; `sample` for a policy in training.
 chunks.py      generate(): prompts sorted by length, chunks of whole prompt groups, one layout back
 engines.py     ENGINES / register_engine, resolve_engine ("auto"), eos_ids, the fast / hf / hf_static / hf_paged engines
 fast.py        the fast engine: our own decode loop over a static KV cache (Llama-shaped models)
-sampler.py     per-row seeded Gumbel-max sampling (sampling.seed_per_prompt)
+sampler.py     per-row seeded Gumbel-max sampling (sampling.seed_per_prompt); the unseeded draw (sampling.draw)
 cpu_linear.py  packed_linears(): MKL-packed weights for the decode rows on CPU
 rollout.py     sample() (eval mode, LoRA merged) and response_token_offsets()
 """

@@ -207,3 +207,23 @@ def test_the_inverse_cdf_draw_on_an_hf_engine_is_refused_with_the_fix():
     with pytest.raises(ValueError, match="draw = 'gumbel': use one of auto, multinomial, inverse_cdf"):
         generate(tiny_model("llama"), tok, PROMPTS[:1], [None],
                  SamplingConfig(num_generations=2, max_new_tokens=4, draw="gumbel"))
+
+
+@pytest.mark.parametrize("candidates,cost,expected", [
+    (["linear", "wx", "packed"], {"linear": 1.0, "wx": 0.8, "packed": 1.0}, "packed"),  # 1.25x: noise here
+    (["linear", "wx", "packed"], {"linear": 1.0, "wx": 0.6, "packed": 1.0}, "wx"),      # 1.67x: a real gap
+    (["linear", "wx"], {"linear": 1.0, "wx": 0.7}, "linear"),                            # no MKL: linear is the default
+    (["linear", "wx"], {"linear": 1.0, "wx": 0.5}, "wx"),
+])
+def test_pick_layout_leaves_the_default_only_for_a_layout_switch_margin_times_faster(monkeypatch, candidates,
+                                                                                       cost, expected):
+    from flowtracer.generation import fast
+    clock = [0.0]
+    monkeypatch.setattr(fast.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(fast, "_LAYOUTS", {})
+    monkeypatch.setattr(fast, "_candidates", lambda dtype: candidates)
+    monkeypatch.setattr(fast, "_prepare", lambda layout, w, rows: layout)
+    monkeypatch.setattr(fast, "_product", lambda prepared, layout, rows: lambda x: clock.__setitem__(
+        0, clock[0] + cost[layout]))
+    assert fast.SWITCH_MARGIN == 1.5
+    assert fast.pick_layout((16, 8), torch.float32, torch.device("cpu"), 4) == expected
