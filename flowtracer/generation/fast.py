@@ -139,11 +139,11 @@ def pick_layout(shape: tuple[int, int], dtype: torch.dtype, device: torch.device
     interleaved rounds (load drift hits all alike) and another layout replaces the default
     ("packed" where MKL has it, else "linear") only when the default's median is SWITCH_MARGIN times
     its median or more. Why so wide: this timing runs one hot weight, the decode step reads every
-    weight from memory, and small wins here did not carry over. With a 1.1x margin, six processes on an
-    AMX Xeon picked four different layout sets at 8 rows; the non-default picks made the whole step
-    slower (gate/up as `(W @ x^T)^T`: 72 ms against 53 all packed), and GRPO steps of two processes
-    differed by 20% in generation. The gaps that matter are wide (the vocabulary product on AMD Zen 2:
-    `(W @ x^T)^T` 14.6 ms, packed 48 ms)."""
+    weight from memory, and small wins here did not carry over. With a 1.1x margin, six processes on
+    an AMX Xeon picked four different layout sets at 8 rows; the non-default picks made the whole
+    step slower (gate/up as `(W @ x^T)^T`: 72 ms a step against 55 with it packed), and GRPO steps
+    of two processes differed by 20% in generation. The gaps that matter are wide (the vocabulary
+    product on AMD Zen 2: `(W @ x^T)^T` 14.6 ms, packed 48 ms)."""
     if torch.device(device).type != "cpu":
         return "linear"
     key = (*shape, rows, dtype)
