@@ -25,7 +25,7 @@ from flowtracer.errors import InputError
 from flowtracer.generation import AUTO, ENGINES
 from flowtracer.generation.fast import unsupported_reason
 from flowtracer.generation.precision import SAMPLER_DTYPES, native_bf16
-from flowtracer.generation.sampler import DRAWS
+from flowtracer.generation.sampler import resolve_draw
 from flowtracer.memory import planner
 from flowtracer.memory.planner import RunSpec
 from flowtracer.model.layers import resolve_layers
@@ -122,10 +122,10 @@ def check_generation(name: str, cfg) -> None:
              f"model.{name}.engine = {cfg.engine!r}: use one of {AUTO}, {', '.join(ENGINES)}")
     _require(cfg.dtype in SAMPLER_DTYPES,
              f"model.{name}.dtype = {cfg.dtype!r}: use one of {', '.join(SAMPLER_DTYPES)} (the rollouts' precision)")
-    _require(cfg.draw in DRAWS, f"model.{name}.draw = {cfg.draw!r}: use one of {', '.join(DRAWS)}")
-    _require(not (cfg.draw == "inverse_cdf" and cfg.engine not in (AUTO, "fast")),
-             f"model.{name}.draw = inverse_cdf is the fast engine's; engine {cfg.engine} draws with transformers' "
-             f"sampler: set model.{name}.draw: auto or multinomial")
+    try:  # the engines' own rule; "auto" counts as fast here (where it resolves to hf, that engine refuses)
+        resolve_draw(cfg.draw, "fast" if cfg.engine in (AUTO, "fast") else cfg.engine)
+    except ValueError as err:
+        raise ConfigError(f"model.{name}: {err}") from None
     _require(not (cfg.engine == "hf_paged" and cfg.seed_per_prompt),
              f"model.{name}.engine = hf_paged samples with transformers' own sampler: set "
              f"model.{name}.seed_per_prompt: false or model.{name}.engine: hf")

@@ -227,3 +227,17 @@ def test_pick_layout_leaves_the_default_only_for_a_layout_switch_margin_times_fa
         0, clock[0] + cost[layout]))
     assert fast.SWITCH_MARGIN == 1.5
     assert fast.pick_layout((16, 8), torch.float32, torch.device("cpu"), 4) == expected
+
+
+@pytest.mark.parametrize("engine,draw,match", [
+    ("hf", "inverse_cdf", r"model.sampling: sampling.draw = inverse_cdf is the fast engine.s.*auto or multinomial"),
+    ("auto", "gumbel", r"model.sampling: sampling.draw = 'gumbel': use one of auto, multinomial, inverse_cdf"),
+])
+def test_preflight_refuses_a_draw_the_engine_would_refuse_in_one_line(engine, draw, match):
+    from flowtracer.train.preflight import ConfigError, check_generation
+    with pytest.raises(ConfigError, match=match) as e:
+        check_generation("sampling", SamplingConfig(engine=engine, draw=draw))
+    assert "\n" not in str(e.value)
+    for ok in (SamplingConfig(), SamplingConfig(engine="fast", draw="inverse_cdf"),
+               SamplingConfig(engine="hf", draw="multinomial")):
+        check_generation("sampling", ok)  # accepted
