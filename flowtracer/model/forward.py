@@ -21,10 +21,13 @@ numbers. The entropy's dot product runs with autocast off (it would round to bf1
 Frozen linear layers multiply with cached autocast-dtype copies of their weights
 (flowtracer.model.casts.autocast_linears: the same numbers, without a cast per call).
 
+Rows that share a prompt (a GRPO group's G completions) run it once, packed into one sequence
+(flowtracer.model.prefix; `share_prefix`), in every pass, with or without a graph: the same
+log-probs, entropies, map and gradients up to float rounding, for a fraction of the tokens.
+
 An arm that reads only the map (FlowCredit, AttentionCredit) asks for `token_stats=False`: then no
-log-prob or entropy is projected, the forward stops right after the attention of the last captured
-layer (its MLP, the layers above it and the vocabulary head cannot change the map), and rows that
-share a prompt run it once (flowtracer.model.prefix).
+log-prob or entropy is projected, and the forward stops right after the attention of the last
+captured layer (its MLP, the layers above it and the vocabulary head cannot change the map).
 
 Lightning-free (floor 2): the GRPO module, the credit weights API and the TRL adapter share it.
 """
@@ -111,8 +114,10 @@ def teacher_forced_pass(
             end (DeepSpeed ZeRO-3, FSDP).
         entropy_grad: with `with_grad`, the entropies keep their graph too (an entropy bonus in the
             loss, `loss.entropy_coef`); the backward then also differentiates -sum p log p.
-        share_prefix: with token_stats=False, consecutive rows that share a prefix (a prompt's G
-            completions) run it once, packed into one row (flowtracer.model.prefix); same map.
+        share_prefix: consecutive rows that share a prefix (a prompt's G completions) run it once,
+            packed into one row (flowtracer.model.prefix), where the model's layers take one packed
+            mask and it saves a quarter of the tokens or more; the same outputs and gradients up to
+            float rounding. False: the padded (B, T) forward.
 
     Returns:
         TeacherForcedOutput with ``logprobs[b, t] = log p(input_ids[b, t] | tokens < t)`` and
@@ -129,28 +134,76 @@ def teacher_forced_pass(
     if not token_stats and (capture_layers is None or with_grad):
         raise ValueError("token_stats=False computes only the attention map: pass capture_layers and with_grad=False")
     lm = unwrap(model)
+    packs = prefix.plan_packs(input_ids, attention_mask, position_ids) if share_prefix and prefix.packable(lm) else None
+    capture = (None if capture_layers is None else
+               dict(layers=capture_layers, chunk_bytes=attn_chunk_bytes, backend=backend, heads=capture_heads))
     if not token_stats:
-        return _map_only(model, lm, input_ids, attention_mask, position_ids, capture_layers, attn_chunk_bytes, backend,
-                         capture_heads, stop_early, share_prefix)
+        return _map_only(model, lm, input_ids, attention_mask, position_ids, capture, stop_early, packs)
     head = lm.get_output_embeddings()
     if head is None:
         raise ValueError(f"{type(lm).__name__} has no output embeddings (lm_head); a causal LM is required")
-    capture_ctx = (capture_attention(model, capture_layers, attention_mask=attention_mask,
-                                     chunk_bytes=attn_chunk_bytes, backend=backend, heads=capture_heads)
-                   if capture_layers is not None else contextlib.nullcontext())
     with torch.enable_grad() if with_grad else torch.no_grad(), autocast_linears(model):
-        with capture_ctx as captured:
-            h, last_logits = _last_hidden(model, lm, input_ids, attention_mask, position_ids)
+        ran = _run(model, input_ids, attention_mask, position_ids, packs, capture,
+                   lambda ids, mask, pos: _last_hidden(model, lm, ids, mask, pos))
         stats_backend = "torch" if with_grad else backend  # the kernel has no backward
         wanted = valid if stats_mask is None else valid & stats_mask.bool()
         logprobs, entropy = _token_stats(
-            lm, head, h, input_ids, valid, temperature, logits_chunk_bytes, stats_backend, wanted=wanted,
+            lm, head, ran.hidden, input_ids, valid, temperature, logits_chunk_bytes, stats_backend, wanted=wanted,
             entropy_grad=with_grad and entropy_grad)
-        _check_head(lm, head, h[:, -1], last_logits)
-    if captured is None:
-        return TeacherForcedOutput(logprobs=logprobs, entropy=entropy, attn=None)
-    return TeacherForcedOutput(logprobs=logprobs, entropy=entropy, attn=captured.attn, layers=captured.layers,
-                               attn_seconds=captured.seconds)
+        _check_head(lm, head, *ran.last)
+    return TeacherForcedOutput(logprobs=logprobs, entropy=entropy, attn=ran.attn, layers=ran.layers,
+                               attn_seconds=ran.seconds)
+
+
+@dataclass
+class _Ran:
+    """What the decoder runs gave: hidden states (B, T, d) in the padded layout (None for the map
+    alone), the map (B, T, T) or None, and one (last hidden state, the model's last logits) pair."""
+
+    hidden: torch.Tensor | None
+    attn: torch.Tensor | None
+    layers: tuple[int, ...] | None
+    seconds: float
+    last: tuple[torch.Tensor, torch.Tensor] | None
+
+
+def _run(model, input_ids, attention_mask, position_ids, packs, capture: dict | None, call) -> _Ran:
+    """`call(ids, mask, position_ids) -> (hidden, last logits) | None` once on the padded batch, or once per
+    pack of rows sharing a prompt (flowtracer.model.prefix), with the map captured if `capture`; the packs'
+    hidden states and maps are read back into the padded (B, T) layout (hidden states by a gather, which
+    keeps their graph: the backward sums each row's gradient into the prompt they share)."""
+
+    def one(ids, mask, pos, valid):
+        ctx = capture_attention(model, attention_mask=valid, **capture) if capture else contextlib.nullcontext()
+        with ctx as captured:
+            out = call(ids, mask, pos)
+        return out, captured
+
+    if packs is None:
+        out, captured = one(input_ids, attention_mask, position_ids, attention_mask)
+        hidden, last = (out[0], (out[0][:, -1], out[1])) if out is not None else (None, None)
+        if captured is None:
+            return _Ran(hidden, None, None, 0.0, last)
+        return _Ran(hidden, captured.attn, captured.layers, captured.seconds, last)
+    B, T = input_ids.shape
+    attn = torch.zeros(B, T, T, dtype=torch.float32, device=input_ids.device) if capture else None
+    parts, gather, offset, layers, seconds, last = [], None, 0, None, 0.0, None
+    for pack in packs:
+        ids, mask4d, pos, index = prefix.pack_inputs(pack, input_ids.device)
+        out, captured = one(ids, mask4d, pos, None)
+        if captured is not None:
+            prefix.unpack_map(pack, captured.attn, index, attention_mask, attn)
+            layers, seconds = captured.layers, seconds + captured.seconds
+        if out is not None:
+            parts.append(out[0][0])
+            gather = prefix.gather_index(pack, index, attention_mask, offset, gather)
+            offset += ids.shape[1]
+            last = last or (out[0][:, -1], out[1])
+    hidden = None
+    if parts:  # padding (and any unpacked all-padding row) reads a zero row
+        parts.append(parts[0].new_zeros(1, parts[0].shape[-1]))
+        hidden = torch.cat(parts)[gather.masked_fill(gather < 0, offset)]
+    return _Ran(hidden, attn, layers, seconds, last)
 
 
 class _StopForward(Exception):
@@ -158,18 +211,16 @@ class _StopForward(Exception):
 
 
 @torch.no_grad()
-def _map_only(model, lm, input_ids, attention_mask, position_ids, layers, chunk_bytes, backend, heads,
-              stop_early: bool, share_prefix: bool) -> TeacherForcedOutput:
+def _map_only(model, lm, input_ids, attention_mask, position_ids, capture: dict, stop_early: bool,
+              packs) -> TeacherForcedOutput:
     """The attention map alone: the decoder runs up to the attention of the last captured layer, then
-    stops (no later layer, no MLP of that one, no vocabulary head). With `share_prefix`, rows that
-    share a prompt run it once (flowtracer.model.prefix); the map is the same.
-
-    Decoders without a `layers` list (no place to stop) run to the end; the map is the same.
+    stops (no later layer, no MLP of that one, no vocabulary head); rows that share a prompt run it
+    once (`packs`). Decoders without a `layers` list (no place to stop) run to the end; the map is the same.
     """
     stack = getattr(_decoder(lm), "layers", None)
     stop_at = None
     if stop_early and isinstance(stack, torch.nn.ModuleList):
-        last = resolve_layers(layers, len(stack))[-1]
+        last = resolve_layers(capture["layers"], len(stack))[-1]
         # the attention module of that layer (what the capture reads), else the layer itself
         stop_at = next((m for m in stack[last].modules()
                         if getattr(m, "layer_idx", None) == last and hasattr(m, "config")), stack[last])
@@ -177,34 +228,19 @@ def _map_only(model, lm, input_ids, attention_mask, position_ids, layers, chunk_
     def stop(_module, _args, _output):
         raise _StopForward
 
-    def run(ids, mask, pos, valid):
-        with capture_attention(model, layers, attention_mask=valid, chunk_bytes=chunk_bytes, backend=backend,
-                               heads=heads) as captured:
-            try:
-                model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, logits_to_keep=1)
-            except _StopForward:
-                pass
-        return captured
+    def call(ids, mask, pos):
+        try:
+            model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, logits_to_keep=1)
+        except _StopForward:
+            pass
 
-    packs = prefix.plan_packs(input_ids, attention_mask, position_ids) if share_prefix and prefix.packable(lm) else None
     handle = stop_at.register_forward_hook(stop) if stop_at is not None else None
     try:
-        if packs is None:
-            captured = run(input_ids, attention_mask, position_ids, attention_mask)
-            return TeacherForcedOutput(logprobs=None, entropy=None, attn=captured.attn, layers=captured.layers,
-                                       attn_seconds=captured.seconds)
-        B, T = input_ids.shape
-        attn = torch.zeros(B, T, T, dtype=torch.float32, device=input_ids.device)
-        seconds, captured_layers = 0.0, None
-        for pack in packs:
-            ids, mask4d, pos, index = prefix.pack_inputs(pack, input_ids.device)
-            captured = run(ids, mask4d, pos, None)
-            prefix.unpack_map(pack, captured.attn, index, attention_mask, attn)
-            seconds, captured_layers = seconds + captured.seconds, captured.layers
+        ran = _run(model, input_ids, attention_mask, position_ids, packs, capture, call)
     finally:
         if handle is not None:
             handle.remove()
-    return TeacherForcedOutput(logprobs=None, entropy=None, attn=attn, layers=captured_layers, attn_seconds=seconds)
+    return TeacherForcedOutput(logprobs=None, entropy=None, attn=ran.attn, layers=ran.layers, attn_seconds=ran.seconds)
 
 
 def _decoder(lm):

@@ -1,4 +1,4 @@
-"""Shared-prefix packing of the map-only pass: the rows of a group that share a prompt run it once.
+"""Shared-prefix packing of the teacher-forced passes: the rows of a group that share a prompt run it once.
 
 A GRPO batch holds G completions per prompt. In a padded (B, T) forward every row recomputes the
 prompt and its padding; packed, one row holds the shared prefix once, then each row's own suffix
@@ -6,7 +6,9 @@ prompt and its padding; packed, one row holds the shared prefix once, then each 
 and to its own suffix only, causally, at the position ids it has in its own row. Every token then
 sees exactly the keys it sees in the padded forward, so its queries, keys and attention
 probabilities are the same numbers (up to float rounding of differently shaped matrix products),
-and each row's (T, T) map is read back out of the packed (N, N) one.
+and each row's (T, T) map is read back out of the packed (N, N) one, as are its hidden states (by a
+gather, under autograd too: the backward sums the G rows' gradients into the prompt they share, which
+is what the padded forward's G copies of it sum to).
 
 Packing applies where one explicit mask reaches every layer the same way: decoders on sdpa / eager
 (not flash kernels, whose masks are 2-D) without sliding-window layers. Elsewhere, and where rows
@@ -40,13 +42,30 @@ class Pack:
 
 def packable(lm) -> bool:
     """Whether one explicit 4-D mask is what every layer of `lm` applies (sdpa/eager, no sliding window)."""
+    return unpackable_reason(lm) is None
+
+
+def unpackable_reason(lm) -> str | None:
+    """Why `lm`'s layers cannot all take one packed 4-D mask, or None where they can."""
     cfg = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
-    if str(getattr(cfg, "_attn_implementation", None) or "").startswith("flash"):
-        return False
+    attn = str(getattr(cfg, "_attn_implementation", None) or "")
+    if attn.startswith("flash"):
+        return f"attn_implementation {attn} takes 2-D masks only"
     layer_types = getattr(cfg, "layer_types", None)
     if layer_types is not None:
-        return all(t == "full_attention" for t in layer_types)
-    return getattr(cfg, "sliding_window", None) is None or getattr(cfg, "use_sliding_window", True) is False
+        return None if all(t == "full_attention" for t in layer_types) else "the model has sliding-window layers"
+    sliding = getattr(cfg, "sliding_window", None) is not None and getattr(cfg, "use_sliding_window", True) is not False
+    return "the model has sliding-window layers" if sliding else None
+
+
+def forward_line(lm, share_prefix: bool) -> str:
+    """The start-up line that says how the teacher-forced forwards lay out a prompt's G rows."""
+    if not share_prefix:
+        return "[flowtracer] forward: padded rows, each recomputes its prompt (model.share_prefix: false)"
+    reason = unpackable_reason(lm)
+    if reason is not None:  # said, not silent: these runs pay the padded forward
+        return f"[flowtracer] forward: padded rows, each recomputes its prompt ({reason}; share_prefix cannot apply)"
+    return "[flowtracer] forward: a prompt runs once for its G rows, packed (model.share_prefix)"
 
 
 def plan_packs(input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> list[Pack] | None:
@@ -112,3 +131,14 @@ def unpack_map(pack: Pack, packed: torch.Tensor, index: list[torch.Tensor], atte
     for b, idx in zip(pack.rows, index):
         cols = attention_mask[b].bool().nonzero().squeeze(-1)
         out[b, cols[:, None], cols[None, :]] = packed[0, idx[:, None], idx[None, :]]
+
+
+def gather_index(pack: Pack, index: list[torch.Tensor], attention_mask: torch.Tensor, offset: int,
+                 gather: torch.Tensor | None) -> torch.Tensor:
+    """(B, T) positions of each row's real tokens among all packs' tokens (this pack's start at `offset`);
+    -1 where no pack has written (padding). Creates the tensor on the first pack."""
+    if gather is None:
+        gather = torch.full(attention_mask.shape, -1, dtype=torch.long, device=attention_mask.device)
+    for b, idx in zip(pack.rows, index):
+        gather[b, attention_mask[b].bool()] = idx + offset
+    return gather

@@ -39,6 +39,7 @@ from flowtracer.config import DapoConfig, LoraSpec, LossConfig, OptimConfig, Sam
 from flowtracer.credit.base import RolloutCallback
 from flowtracer.generation import engine_line, sample
 from flowtracer.generation.sampler import row_seeds
+from flowtracer.model import prefix
 from flowtracer.model.policy import load_policy
 from flowtracer.rewards import VerifierCache
 from flowtracer.rl import policy_loss
@@ -79,6 +80,8 @@ class GRPOModule(GuardedUpdates, LightningModule):
             no-grad pass first (same weights, one more forward).
         logits_budget_mb: MiB of float32 logits (plus log-softmax) the log-prob/entropy
             computation may hold at once; more response tokens than that are chunked.
+        share_prefix: every teacher-forced forward runs a prompt once for its G rows, packed
+            (flowtracer.model.prefix: same numbers up to rounding); false = padded (B, T) rows.
         dapo: DAPO's dynamic sampling and overlong handling, off by default (flowtracer.rl.dapo).
     """
 
@@ -99,6 +102,7 @@ class GRPOModule(GuardedUpdates, LightningModule):
         log_token_scores: bool = False,
         fuse_credit: bool = True,
         logits_budget_mb: float = 512.0,
+        share_prefix: bool = True,
         dapo: DapoConfig = DapoConfig(),
     ):
         super().__init__()
@@ -114,7 +118,7 @@ class GRPOModule(GuardedUpdates, LightningModule):
         if not logits_budget_mb > 0:
             raise ConfigError(f"logits_budget_mb must be > 0, got {logits_budget_mb}: set model.logits_budget_mb: 512")
         self.fuse_credit, self.logits_budget_mb = bool(fuse_credit), float(logits_budget_mb)
-        self.dapo = dapo
+        self.share_prefix, self.dapo = bool(share_prefix), dapo
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold only trainable weights (adapters under LoRA)
         self.policy = None
@@ -152,6 +156,7 @@ class GRPOModule(GuardedUpdates, LightningModule):
                                            self._rollout_callbacks()))
         rank_zero_info(self.run_precision.describe(self.loss_cfg.tis_cap))
         rank_zero_info(engine_line(self.policy, self.sampling, self.val_sampling))
+        rank_zero_info(prefix.forward_line(self.policy, self.share_prefix))
         reward_set = getattr(self.trainer.datamodule, "reward_set", None)
         if reward_set is not None:
             rank_zero_info(reward_set.describe())
@@ -248,7 +253,7 @@ class GRPOModule(GuardedUpdates, LightningModule):
             self.policy, rollouts, micro_batch_size=self.optim.micro_batch_size, temperature=self._temperature,
             capture_layers=plan.pre_pass_layers, capture_heads=plan.heads, with_reference=self.loss_cfg.beta > 0,
             run_callbacks=(lambda view: self._run_callbacks(row_cbs, view)) if row_cbs else None,
-            logits_bytes=self._logits_bytes())
+            logits_bytes=self._logits_bytes(), share_prefix=self.share_prefix)
         timer.move("old_pass", "credit", pre.credit_seconds)
         rollouts.old_logprobs, rollouts.entropies = pre.old_logprobs, pre.entropies
         if pre.token_weights is not None:
@@ -305,15 +310,15 @@ class GRPOModule(GuardedUpdates, LightningModule):
 
     def _micro_loss(self, rollouts, mb: micro.MicroBatch, plan, pre, timer, credit_metrics, outputs):
         """Forward -> weights -> loss of one micro-batch; None when its attention map is non-finite."""
-        temp, budget = self._temperature, self._logits_bytes()
+        pass_kw = dict(temperature=self._temperature, logits_bytes=self._logits_bytes(), share_prefix=self.share_prefix)
         ref = mb.take(pre.ref_logprobs) if pre is not None else None
         if ref is None and self.loss_cfg.beta > 0:
             with timer("reference"):
-                ref = micro.reference_logprobs(self.policy, mb, temperature=temp, logits_bytes=budget)
+                ref = micro.reference_logprobs(self.policy, mb, **pass_kw)
         bonus = self.loss_cfg.entropy_coef != 0
         with timer("forward"):
-            fwd = micro.forward(self.policy, mb, temperature=temp, capture_layers=plan.forward_layers,
-                                capture_heads=plan.heads, with_grad=True, logits_bytes=budget, entropy_grad=bonus)
+            fwd = micro.forward(self.policy, mb, capture_layers=plan.forward_layers, capture_heads=plan.heads,
+                                with_grad=True, entropy_grad=bonus, **pass_kw)
         timer.move("forward", "credit", fwd.attn_seconds)  # the map's recompute is credit cost
         old = mb.take(pre.old_logprobs) if pre is not None else fwd.logprobs.detach()
         entropy = mb.take(pre.entropies) if pre is not None else fwd.entropy.detach()  # arms and logs: no graph

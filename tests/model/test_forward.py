@@ -121,7 +121,7 @@ def _spy_packs(monkeypatch) -> list:
 def test_a_prompts_rows_run_it_once_and_give_the_padded_pass_map(arch, heads, monkeypatch):
     model = tiny_model(arch)
     ids, mask = _grouped_batch()
-    full = teacher_forced_pass(model, ids, mask, capture_layers="middle", capture_heads=heads)
+    full = teacher_forced_pass(model, ids, mask, capture_layers="middle", capture_heads=heads, share_prefix=False)
     padded = teacher_forced_pass(model, ids, mask, capture_layers="middle", capture_heads=heads, token_stats=False,
                                  share_prefix=False)
     packs = _spy_packs(monkeypatch)
@@ -168,3 +168,48 @@ def test_no_packing_where_one_mask_does_not_fit_every_layer_or_rows_share_little
     assert prefix.plan_packs(distinct, mask, (mask.cumsum(-1) - 1).clamp(min=0)) is None
     teacher_forced_pass(llama, distinct.masked_fill(mask == 0, 0), mask, capture_layers="middle", token_stats=False)
     assert packs == []
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_packed_loss_forward_matches_each_row_run_alone(arch, monkeypatch):
+    """With a graph: a prompt run once for its rows gives each row's log-probs, entropies (with their
+    graph) and gradients of a plain forward of that row alone, unpadded (the brute-force reference)."""
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_model(arch), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                        init_lora_weights=False))
+    ids, mask = _grouped_batch()
+    response = torch.zeros_like(mask)
+    response[:, 10:] = 1
+    coef = torch.randn(ids.shape, generator=torch.Generator().manual_seed(3))
+    packs = _spy_packs(monkeypatch)
+    out = teacher_forced_pass(model, ids, mask, capture_layers="middle", with_grad=True, stats_mask=response,
+                              temperature=0.7, entropy_grad=True)
+    assert [p.rows for p in packs] == [[0, 1, 2], [3, 4, 5]]
+    ((out.logprobs + 0.1 * out.entropy) * coef).sum().backward()
+    ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    total = 0.0
+    for b in range(len(ids)):
+        real = mask[b].bool()
+        row, wanted = ids[b, real], (response[b, real] == 1)[1:]
+        logp = torch.log_softmax(model(input_ids=row[None]).logits[0, :-1].float() / 0.7, -1)
+        lp = logp.gather(-1, row[1:, None]).squeeze(-1)
+        ent = -(logp.exp() * logp).sum(-1)
+        torch.testing.assert_close(out.logprobs[b, real][1:][wanted], lp[wanted].detach(), atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(out.entropy[b, real][1:][wanted], ent[wanted].detach(), atol=2e-5, rtol=1e-5)
+        total = total + ((lp + 0.1 * ent)[wanted] * coef[b, real][1:][wanted]).sum()
+    total.backward()
+    ref = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert ours.keys() == ref.keys() and any("lora" in n for n in ref)
+    for n in ref:
+        torch.testing.assert_close(ours[n], ref[n], atol=1e-4, rtol=1e-3, msg=n)
+    assert (out.logprobs[response == 0] == 0).all() and (out.logprobs[(response == 1) & (mask == 1)] != 0).all()
+
+
+def test_the_start_up_line_says_whether_prompts_are_shared():
+    assert "runs once" in prefix.forward_line(tiny_model("llama"), True)
+    assert "model.share_prefix: false" in prefix.forward_line(tiny_model("llama"), False)
+    assert "sliding-window" in prefix.forward_line(tiny_model("mistral"), True)
+    flash = tiny_model("llama")
+    flash.config._attn_implementation = "flash_attention_2"
+    assert "takes 2-D masks only" in prefix.forward_line(flash, True)

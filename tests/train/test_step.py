@@ -43,7 +43,7 @@ class Recording(Callback):
 
 
 def fit(model_dir, tmp_path, *, arms=(), monkeypatch=None, steps=1, temperature=1.0, beta=0.0, fuse=True,
-        checkpointing=False, **optim):
+        checkpointing=False, share_prefix=True, **optim):
     """Run `steps` RL steps; returns (module, recorder, forward-call log [(batch rows, with_grad, layers, heads)])."""
     rec, calls = Recording(), []
     if monkeypatch is not None:
@@ -65,7 +65,7 @@ def fit(model_dir, tmp_path, *, arms=(), monkeypatch=None, steps=1, temperature=
         model=model_dir, lora=LoraSpec(r=4, alpha=8), gradient_checkpointing=checkpointing,
         sampling=SamplingConfig(num_generations=4, max_new_tokens=12, temperature=temperature),
         loss=LossConfig(beta=beta), optim=OptimConfig(lr=1e-2, **optim), val_before_training=False,
-        log_rollouts=False, fuse_credit=fuse)
+        log_rollouts=False, fuse_credit=fuse, share_prefix=share_prefix)
     trainer = Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                       callbacks=[*arms, rec], default_root_dir=str(tmp_path))
@@ -295,6 +295,31 @@ def test_fused_and_separate_pass_agree_and_checkpointing_changes_nothing(tmp_pat
     assert_same(g_fused.grads[0], g_sep.grads[0])
     assert_same(g_ckpt.grads[0], g_sep.grads[0])
     assert_real_update(g_sep)
+
+
+def test_packed_prompts_give_the_padded_steps_update(tmp_path, tiny_model_dir, monkeypatch):
+    """share_prefix (a prompt run once for its G rows) against the padded forward: the same map, credit
+    weights and gradients, in the loss forward and the reference (KL) forward alike."""
+    packed_shapes = []
+    real = module_mod.prefix.pack_inputs
+
+    def spy(pack, device):
+        packed_shapes.append(len(pack.rows))
+        return real(pack, device)
+
+    monkeypatch.setattr(module_mod.prefix, "pack_inputs", spy)
+    runs = {}
+    for share in (False, True):
+        arm = RecordingFlow()
+        _, rec, _ = fit(tiny_model_dir, tmp_path / str(share), arms=[arm], beta=0.1, share_prefix=share)
+        runs[share] = arm, rec, list(packed_shapes)
+        packed_shapes.clear()
+    (padded_arm, padded, none), (packed_arm, packed, used) = runs[False], runs[True]
+    assert none == [] and used == [4, 4] * 2  # reference and loss forwards: each of the 2 prompts once for 4 rows
+    torch.testing.assert_close(packed_arm.seen[0]["attn"], padded_arm.seen[0]["attn"], atol=1e-6, rtol=1e-5)
+    assert torch.equal(packed_arm.seen[0]["weights"], padded_arm.seen[0]["weights"])
+    assert_same(packed.grads[0], padded.grads[0], atol=1e-5)
+    assert_real_update(packed)
 
 
 def test_kl_and_ppo_epochs_move_the_weights(tmp_path, tiny_model_dir, monkeypatch):

@@ -39,21 +39,24 @@ class MicroBatch:
 
 def forward(policy, mb: MicroBatch, *, temperature: float, capture_layers=None, with_grad: bool = False,
             logits_bytes: int | None = None, capture_heads: str = "mean",
-            entropy_grad: bool = False) -> TeacherForcedOutput:
+            entropy_grad: bool = False, share_prefix: bool = True) -> TeacherForcedOutput:
     """The teacher-forced forward of one micro-batch, stats on its response tokens only
-    (`entropy_grad`: the entropies keep their graph, for an entropy bonus)."""
+    (`entropy_grad`: the entropies keep their graph, for an entropy bonus; `share_prefix`: a prompt's
+    rows run it once, flowtracer.model.prefix)."""
     v = mb.view
     return teacher_forced_pass(policy, v.input_ids, v.attention_mask, capture_layers=capture_layers,
                                capture_heads=capture_heads,
                                with_grad=with_grad, stats_mask=v.response_mask, temperature=temperature,
-                               logits_chunk_bytes=logits_bytes, entropy_grad=entropy_grad)
+                               logits_chunk_bytes=logits_bytes, entropy_grad=entropy_grad, share_prefix=share_prefix)
 
 
 @torch.no_grad()
-def reference_logprobs(policy, mb: MicroBatch, *, temperature: float, logits_bytes: int | None) -> Tensor:
+def reference_logprobs(policy, mb: MicroBatch, *, temperature: float, logits_bytes: int | None,
+                       share_prefix: bool = True) -> Tensor:
     """Log-probs of the reference policy (adapters off) for the KL term."""
     with reference_mode(policy):
-        return forward(policy, mb, temperature=temperature, logits_bytes=logits_bytes).logprobs
+        return forward(policy, mb, temperature=temperature, logits_bytes=logits_bytes,
+                       share_prefix=share_prefix).logprobs
 
 
 @dataclass
@@ -94,7 +97,7 @@ class PrePassResult:
 @torch.no_grad()
 def pre_pass(policy, rollouts: RolloutBatch, *, micro_batch_size: int, temperature: float, capture_layers,
              run_callbacks: Callable[[RolloutBatch], None] | None, with_reference: bool,
-             logits_bytes: int | None, capture_heads: str = "mean") -> PrePassResult:
+             logits_bytes: int | None, capture_heads: str = "mean", share_prefix: bool = True) -> PrePassResult:
     """No-grad teacher-forced pass, one micro-batch at a time, before the update.
 
     Each micro-batch: old log-probs and entropies (at `temperature`), the map if `capture_layers`,
@@ -110,12 +113,13 @@ def pre_pass(policy, rollouts: RolloutBatch, *, micro_batch_size: int, temperatu
         for idx in split_rows(torch.arange(rollouts.batch_size), micro_batch_size):
             mb = MicroBatch.of(rollouts, idx)
             out = forward(policy, mb, temperature=temperature, capture_layers=capture_layers, logits_bytes=logits_bytes,
-                          capture_heads=capture_heads)
+                          capture_heads=capture_heads, share_prefix=share_prefix)
             acc.add("old", mb, out.logprobs)
             acc.add("entropy", mb, out.entropy)
             credit_seconds += out.attn_seconds
             if with_reference:
-                acc.add("ref", mb, reference_logprobs(policy, mb, temperature=temperature, logits_bytes=logits_bytes))
+                acc.add("ref", mb, reference_logprobs(policy, mb, temperature=temperature, logits_bytes=logits_bytes,
+                                                      share_prefix=share_prefix))
             if run_callbacks is None:
                 continue
             mb.view.old_logprobs, mb.view.entropies, mb.view.attn = out.logprobs, out.entropy, out.attn
