@@ -20,7 +20,8 @@ flow), from its own clock (credit/seconds): "TRL + FlowTracer" takes the map fro
 forward (fused, the default where it applies), "TRL + FT, pass" from a separate no-grad capture pass
 (fuse=False; --sides trl,trlpass). Its share of that side's step is the target. "TRL + FT, entropy"
 (EntropyCredit, --sides trl,trlent) pays the separate pass with every layer and the vocabulary head
-(the entropies need the logits).
+(the entropies need the logits). "ours, unif. padded" (--sides trl,uniform,padded) is the uniform arm
+with `model.share_prefix: false`: every row recomputes the prompt in the loss forward.
 
 Needs TRL, the `trl` extra (`make setup` installs it; requirements-bench.txt for a separate venv):
 
@@ -44,6 +45,7 @@ MODEL = "smollm2-135m-instruct"
 G, MAX_NEW, LR, TEMPERATURE, SEED, LORA_R, LORA_ALPHA = 8, 48, 1e-6, 1.0, 0, 8, 16
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 SIDES = {"trl": "TRL GRPOTrainer", "uniform": "ours, uniform", "flow": "ours, FlowCredit",
+         "padded": "ours, unif. padded",
          "trlflow": "TRL + FlowTracer", "trlpass": "TRL + FT, pass", "trlent": "TRL + FT, entropy"}
 PHASES = ("generate", "score", "credit", "forward", "backward", "other")
 
@@ -102,7 +104,7 @@ def worker_ours(arm: str, steps: int, precision: str = "32") -> None:
         model=MODEL, lora=LoraSpec(r=LORA_R, alpha=LORA_ALPHA, target_modules=TARGETS),
         sampling=SamplingConfig(num_generations=G, max_new_tokens=MAX_NEW, temperature=TEMPERATURE),
         loss=LossConfig(beta=0.0), optim=OptimConfig(lr=LR, grad_clip=1.0, ppo_epochs=1),
-        seed=SEED, val_before_training=False, log_rollouts=False)
+        seed=SEED, val_before_training=False, log_rollouts=False, share_prefix=arm != "padded")
     credit = FlowCredit() if arm == "flow" else UniformCredit()
     trainer = Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                       precision="bf16-mixed" if precision == "bf16" else "32-true",
