@@ -276,7 +276,7 @@ class GRPOModule(GuardedUpdates, LightningModule):
         n_minibatches = 0
         for epoch in range(self.optim.ppo_epochs):
             order = torch.randperm(b) if self.optim.mini_batches > 1 else torch.arange(b)
-            for rows in order.split(mb_size):
+            for rows in (r.sort().values for r in order.split(mb_size)):  # a prompt's rows together: packable
                 opt.zero_grad(set_to_none=True)
                 # tokens of the mini-batch over all processes: DDP averages gradients, so each
                 # process scales by world/total to give the global token mean (token-mean aggregation)

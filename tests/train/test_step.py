@@ -322,6 +322,20 @@ def test_packed_prompts_give_the_padded_steps_update(tmp_path, tiny_model_dir, m
     assert_real_update(packed)
 
 
+def test_shuffled_mini_batches_keep_a_prompts_rows_together(tmp_path, tiny_model_dir, monkeypatch):
+    """Mini-batches draw rows at random; within one the rows go in batch order, so rows of a prompt sit
+    side by side and its micro-batch forward packs them."""
+    packs = []
+    real = module_mod.prefix.pack_inputs
+    monkeypatch.setattr(module_mod.prefix, "pack_inputs", lambda pack, device: (packs.append(pack.rows),
+                                                                                real(pack, device))[1])
+    _, rec, _ = fit(tiny_model_dir, tmp_path, arms=[UniformCredit()], mini_batches=2)
+    assert len(rec.grads) == 2 and packs[:2] == [[0, 1, 2, 3], [4, 5, 6, 7]]  # the no-grad pre-pass: whole batch
+    # then two mini-batches of 4 random rows (2 prompts x 4): every row goes into a pack of its prompt's rows
+    assert sum(len(r) for r in packs[2:]) == 8 and max(len(r) for r in packs[2:]) >= 2, packs
+    assert_real_update(rec)
+
+
 def test_kl_and_ppo_epochs_move_the_weights(tmp_path, tiny_model_dir, monkeypatch):
     _, rec, calls = fit(tiny_model_dir, tmp_path, arms=[UniformCredit()], monkeypatch=monkeypatch,
                         beta=0.1, ppo_epochs=2, mini_batches=2, micro_batch_size=2)
