@@ -297,23 +297,28 @@ def test_fused_and_separate_pass_agree_and_checkpointing_changes_nothing(tmp_pat
     assert_real_update(g_sep)
 
 
-def test_packed_prompts_give_the_padded_steps_update(tmp_path, tiny_model_dir, monkeypatch):
-    """share_prefix (a prompt run once for its G rows) against the padded forward: the same map, credit
-    weights and gradients, in the loss forward and the reference (KL) forward alike."""
-    packed_shapes = []
-    real = module_mod.prefix.pack_inputs
+def spy_packs(monkeypatch) -> list[list[int]]:
+    """The rows of every pack the step's forwards run (flowtracer.model.prefix), in call order."""
+    packs, real = [], module_mod.prefix.pack_inputs
 
     def spy(pack, device):
-        packed_shapes.append(len(pack.rows))
+        packs.append(list(pack.rows))
         return real(pack, device)
 
     monkeypatch.setattr(module_mod.prefix, "pack_inputs", spy)
+    return packs
+
+
+def test_packed_prompts_give_the_padded_steps_update(tmp_path, tiny_model_dir, monkeypatch):
+    """share_prefix (a prompt run once for its G rows) against the padded forward: the same map, credit
+    weights and gradients, in the loss forward and the reference (KL) forward alike."""
+    packs = spy_packs(monkeypatch)
     runs = {}
     for share in (False, True):
         arm = RecordingFlow()
         _, rec, _ = fit(tiny_model_dir, tmp_path / str(share), arms=[arm], beta=0.1, share_prefix=share)
-        runs[share] = arm, rec, list(packed_shapes)
-        packed_shapes.clear()
+        runs[share] = arm, rec, [len(rows) for rows in packs]
+        packs.clear()
     (padded_arm, padded, none), (packed_arm, packed, used) = runs[False], runs[True]
     assert none == [] and used == [4, 4] * 2  # reference and loss forwards: each of the 2 prompts once for 4 rows
     torch.testing.assert_close(packed_arm.seen[0]["attn"], padded_arm.seen[0]["attn"], atol=1e-6, rtol=1e-5)
@@ -325,10 +330,7 @@ def test_packed_prompts_give_the_padded_steps_update(tmp_path, tiny_model_dir, m
 def test_shuffled_mini_batches_keep_a_prompts_rows_together(tmp_path, tiny_model_dir, monkeypatch):
     """Mini-batches draw rows at random; within one the rows go in batch order, so rows of a prompt sit
     side by side and its micro-batch forward packs them."""
-    packs = []
-    real = module_mod.prefix.pack_inputs
-    monkeypatch.setattr(module_mod.prefix, "pack_inputs", lambda pack, device: (packs.append(pack.rows),
-                                                                                real(pack, device))[1])
+    packs = spy_packs(monkeypatch)
     _, rec, _ = fit(tiny_model_dir, tmp_path, arms=[UniformCredit()], mini_batches=2)
     assert len(rec.grads) == 2 and packs[:2] == [[0, 1, 2, 3], [4, 5, 6, 7]]  # the no-grad pre-pass: whole batch
     # then two mini-batches of 4 random rows (2 prompts x 4): every row goes into a pack of its prompt's rows
