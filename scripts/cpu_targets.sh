@@ -3,7 +3,8 @@
 # by the kind (flowtracer.generation.precision.cpu_kind: intel-avx512, intel-avx512-amx, amd-avx2, ...):
 #   results/decode_<kind>.md       decode step per engine vs the bandwidth floor (target: fast <= 3x at 8 rows)
 #   results/prefill_<kind>.md      prefill block size (fast.PREFILL_TOKENS) on an eval and a validation batch
-#   results/step_vs_trl_<kind>.md  our GRPO step vs TRL's (target: uniform and FlowCredit <= 0.5x TRL)
+#   results/step_vs_trl_<kind>.md  our GRPO step vs TRL's (target: uniform and FlowCredit <= 0.5x TRL; + uniform with
+#                                  model.share_prefix off, the padded forward, for that lever's effect)
 #   results/demo_<kind>.md         `make demo`, first line to last (target: <= 4 min; README states it per kind)
 # About 35-45 minutes on 2 cores. Nothing else may run meanwhile (the lock keeps other timed work out;
 # a grid's cells do not take it: stop them first). TRL comes from requirements-bench.txt, pinned with torch.
@@ -25,7 +26,7 @@ run "$PY" benchmarks/decode.py --threads 2 --out "results/decode_$KIND.md"
 run "$PY" benchmarks/prefill.py --threads 2 --shapes 64x400,25x120 --blocks whole,1024 --reps 2 \
   --out "results/prefill_$KIND.md"
 STEP="results/step_vs_trl_$KIND.md"
-TRL_ARGS=(--steps 5 --threads 2 --sides trl,uniform,flow)
+TRL_ARGS=(--steps 5 --threads 2 --sides trl,uniform,flow,padded)
 if [ -n "${DRY_RUN:-}" ]; then
   echo "+ $PY benchmarks/step_vs_trl.py ${TRL_ARGS[*]} > $STEP"
 else
