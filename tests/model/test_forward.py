@@ -170,12 +170,12 @@ def test_no_packing_where_one_mask_does_not_fit_every_layer_or_rows_share_little
     assert packs == []
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_packed_loss_forward_matches_each_row_run_alone(arch, monkeypatch):
+@pytest.mark.parametrize("arch,attn", [("llama", "sdpa"), ("qwen3", "sdpa"), ("llama", "eager")])
+def test_packed_loss_forward_matches_each_row_run_alone(arch, attn, monkeypatch):
     """With a graph: a prompt run once for its rows gives each row's log-probs, entropies (with their
     graph) and gradients of a plain forward of that row alone, unpadded (the brute-force reference)."""
     torch.manual_seed(0)
-    model = get_peft_model(tiny_model(arch), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+    model = get_peft_model(tiny_model(arch, attn_implementation=attn), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
                                                         init_lora_weights=False))
     ids, mask = _grouped_batch()
     response = torch.zeros_like(mask)
