@@ -47,7 +47,8 @@ else
     echo "- wall, first line to last: **$(( wall / 60 )) min $(( wall % 60 )) s**"
     echo "- max RSS: $(awk -F': ' '/Maximum resident/ {printf "%.1f GiB", $2 / 1048576}' "$LOG")"
     echo "- validation pass@1, before -> after (README: 0.325 -> 0.700 for seed 0): $("$PY" -c "$VAL_PASS")"
-    echo "- $(grep -m1 -o "generation: engine.*" "$LOG" || echo "engine line not printed")"; } > "$DEMO"
+    echo "- $(grep -m1 -o "generation: engine.*" "$LOG" || echo "engine line not printed")"
+    echo "- $(grep -m1 -o "forward: .*" "$LOG" || echo "forward line not printed")"; } > "$DEMO"
   rm -f "$LOG"
 fi
 echo "done: results/{decode,prefill,step_vs_trl,demo}_$KIND.md"
