@@ -175,8 +175,8 @@ def test_packed_loss_forward_matches_each_row_run_alone(arch, attn, monkeypatch)
     """With a graph: a prompt run once for its rows gives each row's log-probs, entropies (with their
     graph) and gradients of a plain forward of that row alone, unpadded (the brute-force reference)."""
     torch.manual_seed(0)
-    model = get_peft_model(tiny_model(arch, attn_implementation=attn), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
-                                                        init_lora_weights=False))
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    model = get_peft_model(tiny_model(arch, attn_implementation=attn), lora)
     ids, mask = _grouped_batch()
     response = torch.zeros_like(mask)
     response[:, 10:] = 1
