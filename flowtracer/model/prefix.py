@@ -28,12 +28,15 @@ MAX_PACKED = 0.75  # pack only if that leaves at most this share of the padded f
 
 @dataclass
 class Pack:
-    """Consecutive rows that share their first `prefix` real tokens (ids and position ids)."""
+    """Consecutive rows that share their first `prefix` real tokens (ids and position ids).
+
+    `ids` / `pos`: every row's real tokens, left-aligned (B, T) (shared by all packs of a batch, on the CPU)."""
 
     rows: list[int]
     lengths: list[int]
     prefix: int
-    seqs: list[list[tuple[int, int]]] = field(repr=False)
+    ids: torch.Tensor = field(repr=False)
+    pos: torch.Tensor = field(repr=False)
 
     @property
     def size(self) -> int:
@@ -70,59 +73,53 @@ def forward_line(lm, share_prefix: bool) -> str:
 
 def plan_packs(input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> list[Pack] | None:
     """Greedy packs of consecutive rows (TRL and the suite keep a prompt's G rows together), or None
-    where packing does not pay. A pack's (N, N) map stays within twice the padded (B, T, T) map."""
+    where packing does not pay. A pack's (N, N) map stays within twice the padded (B, T, T) map.
+
+    Every forward asks, so it runs on tensors: one copy to the CPU, one comparison per row."""
     B, T = input_ids.shape
-    valid = attention_mask.bool()
-    ids, pos, val = input_ids.tolist(), position_ids.tolist(), valid.tolist()
-    seqs = [[(i, p) for i, p, v in zip(ids[b], pos[b], val[b]) if v] for b in range(B)]
+    valid = attention_mask.bool().cpu()
+    order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)  # each row's real tokens first, in order
+    ids, pos = input_ids.cpu().gather(1, order), position_ids.cpu().gather(1, order)
+    lengths = valid.sum(1).tolist()
     cap = int(T * math.sqrt(2 * B))
     packs: list[Pack] = []
-    for b, seq in enumerate(seqs):
-        if not seq:
+    for b, n in enumerate(lengths):
+        if n == 0:
             continue  # an all-padding row: its map stays zero
         last = packs[-1] if packs else None
         if last is not None:
-            shared = min(last.prefix, _common(last.seqs[0], seq))
+            first, m = last.rows[0], min(n, last.lengths[0])
+            same = (ids[first, :m] == ids[b, :m]) & (pos[first, :m] == pos[b, :m])
+            shared = min(last.prefix, int(same.cumprod(0).sum()))
             k = len(last.rows)
-            size = sum(last.lengths) + len(seq) - k * shared
+            size = sum(last.lengths) + n - k * shared
             # join if the row shares enough, no token of the pack is lost to a shorter prefix, and it fits
-            if shared >= max(1, MIN_SHARE * len(seq)) and k * shared >= (k - 1) * last.prefix and size <= cap:
+            if shared >= max(1, MIN_SHARE * n) and k * shared >= (k - 1) * last.prefix and size <= cap:
                 last.rows.append(b)
-                last.lengths.append(len(seq))
-                last.seqs.append(seq)
+                last.lengths.append(n)
                 last.prefix = shared
                 continue
-        packs.append(Pack([b], [len(seq)], len(seq), [seq]))
+        packs.append(Pack([b], [n], n, ids, pos))
     if not packs or sum(p.size for p in packs) > MAX_PACKED * B * T:
         return None
     return packs
 
 
-def _common(a: list, b: list) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
-
-
 def pack_inputs(pack: Pack, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """(input_ids (1, N), 4-D bool mask (1, 1, N, N), position_ids (1, N), each row's token indices in the pack)."""
-    p = pack.prefix
-    tokens = list(pack.seqs[0][:p])
-    seg = [-1] * p
-    index = []
-    for k, seq in enumerate(pack.seqs):
-        start = len(tokens)
-        tokens.extend(seq[p:])
-        seg.extend([k] * (len(seq) - p))
-        index.append(torch.cat([torch.arange(p), torch.arange(start, len(tokens))]).to(device))
-    ids = torch.tensor([t for t, _ in tokens], device=device)[None]
-    pos = torch.tensor([q for _, q in tokens], device=device)[None]
-    s = torch.tensor(seg, device=device)
-    n = torch.arange(len(tokens), device=device)
-    allowed = (n[None, :] <= n[:, None]) & ((s[None, :] == -1) | (s[None, :] == s[:, None]))
-    return ids, allowed[None, None], pos, index
+    p, first = pack.prefix, pack.rows[0]
+    ids, pos, seg, index = [pack.ids[first, :p]], [pack.pos[first, :p]], [torch.full((p,), -1)], []
+    start = p
+    for k, (b, n) in enumerate(zip(pack.rows, pack.lengths)):
+        ids.append(pack.ids[b, p:n])
+        pos.append(pack.pos[b, p:n])
+        seg.append(torch.full((n - p,), k))
+        index.append(torch.cat([torch.arange(p), torch.arange(start, start + n - p)]).to(device))
+        start += n - p
+    s = torch.cat(seg).to(device)
+    i = torch.arange(start, device=device)
+    allowed = (i[None, :] <= i[:, None]) & ((s[None, :] == -1) | (s[None, :] == s[:, None]))
+    return torch.cat(ids).to(device)[None], allowed[None, None], torch.cat(pos).to(device)[None], index
 
 
 def unpack_map(pack: Pack, packed: torch.Tensor, index: list[torch.Tensor], attention_mask: torch.Tensor,
