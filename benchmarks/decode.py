@@ -78,6 +78,7 @@ def main() -> None:
     from flowtracer.generation import ENGINES
     from flowtracer.generation.precision import describe_cpu, native_bf16, rollout_dtype
     from flowtracer.model.policy import load_policy, merged_lora
+    from flowtracer.runs.csvlog import print_and_write
 
     dtype = getattr(torch, args.dtype)
     if dtype == torch.bfloat16 and not native_bf16("cpu"):
@@ -152,11 +153,7 @@ def main() -> None:
               "| layout | " + " | ".join(f"{r} rows" for r in rows_list) + " |", "| --- |" + " --- |" * len(rows_list)]
     for name in levers[rows_list[0]]:
         lines.append(row(name, lambda r, n=name: f"{levers[r][n]:.2f}"))
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
-        print(f"wrote {args.out}")
+    print_and_write(lines, args.out)
 
 
 if __name__ == "__main__":

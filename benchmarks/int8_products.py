@@ -71,6 +71,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from flowtracer.generation.precision import describe_cpu
+    from flowtracer.runs.csvlog import print_and_write
 
     gen = torch.Generator().manual_seed(0)
     # every layer its own weights, as in the model: a step reads them all from memory (cold), not one hot copy
@@ -105,11 +106,7 @@ def main() -> None:
         lines.append(f"| {row} | " + " | ".join(f"{t[k]:.1f}" for k in names) + " |")
     lines += ["", "max |int8 (bf16 x) - float32| per product (weights ~N(0, 0.05^2), x ~N(0, 1)): " + "; ".join(
         f"{p} {errors[p]:.3f}" for p in PRODUCTS)]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    print_and_write(lines, args.out)
 
 
 if __name__ == "__main__":

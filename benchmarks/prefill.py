@@ -18,7 +18,6 @@ import resource
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -37,6 +36,7 @@ def main() -> None:
     from flowtracer.generation import fast
     from flowtracer.generation.precision import describe_cpu
     from flowtracer.model.policy import load_policy
+    from flowtracer.runs.csvlog import print_and_write
 
     model, tok = load_policy("smollm2-135m-instruct", lora=None)[:2]
     model.eval()
@@ -89,11 +89,7 @@ def main() -> None:
         for b in blocks:
             t, f = results[shape, b]
             lines.append(f"| {shape} | {b} | {t * 1e3:.0f} | {f:,.0f} | {t / results[shape, base][0]:.2f} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
-        print(f"wrote {args.out}")
+    print_and_write(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ def main() -> None:
     from flowtracer.generation.fast import Sampler
     from flowtracer.generation.precision import describe_cpu
     from flowtracer.generation.sampler import gumbel_perturbed, hashed_uniform
+    from flowtracer.runs.csvlog import print_and_write
 
     rows_list = [int(r) for r in args.rows.split(",")]
     sampling = SamplingConfig(temperature=1.0)
@@ -68,11 +69,7 @@ def main() -> None:
              "| ms per step | " + " | ".join(f"{r} rows" for r in rows_list) + " |",
              "| --- |" + " --- |" * len(rows_list)]
     lines += [f"| {name} | " + " | ".join(f"{table[name, r]:.2f}" for r in rows_list) + " |" for name in cases]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    print_and_write(lines, args.out)
 
 
 if __name__ == "__main__":

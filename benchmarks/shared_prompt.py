@@ -49,6 +49,7 @@ def main() -> None:
     from flowtracer.model import prefix
     from flowtracer.model.forward import teacher_forced_pass
     from flowtracer.model.policy import load_policy
+    from flowtracer.runs.csvlog import print_and_write
 
     policy, _ = load_policy("smollm2-135m-instruct",
                             lora=LoraSpec(r=8, alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
@@ -83,11 +84,7 @@ def main() -> None:
              "| prompt x completion | tokens padded | tokens packed | padded s | packed s | packed / padded |",
              "| --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {s} | {tp} | {tk} | {a:.2f} | {b:.2f} | {b / a:.2f} |" for s, tp, tk, a, b in rows]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    print_and_write(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ def main() -> None:
     from flowtracer.generation.precision import describe_cpu
     from flowtracer.generation.sampler import inverse_cdf_draw
     from flowtracer.model.policy import load_policy
+    from flowtracer.runs.csvlog import print_and_write
 
     model, tok = load_policy("smollm2-135m-instruct")[:2]
     prompt = tok.apply_chat_template(
@@ -59,11 +60,7 @@ def main() -> None:
         eos = tok.eos_token_id
         lines.append(f"| {c} | {float(entropy[c]):.2f} | {chi2:.1f} | {dof} | {(chi2 - dof) / (2 * dof) ** 0.5:+.2f} | "
                      f"{float(counts[eos] / n):.4f} | {float(logp[c, eos].exp()):.4f} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    print_and_write(lines, args.out)
 
 
 if __name__ == "__main__":

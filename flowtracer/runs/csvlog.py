@@ -50,6 +50,16 @@ def atomic_write_text(path: str, text: str) -> None:
     fsync_dir(os.path.dirname(path) or ".")
 
 
+def print_and_write(lines: list[str], out: str | None) -> str:
+    """A benchmark's or script's results table: printed, and with `out` (its --out) written atomically."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if out:
+        atomic_write_text(out, text)
+        print(f"wrote {out}")
+    return text
+
+
 def append_lines(path: str, text: str) -> None:
     """Append complete lines with a single write() and fsync: a kill leaves all or none of them."""
     data = text.encode("utf-8")

@@ -18,7 +18,7 @@ from conftest import ROOT, read_metrics, write_config
 
 from flowtracer.cli import main
 from flowtracer.runs.checkpoints import AtomicCheckpointIO, rewind_run_dir
-from flowtracer.runs.csvlog import CSVLogger
+from flowtracer.runs.csvlog import CSVLogger, print_and_write
 
 
 def _with_callbacks(cfg, callbacks):
@@ -152,3 +152,12 @@ def test_sigkill_at_a_random_step_then_resume_logs_the_uninterrupted_metrics(tmp
     for a, b in zip(lines, expected_rollouts):
         ra, rb = json.loads(a), json.loads(b)
         assert (ra["step"], ra["response"], ra["reward"]) == (rb["step"], rb["response"], rb["reward"]), seed
+
+
+def test_a_results_table_is_printed_and_written_whole(tmp_path, capsys):
+    out = tmp_path / "table.md"
+    out.write_text("an older table that is longer than the new one\n")
+    text = print_and_write(["# title", "", "| a |"], str(out))
+    assert text == "# title\n\n| a |\n" and out.read_text() == text
+    assert capsys.readouterr().out == f"{text}\nwrote {out}\n"
+    assert print_and_write(["x"], None) == "x\n" and not list(tmp_path.glob("*.tmp-*"))
