@@ -213,3 +213,30 @@ def test_the_start_up_line_says_whether_prompts_are_shared():
     flash = tiny_model("llama")
     flash.config._attn_implementation = "flash_attention_2"
     assert "takes 2-D masks only" in prefix.forward_line(flash, True)
+
+
+def test_packs_hold_each_rows_real_tokens_against_a_brute_force_reading():
+    """plan_packs / pack_inputs on random groups with left and right padding and holes: every pack's
+    prefix is its rows' longest common (id, position) prefix, and its row indices read back each row's
+    real tokens in order."""
+    g = torch.Generator().manual_seed(4)
+    shared = 0
+    for _ in range(20):
+        ids = torch.randint(3, 9, (6, 14), generator=g)  # a small vocabulary: completions often start alike
+        ids[:3, :6], ids[3:, :6] = ids[0, :6], ids[3, :6]
+        mask = (torch.rand(6, 14, generator=g) > 0.15).long()
+        mask[:3, :6], mask[3:, :6] = mask[0, :6], mask[3, :6]
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        packs = prefix.plan_packs(ids, mask, pos)
+        if packs is None:
+            continue
+        real = [[(int(i), int(p)) for i, p, v in zip(ids[b], pos[b], mask[b]) if v] for b in range(6)]
+        for pack in packs:
+            seqs = [real[b] for b in pack.rows]
+            common = next((n for n in range(min(map(len, seqs))) if len({s[n] for s in seqs}) > 1), min(map(len, seqs)))
+            shared += len(pack.rows) > 1
+            assert pack.prefix == common and pack.rows == list(range(pack.rows[0], pack.rows[-1] + 1))
+            p_ids, _, p_pos, index = prefix.pack_inputs(pack, "cpu")
+            for b, idx in zip(pack.rows, index):
+                assert list(zip(p_ids[0, idx].tolist(), p_pos[0, idx].tolist())) == real[b]
+    assert shared >= 10  # the draws did pack rows together
