@@ -68,7 +68,8 @@ def forward_line(lm, share_prefix: bool) -> str:
     reason = unpackable_reason(lm)
     if reason is not None:  # said, not silent: these runs pay the padded forward
         return f"[flowtracer] forward: padded rows, each recomputes its prompt ({reason}; share_prefix cannot apply)"
-    return "[flowtracer] forward: a prompt runs once for its G rows, packed (model.share_prefix)"
+    return (f"[flowtracer] forward: a prompt runs once for its G rows, packed, in each forward where that saves "
+            f"{1 - MAX_PACKED:.0%} of the tokens or more (model.share_prefix)")
 
 
 def plan_packs(input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> list[Pack] | None:
